@@ -1,0 +1,155 @@
+"""The LightningModule: next-item cross-entropy over all items, full-ranking evaluation, optimisation.
+
+Encoders are plain `nn.Module`s (see `encoder.py`); this module owns everything Lightning-specific. Subclass hooks:
+- a new encoder: pass any class whose first two init parameters are `(num_items, text_dim)` as `encoder`;
+- a new loss: override `loss(hidden, target_ids)`;
+- a new metric: override `score(batch)` (how users are scored) or add to `self.val_metrics`/`self.test_metrics`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoder import SequenceEncoder
+from .m2rec import M2RecEncoder
+from .metrics import RankingMetrics, mask_scores, pessimistic_rank
+
+
+class SequentialRecommender(L.LightningModule):
+    """Next-item recommender trained with full-softmax cross-entropy at every non-padding position.
+
+    Args:
+        encoder: the sequence encoder class and its options; it is built as `encoder(num_items, text_dim)`.
+        num_items: number of items N (ids 1..N, 0 = padding); linked from the datamodule.
+        text_dim: width of the frozen item-text table (0 = no text); linked from the datamodule.
+        optimizer: "adam" (the published setting) or "adamw" (decoupled weight decay).
+        lr: learning rate.
+        weight_decay: L2 (adam) or decoupled (adamw) weight decay; never applied to biases, norms, embeddings of
+            padding or the Mamba `A_log`/`D` parameters.
+        warmup_steps: linear learning-rate warm-up steps (0 = none).
+        scheduler: "constant" or "cosine" decay to 0 over the whole fit after the warm-up.
+        exclude_seen: mask items the user already interacted with when ranking (RecBole's sequential default is off).
+        ks: cut-offs for HR/NDCG/MRR.
+        top_k: how many items `predict` returns per user.
+        check_finite: stop with an error naming the step when the loss becomes NaN/inf.
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[int, int], SequenceEncoder] = M2RecEncoder,
+        num_items: int = 0,
+        text_dim: int = 0,
+        optimizer: Literal["adam", "adamw"] = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        scheduler: Literal["constant", "cosine"] = "constant",
+        exclude_seen: bool = False,
+        ks: list[int] = [5, 10, 20],
+        top_k: int = 20,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1 (got {num_items}); link it from the datamodule")
+        self.save_hyperparameters(ignore=["encoder"])
+        self.encoder = encoder(num_items, text_dim)
+        self.val_metrics = RankingMetrics(ks)
+        self.test_metrics = RankingMetrics(ks)
+
+    # ---- model -----------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item."""
+        hidden = self.encoder(input_ids)  # (B, L, d)
+        last = (input_ids > 0).sum(dim=1).clamp(min=1) - 1  # (B,)
+        h_last = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, d)
+        return h_last @ self.encoder.item_embeddings().T  # (B, N+1)
+
+    def loss(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
+        """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L)."""
+        mask = target_ids > 0
+        logits = hidden[mask] @ self.encoder.item_embeddings()[1:].T  # (M, N): padding id is never a candidate
+        return F.cross_entropy(logits.float(), target_ids[mask] - 1)
+
+    def score(self, batch: dict[str, Tensor], target: Tensor | None) -> Tensor:
+        """Masked (B, N+1) scores for an evaluation or prediction batch."""
+        scores = self(batch["input_ids"]).float()
+        return mask_scores(scores, target, batch["seen"] if self.hparams.exclude_seen else None)
+
+    # ---- steps -----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(self.encoder(batch["input_ids"]), batch["target_ids"])
+        if self.hparams.check_finite and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); lower the learning rate or use 32-bit precision"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], metrics: RankingMetrics) -> None:
+        target = batch["target"]
+        metrics.update(pessimistic_rank(self.score(batch, target), target))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def _log_metrics(self, stage: str, metrics: RankingMetrics) -> None:
+        values = metrics.compute()  # synced sums: exact over all processes
+        for name, value in values.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "NDCG@10")
+        metrics.reset()
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        scores = self.score(batch, None)
+        k = min(self.hparams.top_k, scores.size(1) - 1)
+        top_scores, top_items = scores.topk(k, dim=1)  # (B, k); no full sort of N items
+        return {"user": batch["user"], "items": top_items, "scores": top_scores}
+
+    # ---- optimisation ----------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                exempt = (
+                    name.endswith("bias")
+                    or isinstance(module, (nn.LayerNorm, nn.Embedding))
+                    or getattr(p, "_no_weight_decay", False)
+                )
+                (no_decay if exempt else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        opt_cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(groups, lr=self.hparams.lr)
+        if self.hparams.warmup_steps == 0 and self.hparams.scheduler == "constant":
+            return optimizer
+        warmup, cosine = self.hparams.warmup_steps, self.hparams.scheduler == "cosine"
+        total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
