@@ -3,6 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Test tensors are tiny and pytest-xdist runs one worker per core: more threads per worker only oversubscribes.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

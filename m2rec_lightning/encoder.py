@@ -1,0 +1,115 @@
+"""What every sequence encoder offers the LightningModule, plus the two pieces the encoders share.
+
+An encoder maps right-padded item ids (B, L) to one hidden vector per position (B, L, d) and owns the output-side
+item table (N+1, d); the module scores with `hidden @ item_embeddings().T`. It is trained with the next-item loss at
+every position, so position t must depend on items 0..t only (strict causality, tested in tests/test_causality.py).
+Encoders are constructed as `encoder(num_items, text_dim, **options)`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class SequenceEncoder(nn.Module):
+    """Base class of the encoders. Subclasses set `hidden_size` and implement `forward` and `item_embeddings`.
+
+    An encoder that reads item text registers a buffer `text_table` of shape (N+1, text_dim); `set_text_table` fills
+    it (the module calls it with the datamodule's frozen table before training).
+    """
+
+    hidden_size: int
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """(B, L) right-padded item ids, 0 = padding -> (B, L, hidden_size), strictly causal."""
+        raise NotImplementedError
+
+    def item_embeddings(self) -> Tensor:
+        """The output-side item table (N+1, hidden_size); row 0 is the padding id and is never a candidate."""
+        raise NotImplementedError
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether this encoder reads the item-text table (and so needs `set_text_table`)."""
+        return getattr(self, "text_table", None) is not None
+
+    @torch.no_grad()
+    def set_text_table(self, table: Tensor) -> None:
+        """Copy the frozen item-text table (N+1, text_dim) into the `text_table` buffer; row 0 (padding) must be 0."""
+        if not self.uses_text:
+            raise ValueError(
+                f"{type(self).__name__} does not read item text (text_dim=0 or its semantic stream is off); "
+                "it has no text_table to fill"
+            )
+        expected = tuple(self.text_table.shape)
+        if tuple(table.shape) != expected:
+            raise ValueError(
+                f"text table has shape {tuple(table.shape)}, expected {expected} = (num_items + 1, text_dim) "
+                "with row 0 for the padding id"
+            )
+        if not torch.isfinite(table).all():
+            bad = (~torch.isfinite(table)).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"text table has non-finite values in rows {bad} (first 5 shown)")
+        if table[0].abs().sum() != 0:
+            raise ValueError("text table row 0 belongs to the padding id and must be all zeros")
+        self.text_table.copy_(table)
+
+
+def check_ids(input_ids: Tensor, num_items: int, max_len: int | None = None) -> None:
+    """Raise a ValueError unless input_ids is (B, L) with ids in [0, num_items] and, if given, L <= max_len."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_len is not None and input_ids.size(1) > max_len:
+        raise ValueError(f"input length {input_ids.size(1)} exceeds the encoder's max_len={max_len}")
+    if input_ids.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
+    if low < 0 or high > num_items:
+        raise ValueError(f"item ids must lie in [0, {num_items}] (0 = padding), got ids in [{low}, {high}]")
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN with residual and post-LayerNorm: LN(x + Dropout(W2 · [Dropout] GELU(W1 x))).
+
+    Args:
+        hidden_size: model width d.
+        inner_size: width of the hidden layer.
+        dropout: dropout on the FFN output (and after the activation when `inner_dropout`).
+        layer_norm_eps: LayerNorm epsilon.
+        inner_dropout: also drop after the activation, as Mamba4Rec's FFN does (RecBole's SASRec FFN does not).
+    """
+
+    def __init__(
+        self, hidden_size: int, inner_size: int, dropout: float, layer_norm_eps: float = 1e-12, inner_dropout: bool = True
+    ) -> None:
+        super().__init__()
+        self.w_1 = nn.Linear(hidden_size, inner_size)
+        self.w_2 = nn.Linear(inner_size, hidden_size)
+        self.act = nn.GELU()  # exact (erf) GELU, as RecBole's "gelu"
+        self.dropout = nn.Dropout(dropout)
+        self.inner_dropout = inner_dropout
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
+        y = self.act(self.w_1(x))  # (B, L, inner)
+        if self.inner_dropout:
+            y = self.dropout(y)
+        y = self.dropout(self.w_2(y))  # (B, L, d)
+        return self.norm(x + y)
+
+
+@torch.no_grad()
+def init_recbole_(module: nn.Module, std: float, skip: tuple[type[nn.Module], ...] = ()) -> None:
+    """RecBole/Mamba4Rec initialisation, in place: Linear and Embedding weights ~ N(0, std), Linear biases 0,
+    LayerNorm weight 1 and bias 0. Does not descend into modules of a `skip` type (they keep their own init)."""
+    if isinstance(module, skip):
+        return
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.normal_(0.0, std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.zero_()
+    if isinstance(module, nn.LayerNorm):
+        module.weight.fill_(1.0)
+        module.bias.zero_()
+    for child in module.children():
+        init_recbole_(child, std, skip)

@@ -1,0 +1,64 @@
+"""Causal Fourier filter: a global filter learned in the frequency domain, applied as a causal long convolution.
+
+FMLP-Rec learns a complex response per frequency bin and channel and multiplies it with a *circular* FFT of the
+sequence, which lets every position see the whole (padded) sequence, future items included. Here the learned
+response defines a real kernel k of length max_len in time, and the filter is the linear (not circular) convolution
+    y[t] = sum_{j=0..t} k[j] · h[t-j]
+computed with FFTs zero-padded to 2L, so y[t] depends on h[0..t] only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class CausalFourierFilter(nn.Module):
+    """Learnable causal global filter, per channel.
+
+    The response `weight` lives on the max_len + 1 bins of a length-2·max_len real FFT; its inverse FFT, truncated to
+    the first max_len taps, is the causal kernel. Sequences shorter than max_len use the first L taps (taps beyond L
+    never reach an output). Longer sequences are rejected: the kernel has only max_len taps, so the filter would
+    silently lose context, and the rest of the model is configured for max_len.
+
+    There is no residual or LayerNorm inside (FMLP-Rec has both): in the M2Rec block the filter output is one gated
+    stream and the block adds the residual and LayerNorm once, after the gate.
+
+    Args:
+        hidden_size: number of channels d.
+        max_len: the longest sequence the filter accepts; the kernel has this many taps.
+        dropout: dropout on the filter output.
+    """
+
+    def __init__(self, hidden_size: int, max_len: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self.hidden_size = hidden_size
+        self.max_len = max_len
+        # (max_len + 1, d, 2): real and imaginary part of the response; FMLP-Rec's N(0, 0.02) init
+        self.weight = nn.Parameter(torch.randn(max_len + 1, hidden_size, 2) * 0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def kernel(self, length: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The causal time-domain kernel (length, d), taps 0..length-1 (default all max_len taps)."""
+        length = self.max_len if length is None else length
+        response = torch.view_as_complex(self.weight.to(dtype).contiguous())  # (max_len + 1, d)
+        k = torch.fft.irfft(response, n=2 * self.max_len, dim=0)  # (2·max_len, d)
+        return k[:length]
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
+        length = h.size(1)
+        if length > self.max_len:
+            raise ValueError(
+                f"CausalFourierFilter got a sequence of length {length} > max_len={self.max_len}; "
+                "build the encoder with max_len >= the datamodule's max_len"
+            )
+        # FFTs in float32 (float64 stays float64): half-precision FFTs are inaccurate and limited to powers of two
+        compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x = h.to(compute)
+            k = self.kernel(length, compute)  # (L, d)
+            n = 2 * length  # >= 2L - 1: the circular wrap-around of the zero-padded FFT never reaches [0, L)
+            y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(k, n=n, dim=0), n=n, dim=1)
+            y = y[:, :length]  # (B, L, d)
+        return self.dropout(y.to(h.dtype))

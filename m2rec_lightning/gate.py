@@ -1,0 +1,55 @@
+"""The learnable gate that fuses the temporal, frequency and semantic streams at each position."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+
+class StreamGate(nn.Module):
+    """Per-position fusion of n streams of width d.
+
+    - "softmax": alpha = softmax(W [s_1; ...; s_n] + b) over the streams, one scalar weight per stream and position;
+      the output is sum_i alpha_i · s_i (a convex combination).
+    - "sigmoid": g = sigmoid(W [s_1; ...; s_n] + b), one gate per stream, position and channel; sum_i g_i ⊙ s_i.
+    - "sum": sum_i s_i, no parameters (the ablation without a learned gate).
+
+    Args:
+        hidden_size: width d of every stream.
+        n_streams: number of streams n (>= 2).
+        mode: "softmax", "sigmoid" or "sum".
+    """
+
+    def __init__(self, hidden_size: int, n_streams: int, mode: Literal["softmax", "sigmoid", "sum"] = "softmax") -> None:
+        super().__init__()
+        if n_streams < 2:
+            raise ValueError(f"a gate needs at least 2 streams, got {n_streams}")
+        if mode not in ("softmax", "sigmoid", "sum"):
+            raise ValueError(f"gate mode must be 'softmax', 'sigmoid' or 'sum', got {mode!r}")
+        self.hidden_size = hidden_size
+        self.n_streams = n_streams
+        self.mode = mode
+        if mode == "softmax":
+            self.proj = nn.Linear(n_streams * hidden_size, n_streams)
+        elif mode == "sigmoid":
+            self.proj = nn.Linear(n_streams * hidden_size, n_streams * hidden_size)
+        else:
+            self.proj = None
+
+    def weights(self, streams: list[Tensor]) -> Tensor:
+        """Gate values: (B, L, n, 1) for "softmax", (B, L, n, d) for "sigmoid", ones (1, 1, n, 1) for "sum"."""
+        if len(streams) != self.n_streams:
+            raise ValueError(f"StreamGate built for {self.n_streams} streams got {len(streams)}")
+        if self.proj is None:
+            return streams[0].new_ones(1, 1, self.n_streams, 1)
+        logits = self.proj(torch.cat(streams, dim=-1))  # (B, L, n) or (B, L, n·d)
+        if self.mode == "softmax":
+            return logits.softmax(dim=-1).unsqueeze(-1)
+        return torch.sigmoid(logits).unflatten(-1, (self.n_streams, self.hidden_size))
+
+    def forward(self, streams: list[Tensor]) -> Tensor:  # n × (B, L, d) -> (B, L, d)
+        if self.proj is None:
+            return sum(streams[1:], streams[0])
+        stacked = torch.stack(streams, dim=2)  # (B, L, n, d)
+        return (self.weights(streams) * stacked).sum(dim=2)

@@ -1,0 +1,125 @@
+"""SASRec, the Transformer baseline, computing the same function as RecBole's SASRec.
+
+    h = Dropout(LayerNorm(E_item[x] + E_pos[0..L-1]))
+    per layer:  h = LN(h + Dropout(W_o · MHA(h)))            causal; padding keys masked
+                h = LN(h + Dropout(W_2 · GELU(W_1 h)))
+    item table = E_item (tied)
+
+Masking follows RecBole: key j is visible to query i iff j <= i and x_j != 0, applied as an additive -10000 (not
+-inf), so a query with no visible key (a sequence that starts with padding) averages uniformly instead of producing
+NaN. Attention runs in torch's scaled_dot_product_attention.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_
+
+
+def attention_bias(input_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """RecBole's additive attention mask: 0 where key j <= query i and x_j != 0, else -10000. (B, L) -> (B, 1, L, L)."""
+    length = input_ids.size(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (L, L)
+    visible = causal & (input_ids != 0)[:, None, None, :]  # (B, 1, L, L)
+    return torch.zeros(visible.shape, dtype=dtype, device=input_ids.device).masked_fill(~visible, -10000.0)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with residual and post-LayerNorm: LN(x + Dropout(W_o · softmax(QK^T/√h + bias) V)).
+
+    Args:
+        hidden_size: model width d.
+        n_heads: number of heads (must divide d).
+        dropout: dropout on the output projection.
+        attn_dropout: dropout on the attention probabilities.
+        layer_norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(self, hidden_size: int, n_heads: int, dropout: float, attn_dropout: float, layer_norm_eps: float) -> None:
+        super().__init__()
+        if hidden_size % n_heads:
+            raise ValueError(f"hidden_size={hidden_size} is not a multiple of n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = attn_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v, each (B, n_heads, L, d / n_heads)."""
+        return tuple(proj(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for proj in (self.query, self.key, self.value))
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:  # x (B, L, d), bias (B, 1, L, L) -> (B, L, d)
+        q, k, v = self.heads(x)
+        p = self.attn_dropout if self.training else 0.0
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # (B, H, L, d/H)
+        context = context.transpose(1, 2).flatten(2)  # (B, L, d)
+        return self.norm(x + self.dropout(self.out(context)))
+
+
+class SASRecEncoder(SequenceEncoder):
+    """SASRec (Kang & McAuley 2018) as RecBole implements it: (B, L) right-padded ids -> (B, L, d), causal.
+
+    Args:
+        num_items: number of items N (ids 1..N; 0 = padding).
+        text_dim: accepted so every encoder is built the same way; SASRec uses item ids only.
+        hidden_size: model width d.
+        n_layers: number of Transformer layers.
+        n_heads: attention heads per layer.
+        inner_size: FFN hidden width.
+        dropout: dropout on embeddings, attention output and FFN output (RecBole's hidden_dropout_prob).
+        attn_dropout: dropout on attention probabilities (RecBole's attn_dropout_prob).
+        max_len: number of learned positions, the longest input accepted.
+        layer_norm_eps: LayerNorm epsilon.
+        initializer_range: std of the normal init of embeddings and Linear layers.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        text_dim: int = 0,
+        hidden_size: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        inner_size: int = 256,
+        dropout: float = 0.5,
+        attn_dropout: float = 0.5,
+        max_len: int = 50,
+        layer_norm_eps: float = 1e-12,
+        initializer_range: float = 0.02,
+    ) -> None:
+        super().__init__()
+        if num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {num_items}")
+        self.num_items = num_items
+        self.hidden_size = hidden_size
+        self.max_len = max_len
+        self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+        self.position_embedding = nn.Embedding(max_len, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.attention = nn.ModuleList(
+            SelfAttention(hidden_size, n_heads, dropout, attn_dropout, layer_norm_eps) for _ in range(n_layers)
+        )
+        self.ffn = nn.ModuleList(
+            FeedForward(hidden_size, inner_size, dropout, layer_norm_eps, inner_dropout=False) for _ in range(n_layers)
+        )
+        init_recbole_(self, initializer_range)
+
+    def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
+        check_ids(input_ids, self.num_items, self.max_len)
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
+        h = self.item_embedding(input_ids) + self.position_embedding(positions)  # (B, L, d)
+        h = self.dropout(self.norm(h))
+        bias = attention_bias(input_ids, h.dtype)  # (B, 1, L, L)
+        for attention, ffn in zip(self.attention, self.ffn):
+            h = ffn(attention(h, bias))
+        return h
+
+    def item_embeddings(self) -> Tensor:  # (N+1, d)
+        return self.item_embedding.weight

@@ -1,0 +1,356 @@
+"""Behaviour of the M2Rec parts and encoders, and of the SASRec baseline (causality: tests/test_causality.py)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from m2rec_lightning.encoder import SequenceEncoder
+from m2rec_lightning.fourier import CausalFourierFilter
+from m2rec_lightning.gate import StreamGate
+from m2rec_lightning.m2rec import M2RecEncoder
+from m2rec_lightning.mamba import Mamba
+from m2rec_lightning.multiscale import MultiScaleMamba, broadcast_windows, pool_windows
+from m2rec_lightning.sasrec import SASRecEncoder, attention_bias
+from m2rec_lightning.semantic import SemanticProjection
+
+N_ITEMS, TEXT_DIM, D, L = 30, 10, 16, 12
+
+
+def right_padded(lengths: list[int], length: int = L, seed: int = 0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, N_ITEMS + 1, (len(lengths), length), generator=gen)
+    return ids.masked_fill(torch.arange(length) >= torch.tensor(lengths)[:, None], 0)
+
+
+def text_table(seed: int = 1) -> Tensor:
+    table = torch.randn(N_ITEMS + 1, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+    table[0] = 0
+    return table
+
+
+def m2rec(**overrides) -> M2RecEncoder:
+    torch.manual_seed(0)
+    text_dim = overrides.pop("text_dim", TEXT_DIM)
+    options = dict(hidden_size=D, d_state=8, max_len=L, mamba_backend="torch")
+    options.update(overrides)
+    return M2RecEncoder(N_ITEMS, text_dim, **options)
+
+
+# ---- multi-scale ---------------------------------------------------------------------------------------------------
+def test_pool_and_broadcast_alignment_by_hand():
+    h = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0]).reshape(1, 5, 1)  # L = 5
+    z = pool_windows(h, 2)
+    assert z.flatten().tolist() == [2.0, 6.0]  # windows {0,1}, {2,3}; position 4 opens no complete window
+    # window k is known from position 2k+1 on: position 0 has nothing, 1-2 read w0, 3-4 read w1
+    assert broadcast_windows(z, 2, 5).flatten().tolist() == [0.0, 2.0, 2.0, 6.0, 6.0]
+    z4 = pool_windows(h, 4)
+    assert z4.flatten().tolist() == [4.0]
+    assert broadcast_windows(z4, 4, 5).flatten().tolist() == [0.0, 0.0, 0.0, 4.0, 4.0]
+    assert torch.equal(broadcast_windows(pool_windows(h, 1), 1, 5), h)
+
+
+def test_multiscale_is_weighted_sum_of_scale_paths():
+    torch.manual_seed(0)
+    ms = MultiScaleMamba(D, [1, 2, 4], d_state=8, mamba_backend="torch").double()
+    with torch.no_grad():
+        ms.scale_logits.copy_(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64))
+    h = torch.randn(2, L, D, dtype=torch.float64)
+    w = torch.softmax(torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), 0)
+    expected = w[0] * ms.mambas[0](h)
+    for i, s in ((1, 2), (2, 4)):
+        coarse = ms.mambas[i](h[:, : L // s * s].reshape(2, L // s, s, D).mean(2))  # (2, L/s, D)
+        up = torch.zeros_like(h)
+        for t in range(s - 1, L):
+            up[:, t] = coarse[:, (t + 1) // s - 1]
+        expected = expected + w[i] * up
+    torch.testing.assert_close(ms(h), expected, atol=1e-12, rtol=0)
+    assert torch.equal(ms.paths(h[:, :3])[2], torch.zeros_like(h[:, :3]))  # L < s: no complete window
+
+
+def test_multiscale_rejects_bad_scales():
+    for scales in ([], [0], [2, 2]):
+        with pytest.raises(ValueError, match="scales"):
+            MultiScaleMamba(D, scales)
+    with pytest.raises(ValueError, match="max_len"):
+        M2RecEncoder(N_ITEMS, scales=[1, 64], max_len=50)
+
+
+# ---- Fourier filter ------------------------------------------------------------------------------------------------
+def explicit_causal_conv(h: Tensor, k: Tensor) -> Tensor:
+    """y[t] = sum_{j <= t} k[j] h[t - j], one position at a time. h (B, L, d), k (>= L, d)."""
+    y = torch.zeros_like(h)
+    for t in range(h.size(1)):
+        for j in range(t + 1):
+            y[:, t] += k[j] * h[:, t - j]
+    return y
+
+
+@pytest.mark.parametrize("length", [L, 5, 1])
+def test_fourier_filter_equals_time_domain_convolution(length):
+    torch.manual_seed(0)
+    filt = CausalFourierFilter(D, max_len=L).double()
+    h = torch.randn(3, length, D, dtype=torch.float64)
+    expected = explicit_causal_conv(h, filt.kernel(dtype=torch.float64))
+    torch.testing.assert_close(filt(h), expected, atol=1e-12, rtol=0)
+
+
+def test_fourier_response_is_a_frequency_response():
+    filt = CausalFourierFilter(D, max_len=L).double()
+    h = torch.randn(2, L, D, dtype=torch.float64)
+    freqs = torch.arange(L + 1, dtype=torch.float64) * math.pi / L  # bins of the length-2L FFT
+    with torch.no_grad():  # all-pass response 1: the kernel is a unit impulse, the filter the identity
+        filt.weight.zero_()
+        filt.weight[..., 0] = 1.0
+    torch.testing.assert_close(filt(h), h, atol=1e-12, rtol=0)
+    with torch.no_grad():  # response e^{-iω}: a delay of one step
+        filt.weight[..., 0] = torch.cos(freqs)[:, None]
+        filt.weight[..., 1] = -torch.sin(freqs)[:, None]
+    delayed = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], dim=1)
+    torch.testing.assert_close(filt(h), delayed, atol=1e-12, rtol=0)
+
+
+def test_fourier_filter_rejects_sequences_longer_than_max_len():
+    filt = CausalFourierFilter(D, max_len=8)
+    with pytest.raises(ValueError, match="max_len=8"):
+        filt(torch.randn(1, 9, D))
+
+
+def test_fourier_filter_runs_ffts_in_float32_under_autocast():
+    torch.manual_seed(0)
+    filt = CausalFourierFilter(D, max_len=L)
+    h = torch.randn(2, L, D).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = filt(h)
+    assert y.dtype == torch.bfloat16
+    reference = explicit_causal_conv(h.double(), filt.kernel(dtype=torch.float64))
+    # float32 FFTs: the only error left is rounding the result to bfloat16
+    torch.testing.assert_close(y.double(), reference, atol=1e-6, rtol=2**-8)
+
+
+# ---- gate ----------------------------------------------------------------------------------------------------------
+def streams(n: int, seed: int = 0) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, L, D, generator=gen, dtype=torch.float64) for _ in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_softmax_gate_is_a_convex_combination(n):
+    gate = StreamGate(D, n, "softmax").double()
+    s = streams(n)
+    alpha = gate.weights(s)  # (B, L, n, 1)
+    assert alpha.shape == (2, L, n, 1)
+    torch.testing.assert_close(alpha.sum(dim=2), torch.ones(2, L, 1, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert (alpha > 0).all()
+    torch.testing.assert_close(gate(s), sum(alpha[:, :, i] * s[i] for i in range(n)), atol=1e-12, rtol=0)
+
+
+def test_sigmoid_gate_is_per_channel():
+    gate = StreamGate(D, 3, "sigmoid").double()
+    s = streams(3)
+    g = gate.weights(s)
+    assert g.shape == (2, L, 3, D) and ((g > 0) & (g < 1)).all()
+    torch.testing.assert_close(gate(s), g[:, :, 0] * s[0] + g[:, :, 1] * s[1] + g[:, :, 2] * s[2], atol=1e-12, rtol=0)
+
+
+def test_sum_gate_is_exactly_the_sum():
+    gate = StreamGate(D, 3, "sum")
+    s = streams(3)
+    assert torch.equal(gate(s), s[0] + s[1] + s[2])
+    assert list(gate.parameters()) == []
+
+
+def test_gate_checks_stream_count():
+    with pytest.raises(ValueError, match="3 streams got 2"):
+        StreamGate(D, 3).weights(streams(2))
+
+
+# ---- M2Rec encoder -------------------------------------------------------------------------------------------------
+def test_m2rec_shapes_and_text_buffer():
+    enc = m2rec()
+    enc.set_text_table(text_table())
+    assert isinstance(enc, SequenceEncoder) and enc.uses_text
+    ids = right_padded([L, 4, 1])
+    assert enc(ids).shape == (3, L, D)
+    assert enc(ids[:, :5]).shape == (3, 5, D)  # shorter than max_len
+    assert enc.item_embeddings().shape == (N_ITEMS + 1, D)
+    assert "text_table" in dict(enc.named_buffers()) and "text_table" in enc.state_dict()
+    assert all(p is not enc.text_table for p in enc.parameters())
+    assert enc.blocks[0].gate.n_streams == 3
+
+
+def test_gradient_reaches_every_parameter():
+    enc = m2rec(n_layers=2, dropout=0.1, gate="sigmoid")
+    enc.set_text_table(text_table())
+    ids = right_padded([L, 7, 3])
+    loss = (enc(ids) @ enc.item_embeddings().T).logsumexp(-1).mean()
+    loss.backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert enc.text_table.grad is None and not enc.text_table.requires_grad
+
+
+def test_text_output_adds_projected_text():
+    enc = m2rec().eval()
+    enc.set_text_table(text_table())
+    expected = enc.item_embedding.weight + enc.semantic(text_table())
+    torch.testing.assert_close(enc.item_embeddings(), expected)
+    plain = m2rec(text_output=False)
+    assert plain.item_embeddings() is plain.item_embedding.weight
+
+
+def test_semantic_projection_is_whitening_then_mlp():
+    torch.manual_seed(0)
+    proj = SemanticProjection(TEXT_DIM, D).double()
+    with torch.no_grad():
+        proj.offset.normal_()
+    x = torch.randn(4, TEXT_DIM, dtype=torch.float64)
+    z = (x - proj.offset) @ proj.whiten.weight.T
+    torch.testing.assert_close(proj(x), F.gelu(z) @ proj.out.weight.T + proj.out.bias)
+
+
+def test_text_table_is_validated_and_required():
+    enc = m2rec()
+    with pytest.raises(RuntimeError, match="set_text_table"):
+        enc(right_padded([3]))
+    with pytest.raises(ValueError, match=r"\(31, 10\)"):
+        enc.set_text_table(torch.randn(N_ITEMS, TEXT_DIM))
+    bad = text_table()
+    bad[0, 0] = 1.0
+    with pytest.raises(ValueError, match="row 0"):
+        enc.set_text_table(bad)
+    bad = text_table()
+    bad[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[7\]"):
+        enc.set_text_table(bad)
+    with pytest.raises(ValueError, match="does not read item text"):
+        m2rec(semantic=False).set_text_table(text_table())
+
+
+def test_without_text_the_gate_has_two_streams():
+    for enc in (m2rec(text_dim=0), m2rec(semantic=False)):
+        assert not enc.uses_text and enc.semantic is None and enc.text_table is None
+        assert enc.blocks[0].gate.n_streams == 2
+        assert enc.item_embeddings() is enc.item_embedding.weight
+        assert enc(right_padded([L, 2])).shape == (2, L, D)
+
+
+def test_bad_ids_raise():
+    enc = m2rec(semantic=False)
+    with pytest.raises(ValueError, match=r"\[0, 30\]"):
+        enc(torch.tensor([[1, 31]]))
+    with pytest.raises(ValueError, match=r"\[0, 30\]"):
+        enc(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="batch, length"):
+        enc(torch.tensor([1, 2]))
+
+
+def test_degenerate_config_is_mamba4rec():
+    enc = m2rec(n_layers=1, scales=[1], fourier=False, semantic=False, residual=False).double().eval()
+    block = enc.blocks[0]
+    assert block.gate is None and block.fourier is None and block.temporal.scale_logits is None
+    names = {n for n, _ in enc.named_parameters()}
+    assert not any(k in n for n in names for k in ("gate", "scale_logits", "fourier", "semantic"))
+    ids = right_padded([L, 5, 1])
+
+    # the released Mamba4Rec (1 layer): LN(Dropout(emb)) -> Mamba -> LN(Dropout(.)) -> FFN with residual + LN
+    mamba, ffn = block.temporal.mambas[0], block.ffn
+    e = F.layer_norm(enc.item_embedding(ids), (D,), enc.norm.weight, enc.norm.bias, 1e-12)
+    h = F.layer_norm(mamba(e), (D,), block.norm.weight, block.norm.bias, 1e-12)
+    y = ffn.w_2(F.gelu(ffn.w_1(h)))
+    expected = F.layer_norm(h + y, (D,), ffn.norm.weight, ffn.norm.bias, 1e-12)
+    torch.testing.assert_close(enc(ids), expected, atol=1e-12, rtol=0)
+
+
+def test_init_leaves_mamba_parameters_alone():
+    enc = m2rec()
+    for mamba in (m for m in enc.modules() if isinstance(m, Mamba)):
+        # RecBole's init would zero dt_proj.bias (Δ = softplus(0) = 0.69) and shrink in_proj to N(0, 0.02)
+        dt = F.softplus(mamba.dt_proj.bias)
+        assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+        assert mamba.in_proj.weight.std() > 0.1  # PyTorch's default uniform(±1/sqrt(d)), std 0.144 for d = 16
+        assert torch.equal(mamba.A_log, torch.log(torch.arange(1.0, 9.0)).repeat(mamba.d_inner, 1))
+        assert mamba.D.eq(1).all()
+    assert enc.norm.weight.eq(1).all() and enc.norm.bias.eq(0).all()
+    assert enc.blocks[0].ffn.w_1.bias.eq(0).all()
+    assert abs(enc.item_embedding.weight.std().item() - 0.02) < 0.003
+    assert abs(enc.blocks[0].ffn.w_1.weight.std().item() - 0.02) < 0.003
+
+
+def test_train_mode_uses_dropout():
+    enc = m2rec(dropout=0.5)
+    enc.set_text_table(text_table())
+    ids = right_padded([L, 6])
+    enc.train()
+    a, b = enc(ids), enc(ids)
+    assert not torch.allclose(a, b)
+    enc.eval()
+    assert torch.equal(enc(ids), enc(ids))
+
+
+# ---- SASRec --------------------------------------------------------------------------------------------------------
+def sasrec(**overrides) -> SASRecEncoder:
+    torch.manual_seed(0)
+    options = dict(hidden_size=D, n_layers=2, n_heads=2, inner_size=32, max_len=L)
+    options.update(overrides)
+    return SASRecEncoder(N_ITEMS, **options).double().eval()
+
+
+def recbole_sasrec_reference(enc: SASRecEncoder, ids: Tensor) -> Tensor:
+    """RecBole's SASRec forward written out: explicit softmax attention with the -10000 additive mask."""
+    length = ids.size(1)
+    h = enc.item_embedding(ids) + enc.position_embedding(torch.arange(length))
+    h = F.layer_norm(h, (D,), enc.norm.weight, enc.norm.bias, 1e-12)
+    mask = torch.tril(torch.ones(length, length, dtype=torch.bool)) & (ids > 0)[:, None, None, :]
+    bias = torch.where(mask, 0.0, -10000.0).double()
+    for att, ffn in zip(enc.attention, enc.ffn):
+        heads = lambda x: x.view(x.size(0), length, att.n_heads, -1).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = heads(att.query(h)), heads(att.key(h)), heads(att.value(h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)) + bias
+        context = (scores.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(h.shape)
+        h = F.layer_norm(att.out(context) + h, (D,), att.norm.weight, att.norm.bias, 1e-12)
+        y = ffn.w_2(0.5 * ffn.w_1(h) * (1 + torch.erf(ffn.w_1(h) / math.sqrt(2))))
+        h = F.layer_norm(y + h, (D,), ffn.norm.weight, ffn.norm.bias, 1e-12)
+    return h
+
+
+def test_sasrec_equals_explicit_attention():
+    enc = sasrec()
+    ids = right_padded([L, 6, 1])
+    out = enc(ids)
+    assert out.shape == (3, L, D) and enc.item_embeddings().shape == (N_ITEMS + 1, D)
+    torch.testing.assert_close(out, recbole_sasrec_reference(enc, ids), atol=1e-12, rtol=0)
+    # a row that starts with padding has no visible key: RecBole's finite mask averages instead of NaN
+    leading_pad = torch.tensor([[0, 0, 3, 4]])
+    torch.testing.assert_close(enc(leading_pad), recbole_sasrec_reference(enc, leading_pad), atol=1e-12, rtol=0)
+    assert torch.isfinite(enc(leading_pad)).all()
+
+
+def test_sasrec_attention_bias_masks_future_and_padding():
+    bias = attention_bias(torch.tensor([[5, 6, 0]]), torch.float32)[0, 0]
+    assert bias.tolist() == [[0, -10000, -10000], [0, 0, -10000], [0, 0, -10000]]
+
+
+def test_sasrec_padding_does_not_affect_real_positions():
+    enc = sasrec()
+    ids = right_padded([5, 3], length=6)
+    longer = torch.cat([ids, torch.zeros(2, 6, dtype=torch.long)], dim=1)  # more trailing padding
+    out, out_long = enc(ids), enc(longer)
+    for row, n in enumerate([5, 3]):
+        torch.testing.assert_close(out[row, :n], out_long[row, :n], atol=1e-12, rtol=0)
+
+
+def test_sasrec_gradients_and_limits():
+    enc = SASRecEncoder(N_ITEMS, TEXT_DIM, hidden_size=D, inner_size=32, max_len=L)
+    assert not enc.uses_text
+    ids = right_padded([L, 4])
+    (enc(ids) @ enc.item_embeddings().T).logsumexp(-1).mean().backward()
+    for name, p in enc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="max_len=12"):
+        enc(torch.ones(1, L + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        SASRecEncoder(N_ITEMS, hidden_size=10, n_heads=3)
