@@ -1,0 +1,284 @@
+"""The base LightningDataModule: raw files -> leave-one-out batches, with a verified on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader
+
+from .cache import file_digests, load_cache, read_verified, save_cache
+from .preprocess import Interactions, Processed, preprocess
+from .samplers import eval_sampler
+from .splits import EvalSequences, PrefixSequences, TrainSequences, collate
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when preprocessing or the cache layout changes, so old caches count as stale
+ITEM_TEXT_FILE = "item_text.json"
+# Constructor arguments that only shape batches; everything else (dataset options, filters) keys the cache.
+LOADER_OPTIONS = frozenset({"data_dir", "max_len", "batch_size", "eval_batch_size", "num_workers", "train_window",
+                            "train_mode", "seed"})
+
+
+class SequentialDataModule(L.LightningDataModule):
+    """Leave-one-out sequential recommendation data (the RecBole / Mamba4Rec protocol, DESIGN.md §2).
+
+    Preparation: ``download`` -> ``read_interactions`` -> duplicates -> stable sort by (user, timestamp) ->
+    iterative k-core -> drop users with < 3 interactions -> ids remapped to 1..N (0 = padding) -> cached in
+    ``data_dir/<name>/processed/<hash>/`` (hash of the raw files' contents and of every non-loader option).
+    It runs lazily on first access of any data property (``num_items`` etc.) or in ``prepare_data``/``setup``,
+    under a file lock, so concurrent processes and DDP ranks build once and the others load.
+
+    Batches (dicts of LongTensors, 0 = padding, inputs right-padded to ``max_len`` columns):
+      * train, ``all_positions``: ``input_ids``, ``target_ids`` (B×L) — next-item targets at every position.
+      * train, ``prefix``: same keys, target only at the last input position, one sample per train position.
+      * val / test: ``user`` (B), ``input_ids`` (B×L), ``target`` (B), ``seen`` (B×H, items before the target).
+      * predict: ``user``, ``input_ids`` and ``seen`` from each user's full history.
+
+    Subclass it for a new dataset: set ``name``, implement ``raw_files`` and ``read_interactions`` (and optionally
+    ``download`` and ``read_item_text``); see ``datamodules.custom`` for a worked example.
+
+    Args:
+        data_dir: root folder for downloads and caches; this dataset uses ``data_dir/<name>/``.
+        max_len: number of most recent items in an input sequence.
+        min_user_interactions: iterative k-core threshold for users (0 disables).
+        min_item_interactions: iterative k-core threshold for items (0 disables).
+        batch_size: training batch size.
+        eval_batch_size: validation / test / predict batch size.
+        num_workers: DataLoader worker processes (batches are built vectorised; 0 is usually fast enough).
+        train_window: ``recent``: each user's most recent ``max_len + 1`` training items; ``random``: a random
+            contiguous window of that length from longer histories, redrawn every epoch (``all_positions`` only).
+        train_mode: ``all_positions``: one sample per user with a target at every position (for causal
+            encoders); ``prefix``: one sample per training position (RecBole's augmentation).
+        seed: seeds training shuffles and random windows.
+        drop_duplicates: drop repeated (user, item, timestamp) rows, keeping the first (RecBole keeps them;
+            they are counted in ``stats`` either way). Without timestamps a repeated (user, item) pair counts.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        max_len: int = 50,
+        min_user_interactions: int = 5,
+        min_item_interactions: int = 5,
+        batch_size: int = 256,
+        eval_batch_size: int = 1024,
+        num_workers: int = 0,
+        train_window: Literal["recent", "random"] = "recent",
+        train_mode: Literal["all_positions", "prefix"] = "all_positions",
+        seed: int = 0,
+        drop_duplicates: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        for arg, value, low in (("max_len", max_len, 1), ("batch_size", batch_size, 1),
+                                ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
+                                ("min_user_interactions", min_user_interactions, 0),
+                                ("min_item_interactions", min_item_interactions, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
+        if train_window not in ("recent", "random"):
+            raise ValueError(f"train_window must be 'recent' or 'random', got {train_window!r}")
+        if train_mode not in ("all_positions", "prefix"):
+            raise ValueError(f"train_mode must be 'all_positions' or 'prefix', got {train_mode!r}")
+        if train_mode == "prefix" and train_window == "random":
+            raise ValueError("train_window='random' only applies to train_mode='all_positions' (prefix mode "
+                             "already trains on every position)")
+        self.data_dir = Path(data_dir)
+        self.max_len = max_len
+        self.min_user_interactions = min_user_interactions
+        self.min_item_interactions = min_item_interactions
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_window = train_window
+        self.train_mode = train_mode
+        self.seed = seed
+        self.drop_duplicates = drop_duplicates
+        self._data: Processed | None = None
+        self._processed_dir: Path | None = None
+        self._meta: dict | None = None
+        self._item_text: list[dict | None] | None = None
+
+    # ---- what a dataset subclass provides ------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """Folder name under ``data_dir``."""
+        return type(self).__name__.lower()
+
+    def download(self) -> None:
+        """Fetch the raw files into ``self.raw_dir`` if missing (default: nothing to fetch)."""
+
+    def raw_files(self) -> list[Path]:
+        """Every raw file that preparation reads; their contents key the cache."""
+        raise NotImplementedError(f"{type(self).__name__} must implement raw_files()")
+
+    def read_interactions(self) -> Interactions:
+        """Parse the raw files into interactions in file order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement read_interactions()")
+
+    def read_item_text(self, raw_item_ids: np.ndarray) -> dict[str, dict] | None:
+        """Text fields for the given raw item ids, keyed by ``str(raw id)``; None when the dataset has no text.
+
+        Items missing from the returned dict get ``None`` in ``item_text`` and are counted in ``stats``.
+        """
+        return None
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / self.name
+
+    # ---- public data, prepared on first access -------------------------------------------------------------------
+
+    @property
+    def num_users(self) -> int:
+        return len(self._prepared().user_ids)
+
+    @property
+    def num_items(self) -> int:
+        """N; internal item ids are 1..N, 0 is padding."""
+        return len(self._prepared().item_ids) - 1
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        """(U,) raw id of each internal user index 0..U-1."""
+        return self._prepared().user_ids
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        """(N+1,) raw id of each internal item id; index 0 is a padding placeholder ("" or -1)."""
+        return self._prepared().item_ids
+
+    @property
+    def item_text(self) -> list[dict | None] | None:
+        """(N+1) per-item dicts of text fields (None for padding and items without text); None without text."""
+        self._prepared()
+        if self._item_text is None and ITEM_TEXT_FILE in self._meta["checksums"]:
+            data = read_verified(self._processed_dir, ITEM_TEXT_FILE, self._meta)
+            self._item_text = json.loads(data.decode("utf-8"))
+        return self._item_text
+
+    @property
+    def stats(self) -> dict:
+        """Counts of the prepared data and of what every filter removed."""
+        return self._prepared().stats
+
+    @property
+    def processed_dir(self) -> Path:
+        self._prepared()
+        return self._processed_dir
+
+    def sequence(self, user: int) -> np.ndarray:
+        """Internal item ids of internal user ``user``, oldest first (all of them, including val/test targets)."""
+        data = self._prepared()
+        return data.items[data.offsets[user]: data.offsets[user + 1]]
+
+    # ---- preparation ---------------------------------------------------------------------------------------------
+
+    def _prepared(self) -> Processed:
+        if self._data is None:
+            self._prepare()
+        return self._data
+
+    def _prepare(self) -> None:
+        self.raw_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.raw_dir / ".download.lock"):
+            self.download()
+        raw = self.raw_files()
+        digests = file_digests(raw, self.raw_dir / "processed" / "raw_digests.json")
+        options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS}
+        dataset = f"{type(self).__module__}.{type(self).__qualname__}"
+        identity = {"dataset": dataset, "options": options, "raw_files": digests, "version": CACHE_VERSION}
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        folder = self.raw_dir / "processed" / key
+        with FileLock(str(folder) + ".lock"):
+            loaded = load_cache(folder, {"key": key, "version": CACHE_VERSION})
+            if loaded is None:
+                self._build(folder, identity | {"key": key})
+                loaded = load_cache(folder, {"key": key, "version": CACHE_VERSION})
+                if loaded is None:
+                    raise OSError(f"the cache just written to {folder} does not verify (disk full or failing?)")
+            else:
+                log.info("loaded %s from %s", self.name, folder)
+        arrays, meta = loaded
+        self._data = Processed(
+            offsets=arrays["offsets"], items=arrays["items"], timestamps=arrays.get("timestamps"),
+            user_ids=arrays["user_ids"], item_ids=arrays["item_ids"], stats=meta["stats"],
+        )
+        self._processed_dir, self._meta, self._item_text = folder, meta, None
+
+    def _build(self, folder: Path, identity: dict) -> None:
+        start = time.perf_counter()
+        log.info("preparing %s into %s", self.name, folder)
+        processed = preprocess(self.read_interactions(), self.min_user_interactions, self.min_item_interactions,
+                               self.drop_duplicates)
+        stats = {"dataset": self.name, **processed.stats}
+        files = {}
+        text = self.read_item_text(processed.item_ids[1:])
+        if text is not None:
+            item_text = [None] + [text.get(str(raw)) for raw in processed.item_ids[1:].tolist()]
+            stats["items_without_text"] = sum(1 for t in item_text[1:] if not t or not any(t.values()))
+            files[ITEM_TEXT_FILE] = json.dumps(item_text, ensure_ascii=False).encode("utf-8")
+        stats["prepare_seconds"] = round(time.perf_counter() - start, 3)
+        arrays = {"offsets": processed.offsets, "items": processed.items, "user_ids": processed.user_ids,
+                  "item_ids": processed.item_ids}
+        if processed.timestamps is not None:
+            arrays["timestamps"] = processed.timestamps
+        save_cache(folder, arrays, files, identity | {"stats": stats, "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        log.info("prepared %s: %d users, %d items, %d interactions in %.1f s", self.name, stats["users"],
+                 stats["items"], stats["interactions"], stats["prepare_seconds"])
+
+    def prepare_data(self) -> None:
+        self._prepared()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._prepared()
+
+    # ---- loaders -------------------------------------------------------------------------------------------------
+
+    def train_dataset(self) -> TrainSequences | PrefixSequences:
+        data = self._prepared()
+        if self.train_mode == "prefix":
+            return PrefixSequences(data.items, data.offsets, self.max_len)
+        # a trainer that reloads dataloaders every epoch gets new draws rather than a re-seeded repeat
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return TrainSequences(data.items, data.offsets, self.max_len, self.train_window, self.seed + epoch)
+
+    def eval_dataset(self, split: Literal["val", "test", "predict"]) -> EvalSequences:
+        data = self._prepared()
+        return EvalSequences(data.items, data.offsets, self.max_len, split)
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(), **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        if len(dataset) == 0:
+            raise ValueError(f"{self.name}: no training samples (every user has fewer than 4 interactions, so the "
+                             f"train part left by leave-one-out has no (input, target) pair)")
+        return self._loader(dataset, batch_size=self.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(self.seed))
+
+    def _eval_loader(self, split: Literal["val", "test", "predict"]) -> DataLoader:
+        dataset = self.eval_dataset(split)
+        return self._loader(dataset, batch_size=self.eval_batch_size, sampler=eval_sampler(dataset))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")

