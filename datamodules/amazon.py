@@ -165,6 +165,8 @@ def amazon2018_fields(record: dict) -> dict:
 class _AmazonReviews(SequentialDataModule):
     """Shared download / read logic; subclasses give the file layout and the metadata format."""
 
+    text_template = "amazon"
+
     release: str
     meta_parse: Callable[[str], dict]
     meta_fields: Callable[[dict], dict]

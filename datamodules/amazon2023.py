@@ -49,6 +49,8 @@ class Amazon2023(SequentialDataModule):
         **kwargs: SequentialDataModule options (data_dir, max_len, filters, batch sizes, ...).
     """
 
+    text_template = "amazon"
+
     def __init__(self, category: str = "All_Beauty", source: Literal["jsonl", "hf"] = "jsonl",
                  base_url: str = AMAZON2023_URL, with_text: bool = True, **kwargs):
         super().__init__(**kwargs)

@@ -19,6 +19,7 @@ from .cache import file_digests, load_cache, read_verified, save_cache
 from .preprocess import Interactions, Processed, preprocess
 from .samplers import eval_sampler
 from .splits import EvalSequences, PrefixSequences, TrainSequences, collate
+from .text_embeddings import TextEmbeddings, TextOptions, load_or_build_text_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ CACHE_VERSION = 1  # bump when preprocessing or the cache layout changes, so old
 ITEM_TEXT_FILE = "item_text.json"
 # Constructor arguments that only shape batches; everything else (dataset options, filters) keys the cache.
 LOADER_OPTIONS = frozenset({"data_dir", "max_len", "batch_size", "eval_batch_size", "num_workers", "train_window",
-                            "train_mode", "seed"})
+                            "train_mode", "seed", "text"})
 
 
 class SequentialDataModule(L.LightningDataModule):
@@ -62,7 +63,12 @@ class SequentialDataModule(L.LightningDataModule):
         seed: seeds training shuffles and random windows.
         drop_duplicates: drop repeated (user, item, timestamp) rows, keeping the first (RecBole keeps them;
             they are counted in ``stats`` either way). Without timestamps a repeated (user, item) pair counts.
+        text: embed item texts with a language model for the semantic branch (None = no text features). The table
+            is cached under the processed data, keyed by items, texts, model, pooling, template and length.
     """
+
+    text_template: str | None = None
+    """The dataset's default template for `text.template` (see `datamodules.text_templates`)."""
 
     def __init__(
         self,
@@ -77,6 +83,7 @@ class SequentialDataModule(L.LightningDataModule):
         train_mode: Literal["all_positions", "prefix"] = "all_positions",
         seed: int = 0,
         drop_duplicates: bool = False,
+        text: TextOptions | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -104,6 +111,8 @@ class SequentialDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.seed = seed
         self.drop_duplicates = drop_duplicates
+        self.text = text
+        self._text_embeddings: TextEmbeddings | None = None
         self._data: Processed | None = None
         self._processed_dir: Path | None = None
         self._meta: dict | None = None
@@ -167,6 +176,37 @@ class SequentialDataModule(L.LightningDataModule):
             data = read_verified(self._processed_dir, ITEM_TEXT_FILE, self._meta)
             self._item_text = json.loads(data.decode("utf-8"))
         return self._item_text
+
+    @property
+    def text_embeddings(self) -> TextEmbeddings | None:
+        """The frozen (N+1, text_dim) item-text table (row 0 and items without text are zeros), or None.
+
+        Built on first use (progress bar; resumable shards) and cached; later runs load it in well under a second.
+        """
+        if self.text is None:
+            return None
+        if self._text_embeddings is None:
+            texts = self.item_text
+            if texts is None:
+                raise ValueError(f"data.text is set but {type(self).__name__} has no item text "
+                                 "(pass an item-text table, or set data.text to null)")
+            opts = self.text
+            self._text_embeddings = load_or_build_text_embeddings(
+                self.processed_dir / "text", self.item_ids[1:].tolist(), texts[1:],
+                template=opts.template if opts.template is not None else self.text_template,
+                model=opts.model, pooling=opts.pooling, normalize=opts.normalize, max_length=opts.max_length,
+                batch_size=opts.batch_size, dtype=opts.dtype, device=opts.device, revision=opts.revision,
+                trust_remote_code=opts.trust_remote_code,
+            )
+            log.info("item text: %d of %d items have no text (zero vectors)", self._text_embeddings.num_missing,
+                     self.num_items)
+        return self._text_embeddings
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the item-text table; 0 without text. LightningCLI links it to the model."""
+        table = self.text_embeddings
+        return 0 if table is None else int(table.table.shape[1])
 
     @property
     def stats(self) -> dict:
@@ -240,6 +280,7 @@ class SequentialDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self._prepared()
+        self.text_embeddings
 
     def setup(self, stage: str | None = None) -> None:
         self._prepared()

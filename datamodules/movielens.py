@@ -64,6 +64,8 @@ class MovieLens1M(SequentialDataModule):
         **kwargs: SequentialDataModule options (data_dir, max_len, filters, batch sizes, ...).
     """
 
+    text_template = "movielens"
+
     def __init__(self, url: str = ML1M_URL, **kwargs):
         super().__init__(**kwargs)
         self.url = url

