@@ -40,6 +40,9 @@ def read_review_lines(path: str | Path, user: str, item: str, time: str) -> Inte
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         _first_bad_review(path, user, item, time)
         raise DataFormatError(path, f"unreadable JSON lines: {e}") from e
+    except OSError as e:  # pyarrow's report of a truncated or corrupt .gz
+        raise DataFormatError(path, f"cannot read the file ({e}); a truncated or corrupt download? delete it and "
+                                    "fetch it again") from e
     if table.num_rows == 0:
         raise DataFormatError(path, "file is empty")
     if any(table[c].null_count for c in (user, item, time)):

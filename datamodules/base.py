@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from .cache import file_digests, load_cache, read_verified, save_cache
 from .preprocess import Interactions, Processed, preprocess
+from .resume import EpochRandomSampler, ResumableDataLoader
 from .samplers import eval_sampler
 from .splits import EvalSequences, PrefixSequences, TrainSequences, collate
 from .text_embeddings import TextEmbeddings, TextOptions, load_or_build_text_embeddings
@@ -308,8 +309,13 @@ class SequentialDataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"{self.name}: no training samples (every user has fewer than 4 interactions, so the "
                              f"train part left by leave-one-out has no (input, target) pair)")
-        return self._loader(dataset, batch_size=self.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(self.seed))
+        # The order of each epoch is a function of (seed, epoch) and the loader checkpoints its position, so a run
+        # killed mid-epoch and resumed with --ckpt_path last trains on exactly the batches an uninterrupted run
+        # would (datamodules/resume.py). The loader's own generator only seeds workers, never the global RNG.
+        return ResumableDataLoader(dataset, batch_size=self.batch_size, sampler=EpochRandomSampler(dataset, self.seed),
+                                   num_workers=self.num_workers, collate_fn=collate,
+                                   persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                                   generator=torch.Generator().manual_seed(self.seed))
 
     def _eval_loader(self, split: Literal["val", "test", "predict"]) -> DataLoader:
         dataset = self.eval_dataset(split)

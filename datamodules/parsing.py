@@ -11,11 +11,15 @@ import gzip
 import io
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+
+_CORRUPT_GZIP = "truncated or corrupt gzip data (an interrupted download?); delete the file and fetch it again"
 
 
 class DataFormatError(ValueError):
@@ -40,8 +44,11 @@ def read_bytes(path: str | Path) -> bytes:
     """The file's bytes, gunzipped when the name ends in .gz; an empty file is an error."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataFormatError(path, f"{_CORRUPT_GZIP} ({e})") from None
     if not data.strip():
         raise DataFormatError(path, "file is empty")
     return data
@@ -185,11 +192,16 @@ def iter_text_lines(path: str | Path, encoding: str = "utf-8"):
     """Yield (line number, decoded line) of a possibly gzipped text file, streaming (for multi-GB metadata)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode(encoding)
-            except UnicodeDecodeError as e:
-                raise DataFormatError(
-                    path, f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid {encoding}", number
-                ) from None
+    number = 0
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode(encoding)
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(
+                        path, f"byte 0x{raw[e.start]:02x} at column {e.start + 1} is not valid {encoding}", number
+                    ) from None
+                yield number, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataFormatError(path, f"{_CORRUPT_GZIP} ({e})", number + 1) from None

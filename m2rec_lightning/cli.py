@@ -48,7 +48,7 @@ class M2RecCLI(LightningCLI):
                 f"--ckpt_path best: no checkpoint folder with last.ckpt found (checkpoint.dirpath={callback.dirpath}); "
                 "run `m2rec fit` with the same config first, or pass a checkpoint file"
             )
-        state = torch.load(last, map_location="cpu", weights_only=False)
+        state = torch.load(last, map_location="cpu", weights_only=True)
         best = next(
             (v["best_model_path"] for k, v in state.get("callbacks", {}).items() if k.startswith("ModelCheckpoint")),
             "",

@@ -85,8 +85,18 @@ class SequentialRecommender(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.encoder.uses_text:
             checkpoint["text_embedding_key"] = getattr(self, "text_embedding_key", None)
+        # Lightning does not checkpoint the global RNG; without it a resumed run draws other dropout masks. Plain
+        # uint8 tensors, so the checkpoint still loads with torch.load(weights_only=True). Under DDP: rank 0's state.
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["cuda_rng_state"] = torch.cuda.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if fitting and "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+            if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
+                torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])
         current = self._datamodule_text() if self.encoder.uses_text else None
         stored = checkpoint.get("text_embedding_key")
         if current is None or stored is None:
