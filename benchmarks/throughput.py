@@ -1,0 +1,317 @@
+"""Training-step and full-ranking inference throughput (sequences/s) and peak memory of M2Rec, Mamba4Rec and SASRec
+against sequence length L, at the same width d and, at each L, the same batch for all three models.
+
+What one measurement is:
+  * train: one optimiser step of the real module: encoder forward over (B, L), `SequentialRecommender.loss`
+    (full-softmax cross-entropy at all B·L positions against all N items), backward, Adam step.
+  * infer: one evaluation batch as `validation_step` runs it: `score` (encoder, last position, (B, N+1) scores in
+    one matmul, masking) and `pessimistic_rank` (a comparison and a sum per row, no sort), under inference_mode.
+Inputs are random item ids filling all L positions (no padding), so every model does its full work. The models are
+the repository's configs: M2Rec = configs/models/m2rec.yaml (scales 1/2/4, causal Fourier filter, a random frozen
+text table of `--text-dim` columns on input and output side, softmax gate), Mamba4Rec = mamba4rec.yaml, SASRec =
+sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default.
+
+Timing: one warm-up call per model, then `--reps` rounds in which the models run interleaved (M2Rec, Mamba4Rec,
+SASRec, M2Rec, ...), so load from other processes hits all of them alike; the table reports medians and the ratios of
+medians. Memory: on CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident
+set during one step minus the resident set just before it, sampled every 0.2 ms by a thread after `malloc_trim`
+returns freed heap to the OS (so it is the step's working set: activations, gradients, temporaries; an estimate that
+can miss short spikes between samples).
+
+    python benchmarks/throughput.py --quick                       # B=32, L in {50, 200}: ~1 min on 2 CPUs
+    python benchmarks/throughput.py --out benchmarks/results/throughput   # the recorded run (.md, .png)
+    python benchmarks/throughput.py --device cuda --lengths 50 200 800 3200 --batch 256
+
+Batch per L defaults to 256 at L <= 200, 64 at L = 800 and 16 at L = 3200 on CPU (SASRec's (B, heads, L, L)
+attention alone is 0.65 GB per layer at B=16, L=3200); pass `--batch-for 3200=32` etc. to change it.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from m2rec_lightning.m2rec import M2RecEncoder  # noqa: E402
+from m2rec_lightning.metrics import pessimistic_rank  # noqa: E402
+from m2rec_lightning.module import SequentialRecommender  # noqa: E402
+from m2rec_lightning.sasrec import SASRecEncoder  # noqa: E402
+
+MODELS = ("m2rec", "mamba4rec", "sasrec")
+BEAUTY_ITEMS = 12101
+DEFAULT_BATCH = {50: 256, 200: 256, 800: 64, 3200: 16}
+
+
+def encoder_factory(name: str, max_len: int, mamba_backend: str = "auto"):
+    """The encoder class with the options of configs/models/<name>.yaml (d=64), as `encoder(num_items, text_dim)`."""
+    if name == "m2rec":
+        return functools.partial(M2RecEncoder, hidden_size=64, n_layers=1, d_state=32, d_conv=4, expand=2,
+                                 dropout=0.2, scales=[1, 2, 4], fourier=True, semantic=True, gate="softmax",
+                                 text_output=True, residual=True, max_len=max_len, mamba_backend=mamba_backend)
+    if name == "mamba4rec":
+        return functools.partial(M2RecEncoder, hidden_size=64, n_layers=1, d_state=32, d_conv=4, expand=2,
+                                 dropout=0.2, scales=[1], fourier=False, semantic=False, text_output=False,
+                                 residual=False, max_len=max_len, mamba_backend=mamba_backend)
+    if name == "sasrec":
+        return functools.partial(SASRecEncoder, hidden_size=64, n_layers=2, n_heads=2, inner_size=256, dropout=0.5,
+                                 attn_dropout=0.5, max_len=max_len)
+    raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+
+
+def build_model(name: str, max_len: int, num_items: int, text_dim: int, device: str,
+                mamba_backend: str = "auto", seed: int = 0) -> SequentialRecommender:
+    """A SequentialRecommender with `name`'s encoder; M2Rec gets a random (num_items+1, text_dim) text table."""
+    torch.manual_seed(seed)
+    model = SequentialRecommender(encoder_factory(name, max_len, mamba_backend), num_items=num_items,
+                                  text_dim=text_dim if name == "m2rec" else 0)
+    if model.encoder.uses_text:
+        table = torch.nn.functional.normalize(torch.randn(num_items + 1, text_dim), dim=1)
+        table[0] = 0
+        model.encoder.set_text_table(table)
+    return model.to(device)
+
+
+def make_steps(model: SequentialRecommender, batch: int, length: int, device: str, compile_model: bool = False):
+    """(train_step, infer_step): zero-argument callables running one training step / one evaluation batch."""
+    num_items = model.hparams.num_items
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, num_items + 1, (batch, length + 1), generator=generator).to(device)
+    inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # (B, L) each
+    eval_target = ids[:, -1].contiguous()  # (B,)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    encoder = torch.compile(model.encoder) if compile_model else model.encoder
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = model.loss(encoder(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def infer_step():
+        model.eval()
+        with torch.inference_mode():
+            hidden = encoder(inputs)  # (B, L, d)
+            scores = hidden[:, -1] @ model.encoder.item_embeddings().T  # (B, N+1): every position is real here
+            scores[:, 0] = float("-inf")  # what mask_scores does, without its copy
+            return pessimistic_rank(scores.float(), eval_target)
+
+    return train_step, infer_step
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the baseline then includes cached free memory and the peak reads low
+        pass
+
+
+def peak_memory(fn, device: str) -> float:
+    """Bytes one call of `fn` needs at its peak (CUDA: allocator peak; CPU: sampled RSS growth, see the docstring)."""
+    if device.startswith("cuda"):
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        synchronize(device)
+        return float(torch.cuda.max_memory_allocated() - before)
+    _malloc_trim()
+    before = _rss_bytes()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    fn()
+    done.set()
+    thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return float(peak[0] - before)
+
+
+def measure_length(models: list[str], length: int, batch: int, reps: int, modes: list[str], num_items: int,
+                   text_dim: int, device: str, mamba_backend: str = "auto", compile_model: bool = False,
+                   log=print) -> list[dict]:
+    """All models at one L: interleaved timings (medians) and one memory measurement per (model, mode)."""
+    built = {m: build_model(m, length, num_items, text_dim, device, mamba_backend) for m in models}
+    steps = {m: dict(zip(("train", "infer"), make_steps(built[m], batch, length, device, compile_model)))
+             for m in models}
+    rows = []
+    for mode in modes:
+        times = {m: [] for m in models}
+        for m in models:
+            timed(steps[m][mode], device)  # warm-up: first-touch allocations, autotuning, compilation
+        for _ in range(reps):
+            for m in models:
+                times[m].append(timed(steps[m][mode], device))
+        for m in models:
+            memory = peak_memory(steps[m][mode], device)
+            median = statistics.median(times[m])
+            rows.append(dict(model=m, mode=mode, length=length, batch=batch, median_s=median, min_s=min(times[m]),
+                             times=times[m], seq_per_s=batch / median, peak_mem_mb=memory / 2**20))
+            log(f"L={length:5d} B={batch:4d} {mode:5s} {m:9s} {median * 1e3:9.1f} ms/step  "
+                f"{batch / median:9.1f} seq/s  peak {memory / 2**20:8.1f} MB")
+    del built, steps
+    return rows
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """M2Rec and Mamba4Rec against SASRec at each L: time ratios of medians (train) and throughput ratios (infer)."""
+    out = ["| L | batch | M2Rec / SASRec train time | Mamba4Rec / SASRec train time | "
+           "M2Rec / SASRec inference seq/s | Mamba4Rec / SASRec inference seq/s |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    get = {(r["model"], r["mode"], r["length"]): r for r in rows}
+    for length in sorted({r["length"] for r in rows}):
+        cells = []
+        for mode, key in (("train", "median_s"), ("infer", "seq_per_s")):
+            for m in ("m2rec", "mamba4rec"):
+                a, b = get.get((m, mode, length)), get.get(("sasrec", mode, length))
+                cells.append(f"{a[key] / b[key]:.2f}" if a and b else "-")
+        batch = next(r["batch"] for r in rows if r["length"] == length)
+        out.append(f"| {length} | {batch} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return out
+
+
+def markdown(rows: list[dict], command: str, device: str, reps: int) -> str:
+    lines = ["# Throughput and peak memory against sequence length", "",
+             f"Command: `{command}`", "",
+             f"Machine: {machine(device)}. The CPU is shared with other jobs, so absolute numbers are contended; "
+             f"the models ran interleaved so the ratios are fairer than the absolutes. Medians of {reps} timed "
+             "steps after one warm-up. d=64 for all; at each L all models use the same batch.", "",
+             "| L | batch | mode | model | median ms/step | min ms | sequences/s | peak memory MB |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in sorted(rows, key=lambda r: (r["length"], r["mode"] != "train", MODELS.index(r["model"]))):
+        lines.append(f"| {r['length']} | {r['batch']} | {r['mode']} | {r['model']} | {r['median_s'] * 1e3:.1f} | "
+                     f"{r['min_s'] * 1e3:.1f} | {r['seq_per_s']:.1f} | {r['peak_mem_mb']:.0f} |")
+    lines += ["", "Ratios (train: time per step, lower = faster than SASRec; inference: sequences/s, higher = faster):",
+              ""] + ratio_lines(rows)
+    lines += ["", "train = forward + full-softmax loss at all B·L positions + backward + Adam step; infer = encoder + "
+              "(B, N+1) scores + pessimistic rank (no sort). Peak memory on CPU = sampled RSS growth during one step "
+              "(see the script's docstring)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for m, colour in zip(MODELS, ("tab:red", "tab:blue", "tab:gray")):
+        for ax, mode in zip(axes[:2], ("train", "infer")):
+            pts = sorted((r["length"], 1e3 * r["median_s"] / r["batch"]) for r in rows
+                         if r["model"] == m and r["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=colour, label=m)
+        pts = sorted((r["length"], r["peak_mem_mb"] / r["batch"]) for r in rows if r["model"] == m and r["mode"] == "train")
+        if pts:
+            axes[2].plot(*zip(*pts), "o-", color=colour, label=m)
+    for ax, title in zip(axes, ("training step: ms per sequence", "full-ranking inference: ms per sequence",
+                                "training peak memory: MB per sequence")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_batch_for(items: list[str]) -> dict[int, int]:
+    out = {}
+    for item in items:
+        length, _, batch = item.partition("=")
+        if not length.isdigit() or not batch.isdigit():
+            raise SystemExit(f"--batch-for expects L=B pairs such as 3200=16, got {item!r}")
+        out[int(length)] = int(batch)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[50, 200, 800, 3200])
+    p.add_argument("--batch", type=int, default=None, help="one batch for every L (default: per-L table above)")
+    p.add_argument("--batch-for", nargs="*", default=[], help="per-L batch overrides, e.g. 3200=16")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS)
+    p.add_argument("--text-dim", type=int, default=384, help="M2Rec's text table width (all-MiniLM-L6-v2: 384)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mamba-backend", default="auto", choices=["auto", "torch", "cuda"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 thread avoids "
+                        "OpenMP workers spinning while their partner is descheduled (3-4x faster here)")
+    p.add_argument("--quick", action="store_true", help="B=32, L in {50, 200}, 2 reps")
+    p.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.png")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.batch, args.reps = [50, 200], 32, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_for = parse_batch_for(args.batch_for)
+    rows = []
+    for length in args.lengths:
+        batch = batch_for.get(length, args.batch or DEFAULT_BATCH.get(length, 256))
+        rows += measure_length(args.models, length, batch, args.reps, args.modes, args.num_items, args.text_dim,
+                               args.device, args.mamba_backend, args.compile)
+    command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(rows, command.strip(), args.device, args.reps)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        plot(rows, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
