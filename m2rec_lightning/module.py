@@ -59,6 +59,7 @@ class SequentialRecommender(L.LightningModule):
             raise ValueError(f"num_items must be >= 1 (got {num_items}); link it from the datamodule")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder(num_items, text_dim)
+        self._eval_table: Tensor | None = None
         self.val_metrics = RankingMetrics(ks)
         self.test_metrics = RankingMetrics(ks)
 
@@ -118,7 +119,22 @@ class SequentialRecommender(L.LightningModule):
         hidden = self.encoder(input_ids)  # (B, L, d)
         last = (input_ids > 0).sum(dim=1).clamp(min=1) - 1  # (B,)
         h_last = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, d)
-        return h_last @ self.encoder.item_embeddings().T  # (B, N+1)
+        return h_last @ self.item_table().T  # (B, N+1)
+
+    def item_table(self) -> Tensor:
+        """(N+1, d) output-side item table; frozen for a whole evaluation/prediction epoch, so it is built once there
+        (with text_output it projects every item's text, too costly to repeat per batch)."""
+        in_eval_loop = self._trainer is not None and (self.trainer.evaluating or self.trainer.predicting)
+        if self.training or torch.is_grad_enabled() or not in_eval_loop:
+            return self.encoder.item_embeddings()
+        if self._eval_table is None:
+            self._eval_table = self.encoder.item_embeddings()
+        return self._eval_table
+
+    def _drop_eval_table(self) -> None:
+        self._eval_table = None
+
+    on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _drop_eval_table
 
     def loss(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
         """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L)."""
@@ -153,9 +169,11 @@ class SequentialRecommender(L.LightningModule):
         self._eval_step(batch, self.test_metrics)
 
     def on_validation_epoch_end(self) -> None:
+        self._drop_eval_table()
         self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
+        self._drop_eval_table()
         self._log_metrics("test", self.test_metrics)
 
     def _log_metrics(self, stage: str, metrics: RankingMetrics) -> None:

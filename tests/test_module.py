@@ -122,3 +122,29 @@ def test_no_weight_decay_on_norms_embeddings_biases_and_ssm_parameters():
     names = {n for n, p in module.named_parameters() if id(p) in decayed}
     assert names and all(n.endswith("weight") for n in names)
     assert not any("A_log" in n or "norm" in n.lower() or "embedding" in n for n in names)
+
+
+def test_evaluation_with_cached_item_table_equals_direct_scoring():
+    """The trainer's eval loop builds the (text-projected) item table once per epoch; numbers must not change."""
+    from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank
+
+    torch.manual_seed(0)
+    encoder = partial(M2RecEncoder, hidden_size=16, d_state=4, max_len=MAX_LEN, mamba_backend="torch")
+    module = SequentialRecommender(encoder=encoder, num_items=N_ITEMS, text_dim=8)
+    table = torch.randn(N_ITEMS + 1, 8)
+    table[0] = 0
+    module.encoder.set_text_table(table)
+    loader = eval_batches(synthetic_sequences(300, seed=5))
+    module.setup = lambda stage: None  # the table was filled by hand, no datamodule here
+    cached = trainer().test(module, dataloaders=loader, verbose=False)[0]
+    module.eval()
+    direct = RankingMetrics([5, 10, 20])
+    with torch.no_grad():
+        for batch in loader:
+            scores = module.encoder(batch["input_ids"])
+            last = (batch["input_ids"] > 0).sum(1) - 1
+            h = scores[torch.arange(len(last)), last]
+            full = h @ module.encoder.item_embeddings().T
+            direct.update(pessimistic_rank(mask_scores(full), batch["target"]))
+    for name, value in direct.compute().items():
+        assert cached[f"test/{name}"] == pytest.approx(value.item(), abs=1e-6)
