@@ -160,7 +160,7 @@ class Mamba(nn.Module):
         A = -torch.exp(_fp32(self.A_log))  # (E·D, N)
 
         if backend == "cuda-fused":
-            scan_fn, inner_fn, _ = _mamba_ssm_kernels()
+            inner_fn = _mamba_ssm_kernels()[1]
             # One matmul gives xz already in the (batch, 2·E·D, seqlen) layout with unit stride in time.
             xz = (self.in_proj.weight @ hidden_states.reshape(batch * seqlen, -1).t())  # (2·E·D, batch·seqlen)
             xz = xz.view(-1, batch, seqlen).transpose(0, 1)  # (batch, 2·E·D, seqlen)

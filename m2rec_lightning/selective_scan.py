@@ -119,7 +119,9 @@ class _SelectiveScanFn(torch.autograd.Function):
         b, L, d = u.shape
         n = A.shape[1]
         chunk = max(1, min(chunk, L))
-        slab = max(1, min(slab or _SLAB_CELLS // (chunk * d * n), b))
+        if slab is None:  # on a GPU there is no cache to fit, only kernel launches to save
+            slab = b if u.is_cuda else _SLAB_CELLS // (chunk * d * n)
+        slab = max(1, min(slab, b))
         A2 = A * _LOG2E  # exp(x A) = exp2(x A log2 e); exp2 is the cheaper kernel
         h0s = u.new_empty((L + chunk - 1) // chunk, b, d, n)  # state entering each chunk
         out = u.new_empty(b, L, d)
@@ -300,7 +302,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     Args:
         chunk: time steps per chunk; the backward pass keeps one state per chunk and recomputes the rest.
-        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 4 MiB.
+        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 4 MiB
+            (on CUDA: the whole batch).
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if B.dim() == 4:
