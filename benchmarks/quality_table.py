@@ -38,9 +38,8 @@ from filelock import FileLock  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from datamodules.base import SequentialDataModule  # noqa: E402
-from m2rec_lightning.cli import MONITOR, M2RecCLI  # noqa: E402
+from m2rec_lightning.cli import MONITOR, M2RecCLI, make_cli  # noqa: E402
 from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank  # noqa: E402
-from m2rec_lightning.module import SequentialRecommender  # noqa: E402
 
 MODELS = ("popularity", "sasrec", "sasrec_recbole", "mamba4rec", "m2rec", "m2rec_no_multiscale", "m2rec_no_fourier",
           "m2rec_no_semantic", "m2rec_sum_gate")
@@ -88,17 +87,7 @@ def dataset_configs(dataset: str) -> list[Path]:
 def build_cli(configs: list[Path], overrides: list[str]) -> M2RecCLI:
     """The CLI exactly as `m2rec` builds it (m2rec_lightning.cli.main), without running a subcommand."""
     args = [a for c in configs for a in ("--config", str(c))] + overrides
-    return M2RecCLI(
-        SequentialRecommender,
-        SequentialDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        args=args,
-        run=False,
-    )
+    return make_cli(args, run=False)
 
 
 def hardware(accelerator: str) -> str:

@@ -68,14 +68,9 @@ class M2RecCLI(LightningCLI):
         self._resolve_best()
 
 
-def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["stats"]:
-        from datamodules.stats import main as stats_main
-
-        stats_main(argv[1:])
-        return
-    M2RecCLI(
+def make_cli(args: list[str] | None = None, run: bool = True) -> M2RecCLI:
+    """The `m2rec` CLI; `run=False` only parses and instantiates (for scripts that drive the trainer themselves)."""
+    return M2RecCLI(
         SequentialRecommender,
         SequentialDataModule,
         subclass_mode_model=True,
@@ -84,7 +79,18 @@ def main(args: list[str] | None = None) -> None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["stats"]:
+        from datamodules.stats import main as stats_main
+
+        stats_main(argv[1:])
+        return
+    make_cli(args)
 
 
 if __name__ == "__main__":
