@@ -109,7 +109,9 @@ class M2RecEncoder(SequenceEncoder):
         dropout: dropout on embeddings, mixer output, FFN and text projection.
         scales: time scales of the multi-scale Mamba (window lengths); [1] = plain Mamba.
         fourier: add the causal Fourier filter stream.
-        semantic: add the item-text stream (needs text_dim > 0; ignored otherwise).
+        semantic: add the item-text stream. None (default) = on exactly when there is text (text_dim > 0); True
+            demands text and raises without it, so a config that names the semantic branch never silently trains
+            without one; False = off.
         gate: fusion of the streams: "softmax" (one weight per stream and position, summing to 1), "sigmoid"
             (per-channel gates) or "sum" (plain sum, the ablation).
         text_output: score items with E_id + projected text (helps items with few interactions); needs text.
@@ -132,7 +134,7 @@ class M2RecEncoder(SequenceEncoder):
         dropout: float = 0.2,
         scales: list[int] = [1, 2, 4],
         fourier: bool = True,
-        semantic: bool = True,
+        semantic: bool | None = None,
         gate: Literal["softmax", "sigmoid", "sum"] = "softmax",
         text_output: bool = True,
         residual: bool = True,
@@ -147,12 +149,17 @@ class M2RecEncoder(SequenceEncoder):
             raise ValueError(f"text_dim must be >= 0, got {text_dim}")
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        if semantic and text_dim == 0:
+            raise ValueError(
+                "semantic=True needs item text, but text_dim is 0: give the datamodule a text section (data.text) "
+                "so its embeddings are linked in, or set semantic: false for the model without the semantic branch"
+            )
         if max(scales, default=1) > max_len:
             raise ValueError(f"scales {scales} has a window longer than max_len={max_len}")
         self.num_items = num_items
         self.hidden_size = hidden_size
         self.max_len = max_len
-        use_text = semantic and text_dim > 0
+        use_text = semantic is not False and text_dim > 0
         self.text_output = text_output and use_text
 
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)

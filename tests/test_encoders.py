@@ -238,6 +238,12 @@ def test_without_text_the_gate_has_two_streams():
         assert enc(right_padded([L, 2])).shape == (2, L, D)
 
 
+def test_asking_for_the_semantic_branch_without_text_raises():
+    with pytest.raises(ValueError, match="semantic=True needs item text"):
+        m2rec(text_dim=0, semantic=True)
+    assert m2rec(semantic=True).uses_text and m2rec(semantic=None).uses_text
+
+
 def test_bad_ids_raise():
     enc = m2rec(semantic=False)
     with pytest.raises(ValueError, match=r"\[0, 30\]"):
