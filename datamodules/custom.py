@@ -56,9 +56,9 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from .base import SequentialDataModule
-from .item_tables import TableFormat, read_item_table, read_table, table_format
-from .parsing import DataFormatError, ids_from_strings, read_text, require_file, split_lines
+from .item_tables import TableFormat, read_table, table_format
+from .local_files import LocalFiles
+from .parsing import DataFormatError, ids_from_strings, read_text, split_lines
 from .preprocess import Interactions
 
 
@@ -111,7 +111,7 @@ def read_interaction_table(path: str | Path, user_column: str, item_column: str,
     return Interactions(np.asarray(ids[0]), np.asarray(ids[1]), timestamps)
 
 
-class InteractionTable(SequentialDataModule):
+class InteractionTable(LocalFiles):
     """Interactions from a table with user, item and (optionally) timestamp columns.
 
     Rows are sorted by timestamp per user (stable: equal timestamps keep the file order); without a timestamp
@@ -134,6 +134,8 @@ class InteractionTable(SequentialDataModule):
         **kwargs: SequentialDataModule options (data_dir, max_len, filters, batch sizes, ...).
     """
 
+    missing_hint = "Pass the path of an existing table (InteractionTable(path=...))."
+
     def __init__(
         self,
         path: str,
@@ -151,37 +153,14 @@ class InteractionTable(SequentialDataModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.path = Path(path)
+        self._set_files(path, name, item_text_path, item_text_format, item_id_column, item_text_columns,
+                        item_text_encoding)
         self.format = table_format(path, format)
         if self.format not in ("csv", "tsv", "parquet"):
             raise ValueError(f"interaction tables are csv, tsv or parquet; {path} looks like {self.format}")
         self.user_column, self.item_column, self.timestamp_column = user_column, item_column, timestamp_column
         self.encoding = encoding
-        self.item_text_path = Path(item_text_path) if item_text_path else None
-        self.item_text_format = item_text_format
-        self.item_id_column = item_id_column
-        self.item_text_columns = item_text_columns
-        self.item_text_encoding = item_text_encoding
-        self._name = name or self.path.name.split(".")[0]
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def raw_files(self) -> list[Path]:
-        return [self.path] + ([self.item_text_path] if self.item_text_path else [])
-
-    def download(self) -> None:
-        require_file(self.path, "Pass the path of an existing table (InteractionTable(path=...)).")
-        if self.item_text_path:
-            require_file(self.item_text_path, "Fix item_text_path or leave it out.")
 
     def read_interactions(self) -> Interactions:
         return read_interaction_table(self.path, self.user_column, self.item_column, self.timestamp_column,
                                       self.format, self.encoding)
-
-    def read_item_text(self, raw_item_ids: np.ndarray) -> dict[str, dict] | None:
-        if self.item_text_path is None:
-            return None
-        return read_item_table(self.item_text_path, self.item_text_format, self.item_id_column,
-                               self.item_text_columns, self.item_text_encoding)

@@ -8,9 +8,9 @@ from typing import Literal
 
 import numpy as np
 
-from .base import SequentialDataModule
-from .item_tables import TableFormat, read_item_table
-from .parsing import DataFormatError, ids_from_strings, read_text, require_file, split_lines
+from .item_tables import TableFormat
+from .local_files import LocalFiles
+from .parsing import DataFormatError, ids_from_strings, read_text, split_lines
 from .preprocess import Interactions
 
 
@@ -47,7 +47,7 @@ def read_user_item_pairs(path: str | Path, encoding: str = "utf-8") -> Interacti
     return Interactions(ids_from_strings(pairs[:, 0]), ids_from_strings(pairs[:, 1]), None)
 
 
-class SequenceFile(SequentialDataModule):
+class SequenceFile(LocalFiles):
     """Interactions from a preprocessed sequence file, with an optional item-text table.
 
     Time order is the file order (these files carry no timestamps). Raw ids are kept as integers when every id is
@@ -77,6 +77,9 @@ class SequenceFile(SequentialDataModule):
         **kwargs: SequentialDataModule options (data_dir, max_len, filters, batch sizes, ...).
     """
 
+    missing_hint = ("Pass the path of an existing sequence file (SequenceFile(path=...), --data.init_args.path on the "
+                    "command line).")
+
     def __init__(
         self,
         path: str,
@@ -93,35 +96,11 @@ class SequenceFile(SequentialDataModule):
         super().__init__(**kwargs)
         if format not in ("user_items", "user_item_pairs"):
             raise ValueError(f"format must be 'user_items' or 'user_item_pairs', got {format!r}")
-        self.path = Path(path)
+        self._set_files(path, name, item_text_path, item_text_format, item_id_column, item_text_columns,
+                        item_text_encoding)
         self.format = format
-        self.item_text_path = Path(item_text_path) if item_text_path else None
-        self.item_text_format = item_text_format
-        self.item_id_column = item_id_column
-        self.item_text_columns = item_text_columns
-        self.item_text_encoding = item_text_encoding
         self.encoding = encoding
-        self._name = name or self.path.name.split(".")[0]
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    def raw_files(self) -> list[Path]:
-        return [self.path] + ([self.item_text_path] if self.item_text_path else [])
-
-    def download(self) -> None:
-        require_file(self.path, "Pass the path of an existing sequence file (SequenceFile(path=...), "
-                                "--data.init_args.path on the command line).")
-        if self.item_text_path:
-            require_file(self.item_text_path, "Fix item_text_path or leave it out.")
 
     def read_interactions(self) -> Interactions:
         reader = read_user_items if self.format == "user_items" else read_user_item_pairs
         return reader(self.path, self.encoding)
-
-    def read_item_text(self, raw_item_ids: np.ndarray) -> dict[str, dict] | None:
-        if self.item_text_path is None:
-            return None
-        return read_item_table(self.item_text_path, self.item_text_format, self.item_id_column,
-                               self.item_text_columns, self.item_text_encoding)
