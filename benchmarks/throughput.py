@@ -70,11 +70,12 @@ def encoder_factory(name: str, max_len: int, mamba_backend: str = "auto"):
 
 
 def build_model(name: str, max_len: int, num_items: int, text_dim: int, device: str,
-                mamba_backend: str = "auto", seed: int = 0) -> SequentialRecommender:
-    """A SequentialRecommender with `name`'s encoder; M2Rec gets a random (num_items+1, text_dim) text table."""
+                mamba_backend: str = "auto", seed: int = 0, **module_options) -> SequentialRecommender:
+    """A SequentialRecommender with `name`'s encoder; M2Rec gets a random (num_items+1, text_dim) text table.
+    `module_options` go to SequentialRecommender (e.g. length_groups)."""
     torch.manual_seed(seed)
     model = SequentialRecommender(encoder_factory(name, max_len, mamba_backend), num_items=num_items,
-                                  text_dim=text_dim if name == "m2rec" else 0)
+                                  text_dim=text_dim if name == "m2rec" else 0, **module_options)
     if model.encoder.uses_text:
         table = torch.nn.functional.normalize(torch.randn(num_items + 1, text_dim), dim=1)
         table[0] = 0

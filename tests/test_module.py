@@ -148,3 +148,37 @@ def test_evaluation_with_cached_item_table_equals_direct_scoring():
             direct.update(pessimistic_rank(mask_scores(full), batch["target"]))
     for name, value in direct.compute().items():
         assert cached[f"test/{name}"] == pytest.approx(value.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["m2rec", "sasrec"])
+def test_length_groups_give_the_same_loss_gradients_and_scores(name):
+    """Encoding a batch in groups of similar length, each cut to its longest row, changes no number."""
+    if name == "m2rec":
+        encoder = partial(M2RecEncoder, hidden_size=16, d_state=4, dropout=0.0, max_len=MAX_LEN, scales=[1, 2, 4],
+                          mamba_backend="torch")
+    else:
+        encoder = partial(SASRecEncoder, hidden_size=16, n_heads=2, dropout=0.0, attn_dropout=0.0, max_len=MAX_LEN)
+    seqs = synthetic_sequences(40, seed=3) + [[5, 6, 7, 8]]  # input lengths 1..11: groups of very different lengths
+    batch = next(iter(train_batches(seqs)))
+    results = []
+    for groups in (1, 3, 7, 64):  # 64 > batch size: one row per group
+        torch.manual_seed(0)
+        module = make_module(encoder, length_groups=groups).double()
+        loss = module.loss(module.encode(batch["input_ids"]), batch["target_ids"])
+        loss.backward()
+        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        with torch.no_grad():
+            scores = module(batch["input_ids"])
+        results.append((loss.detach(), grads, scores))
+    (loss_1, grads_1, scores_1), rest = results[0], results[1:]
+    for loss_g, grads_g, scores_g in rest:
+        torch.testing.assert_close(loss_g, loss_1, rtol=1e-12, atol=0)
+        assert len(grads_g) == len(grads_1)
+        for g, g1 in zip(grads_g, grads_1):
+            torch.testing.assert_close(g, g1, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(scores_g, scores_1, rtol=1e-9, atol=1e-12)
+
+
+def test_length_groups_must_be_positive():
+    with pytest.raises(ValueError, match="length_groups must be >= 1"):
+        make_module(length_groups=0)
