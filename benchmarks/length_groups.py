@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -26,7 +25,7 @@ sys.path.insert(0, str(BENCH))
 import torch  # noqa: E402
 
 from prefix_vs_all_positions import datamodule  # noqa: E402
-from throughput import MODELS, build_model, machine  # noqa: E402
+from throughput import MODELS, build_model, machine, timed_train_step  # noqa: E402
 
 
 def step_times(dm, model_name: str, groups: list[int], steps: int, text_dim: int) -> dict[int, list[float]]:
@@ -39,14 +38,9 @@ def step_times(dm, model_name: str, groups: list[int], steps: int, text_dim: int
     for round_ in range(steps + 1):
         batch = next(batches)
         for g in groups:
-            model, opt = models[g], opts[g]
-            start = time.perf_counter()
-            model.train()
-            opt.zero_grad(set_to_none=True)
-            model.loss(model.encode(batch["input_ids"]), batch["target_ids"]).backward()
-            opt.step()
+            seconds = timed_train_step(models[g], opts[g], batch)
             if round_ > 0:  # round 0 warms up
-                times[g].append(time.perf_counter() - start)
+                times[g].append(seconds)
     return times
 
 

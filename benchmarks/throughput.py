@@ -83,6 +83,17 @@ def build_model(name: str, max_len: int, num_items: int, text_dim: int, device: 
     return model.to(device)
 
 
+def timed_train_step(model: SequentialRecommender, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+    """Seconds of one CPU training step on a datamodule batch, as training runs it: `encode` (length groups
+    included), full-softmax loss at every target, backward, optimiser step."""
+    start = time.perf_counter()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    model.loss(model.encode(batch["input_ids"]), batch["target_ids"]).backward()
+    optimizer.step()
+    return time.perf_counter() - start
+
+
 def make_steps(model: SequentialRecommender, batch: int, length: int, device: str, compile_model: bool = False):
     """(train_step, infer_step): zero-argument callables running one training step / one evaluation batch."""
     num_items = model.hparams.num_items
