@@ -1,0 +1,40 @@
+"""benchmarks/time_to_quality.py on hand-made quality-table records."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(model: str, curve: list[float], prefix: bool = False) -> dict:
+    history = [{"epoch": i, "seconds": 10.0 * (i + 1), "val": {"NDCG@10": v}} for i, v in enumerate(curve)]
+    best = max(range(len(curve)), key=curve.__getitem__)
+    return {"model": model, "seed": 1, "history": history, "best_epoch": best, "epochs_run": len(curve),
+            "val_at_best": {"NDCG@10": curve[best]},
+            "config": "data:\n  init_args:\n    train_mode: " + ("prefix" if prefix else "all_positions") + "\n"}
+
+
+def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, capsys):
+    results = tmp_path / "runs.json"
+    results.write_text(json.dumps({"dataset": "beauty", "runs": [
+        run("sasrec", [0.01, 0.03, 0.05, 0.04]),            # best 0.05 at epoch 3, then early-stopped
+        run("m2rec", [0.02, 0.05, 0.06]),                   # reaches 0.05 at epoch 2
+        run("sasrec_recbole", [0.01, 0.02, 0.049], True),   # never reaches it
+    ]}))
+    out = tmp_path / "ttq.md"
+    load_script().main([str(results), "--reference", "sasrec", "--out", str(out)])
+    text = out.read_text()
+    assert "NDCG@10 >= 0.0500" in text and "stopped early" in text
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 3 | 30 |" in rows["sasrec"]
+    assert "| 2 | 20 |" in rows["m2rec"]
+    assert "| prefix | not reached |" in rows["sasrec_recbole"]
