@@ -181,7 +181,9 @@ def evaluate_scores(scores: torch.Tensor, loader, ks=KS) -> dict[str, float]:
 def run_popularity(args: argparse.Namespace) -> dict:
     """The most-popular floor on the same datamodule the models get (the dataset configs, no model override)."""
     configs = dataset_configs(args.dataset) + args.extra_config
-    cli = build_cli(configs, [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false"])
+    # the CLI also builds a model, unused here: without the text branch, so a text-less data config is accepted
+    cli = build_cli(configs, [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false",
+                              "--model.init_args.encoder.init_args.semantic=false"])
     dm = cli.datamodule
     dm.setup("test")
     start = time.perf_counter()
