@@ -24,11 +24,27 @@ def first_reach(run: dict, target: float) -> dict | None:
     return next((e for e in run["history"] if e["val"]["NDCG@10"] >= target), None)
 
 
+def table(runs: list[dict], target: float, source: str) -> str:
+    """Markdown table: per run, the first epoch and wall time at which validation NDCG@10 reached `target`."""
+    lines = [f"Target: validation NDCG@10 >= {target:.4f} ({source}).", "",
+             "| model | seed | train mode | reached at epoch | wall time to reach (s) | best val NDCG@10 | epochs run | "
+             "s per epoch |", "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        hit = first_reach(r, target)
+        mode = "prefix" if "train_mode: prefix" in r["config"] else "all_positions"
+        per_epoch = r["history"][-1]["seconds"] / len(r["history"])
+        reached = f"{hit['epoch'] + 1} | {hit['seconds']:.0f}" if hit else "not reached | —"
+        lines.append(f"| {r['model']} | {r['seed']} | {mode} | {reached} | {r['val_at_best']['NDCG@10']:.4f} | "
+                     f"{r['epochs_run']} | {per_epoch:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", type=Path, help="quality_table.py JSON files")
     p.add_argument("--reference", default="sasrec", help="model whose best validation NDCG@10 is the target")
     p.add_argument("--target", type=float, default=None, help="a fixed target instead of --reference")
+    p.add_argument("--also", type=float, nargs="*", default=[], help="more fixed targets, one table each")
     p.add_argument("--out", type=Path, default=None, help="also write the Markdown to this file")
     args = p.parse_args(argv)
 
@@ -44,17 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         stopped = "stopped early" if ref["best_epoch"] + 1 < ref["epochs_run"] else "still improving when it ended"
         source = f"best validation NDCG@10 of {ref['model']} (seed {ref['seed']}, {ref['epochs_run']} epochs, {stopped})"
 
-    lines = [f"Target: validation NDCG@10 >= {target:.4f} ({source}).", "",
-             "| model | seed | train mode | reached at epoch | wall time to reach (s) | best val NDCG@10 | epochs run | "
-             "s per epoch |", "|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        hit = first_reach(r, target)
-        mode = "prefix" if "train_mode: prefix" in r["config"] else "all_positions"
-        per_epoch = r["history"][-1]["seconds"] / len(r["history"])
-        reached = f"{hit['epoch'] + 1} | {hit['seconds']:.0f}" if hit else "not reached | —"
-        lines.append(f"| {r['model']} | {r['seed']} | {mode} | {reached} | {r['val_at_best']['NDCG@10']:.4f} | "
-                     f"{r['epochs_run']} | {per_epoch:.0f} |")
-    text = "\n".join(lines)
+    tables = [table(runs, target, source)] + [table(runs, t, "fixed") for t in args.also]
+    text = "\n\n".join(tables)
     print(text)
     if args.out:
         command = "python benchmarks/time_to_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -38,3 +38,13 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
     assert "| 3 | 30 |" in rows["sasrec"]
     assert "| 2 | 20 |" in rows["m2rec"]
     assert "| prefix | not reached |" in rows["sasrec_recbole"]
+
+
+def test_fixed_targets_each_get_a_table(tmp_path):
+    results = tmp_path / "runs.json"
+    results.write_text(json.dumps({"dataset": "beauty", "runs": [run("sasrec", [0.01, 0.03, 0.05])]}))
+    out = tmp_path / "ttq.md"
+    load_script().main([str(results), "--target", "0.02", "--also", "0.04", "0.07", "--out", str(out)])
+    tables = out.read_text().split("Target: ")[1:]
+    assert [t.split(" ")[3] for t in tables] == ["0.0200", "0.0400", "0.0700"]
+    assert "| 2 | 20 |" in tables[0] and "| 3 | 30 |" in tables[1] and "not reached" in tables[2]
