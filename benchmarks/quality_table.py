@@ -104,9 +104,13 @@ def hardware(accelerator: str) -> str:
     return text
 
 
-def run_model(model: str, seed: int, args: argparse.Namespace) -> dict:
-    """Fit one model with one seed through the CLI; test the checkpoint with the best validation NDCG@10."""
-    run_dir = args.work_dir / args.dataset / model / f"seed{seed}"
+def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: list[str] = [],
+              run_name: str | None = None, test: bool = True) -> dict:
+    """Fit one model with one seed through the CLI; test the checkpoint with the best validation NDCG@10.
+
+    `extra_overrides` are CLI arguments applied last (a hyper-parameter setting); `run_name` names the run folder
+    (default: the model); `test=False` stops after the fit, so a search never sees test metrics."""
+    run_dir = args.work_dir / args.dataset / (run_name or model) / f"seed{seed}"
     if run_dir.exists():  # a stale best checkpoint from an earlier run must not be picked up
         shutil.rmtree(run_dir)
     configs = dataset_configs(args.dataset) + [ROOT / "configs" / "models" / f"{model}.yaml"] + args.extra_config
@@ -121,6 +125,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace) -> dict:
         f"--checkpoint.dirpath={run_dir / 'checkpoints'}",
         f"--early_stopping.patience={args.patience}",
         f"--predict_writer.output_path={run_dir / 'predictions.csv'}",
+        *extra_overrides,
     ]
     load_before = os.getloadavg()[0]
     cli = build_cli(configs, overrides)
@@ -133,20 +138,23 @@ def run_model(model: str, seed: int, args: argparse.Namespace) -> dict:
     if not best_path:
         raise RuntimeError(f"{model} seed {seed}: fit saved no best checkpoint (no validation epoch completed?)")
     best_epoch = int(torch.load(best_path, map_location="cpu", weights_only=False)["epoch"])
-    start = time.perf_counter()
-    (tested,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
-    test_seconds = time.perf_counter() - start
+    tested, test_seconds = None, None
+    if test:
+        start = time.perf_counter()
+        (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+        test_seconds = round(time.perf_counter() - start, 1)
+        tested = {k.removeprefix("test/"): float(v) for k, v in logged.items() if k.startswith("test/")}
     val_best = next(e["val"] for e in history.epochs if e["epoch"] == best_epoch)
     return {
         "model": model,
         "seed": seed,
-        "test": {k.removeprefix("test/"): float(v) for k, v in tested.items() if k.startswith("test/")},
+        "test": tested,
         "val_at_best": val_best,
         "best_epoch": best_epoch,
         "epochs_run": len(history.epochs),
         "stopped_early": len(history.epochs) < args.max_epochs,
         "fit_seconds": round(fit_seconds, 1),
-        "test_seconds": round(test_seconds, 1),
+        "test_seconds": test_seconds,
         "history": history.epochs,
         "parameters": sum(p.numel() for p in cli.model.parameters() if p.requires_grad),
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "monitor": MONITOR},
@@ -209,25 +217,33 @@ def run_popularity(args: argparse.Namespace) -> dict:
 def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> dict:
     """Merge `run` and `notes` into OUT.json (a run replaces an earlier one of the same model and seed), rewrite
     OUT.md and OUT.png from everything recorded, and return all results. `run=None` only re-renders."""
-    path = out.with_suffix(".json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the lock lives outside the results folder so that it is never committed with them
-    lock = Path(tempfile.gettempdir()) / f"quality_table-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock"
-    with FileLock(str(lock)):
-        results = json.loads(path.read_text()) if path.exists() else {"dataset": dataset, "notes": [], "runs": []}
+    def merge(results: dict) -> None:
         if results["dataset"] != dataset:
-            raise ValueError(f"{path} holds {results['dataset']} results; use another --out for {dataset}")
+            raise ValueError(f"{out}.json holds {results['dataset']} results; use another --out for {dataset}")
         results.setdefault("notes", []).extend(n for n in notes if n not in results["notes"])
         if run is not None:
             results["runs"] = [r for r in results["runs"] if (r["model"], r["seed"]) != (run["model"], run["seed"])]
             results["runs"].append(run)
         results["runs"].sort(key=lambda r: (MODELS.index(r["model"]), r["seed"] or 0))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=1))
-        tmp.replace(path)
         out.with_suffix(".md").write_text(markdown(results))
         plot(results, out.with_suffix(".png"))
-    return results
+
+    return update_json(out.with_suffix(".json"), {"dataset": dataset, "notes": [], "runs": []}, merge)
+
+
+def update_json(path: Path, empty: dict, update) -> dict:
+    """Read the JSON record at `path` (or `empty`), let `update(record)` change it in place, write it back atomically,
+    all under a file lock so that concurrent invocations never lose each other's results; returns the record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the lock lives outside the results folder so that it is never committed with them
+    lock = Path(tempfile.gettempdir()) / f"quality_table-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock"
+    with FileLock(str(lock)):
+        record = json.loads(path.read_text()) if path.exists() else empty
+        update(record)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+    return record
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:

@@ -1,45 +1,21 @@
 """Smoke test of benchmarks/quality_table.py on a synthetic sequence file: 1 epoch, tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality_table():
-    spec = importlib.util.spec_from_file_location("quality_table", ROOT / "benchmarks" / "quality_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def synthetic(tmp_path: Path) -> tuple[Path, dict[int, list[int]]]:
-    """40 users over 25 items with a skewed (Zipf-like) item distribution, so popularity has ties and a clear order."""
-    rng = np.random.default_rng(0)
-    weights = 1.0 / np.arange(1, 26)
-    sequences = {}
-    for user in range(1, 41):
-        length = int(rng.integers(5, 12))
-        sequences[user] = [int(i) for i in rng.choice(np.arange(101, 126), size=length, p=weights / weights.sum())]
-    path = tmp_path / "seq.txt"
-    path.write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in sequences.items()))
-    config = tmp_path / "data.yaml"
-    config.write_text(
-        "data:\n  class_path: datamodules.SequenceFile\n  init_args:\n"
-        f"    path: {path}\n    data_dir: {tmp_path / 'data'}\n    item_text_path: null\n    text: null\n"
-        "    min_user_interactions: 0\n    min_item_interactions: 0\n    batch_size: 8\n    eval_batch_size: 16\n"
-        "    max_len: 50\n"
-    )
-    return config, sequences
+    return load_benchmark("quality_table")
 
 
 def hand_popularity(sequences: dict[int, list[int]], k: int) -> tuple[float, float]:
@@ -56,8 +32,8 @@ def hand_popularity(sequences: dict[int, list[int]], k: int) -> tuple[float, flo
     return hr / len(sequences), ndcg / len(sequences)
 
 
-def test_quality_table_smoke(tmp_path, quality_table):
-    config, sequences = synthetic(tmp_path)
+def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
+    config, sequences = synthetic_sequence_file
     out = tmp_path / "results" / "quality_test"
     common = ["--dataset", "beauty", "--max-epochs", "1", "--patience", "1", "--accelerator", "cpu",
               "--extra-config", str(config), "--out", str(out), "--work-dir", str(tmp_path / "runs")]

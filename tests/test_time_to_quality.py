@@ -1,18 +1,9 @@
 """benchmarks/time_to_quality.py on hand-made quality-table records."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("time_to_quality", ROOT / "benchmarks" / "time_to_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_benchmark
 
 
 def run(model: str, curve: list[float], prefix: bool = False) -> dict:
@@ -31,7 +22,7 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
         run("sasrec_recbole", [0.01, 0.02, 0.049], True),   # never reaches it
     ]}))
     out = tmp_path / "ttq.md"
-    load_script().main([str(results), "--reference", "sasrec", "--out", str(out)])
+    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     text = out.read_text()
     assert "NDCG@10 >= 0.0500" in text and "stopped early" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -44,7 +35,7 @@ def test_fixed_targets_each_get_a_table(tmp_path):
     results = tmp_path / "runs.json"
     results.write_text(json.dumps({"dataset": "beauty", "runs": [run("sasrec", [0.01, 0.03, 0.05])]}))
     out = tmp_path / "ttq.md"
-    load_script().main([str(results), "--target", "0.02", "--also", "0.04", "0.07", "--out", str(out)])
+    load_benchmark("time_to_quality").main([str(results), "--target", "0.02", "--also", "0.04", "0.07", "--out", str(out)])
     tables = out.read_text().split("Target: ")[1:]
     assert [t.split(" ")[3] for t in tables] == ["0.0200", "0.0400", "0.0700"]
     assert "| 2 | 20 |" in tables[0] and "| 3 | 30 |" in tables[1] and "not reached" in tables[2]

@@ -1,0 +1,74 @@
+"""benchmarks/search.py: grid parsing, and a two-point search on a synthetic sequence file (1 epoch, tiny models)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def search():
+    return load_benchmark("search")
+
+
+def test_grid_values_split_outside_brackets(search):
+    assert search.split_values("0.1, [1,2],{a: 1, b: 2},x") == ["0.1", "[1,2]", "{a: 1, b: 2}", "x"]
+    for bad in ("[1,2", "1,,2", "1]"):
+        with pytest.raises(ValueError, match="unbalanced brackets or an empty value"):
+            search.split_values(bad)
+
+
+def test_grid_keys_and_product(search):
+    assert search.cli_key("encoder.dropout") == "model.init_args.encoder.init_args.dropout"
+    assert search.cli_key("data.batch_size") == "data.init_args.batch_size"
+    assert search.cli_key("lr") == "model.init_args.lr"
+    assert search.cli_key("trainer.gradient_clip_val") == "trainer.gradient_clip_val"
+    assert search.cli_key("model.init_args.lr") == "model.init_args.lr"
+    with pytest.raises(ValueError, match="grid key 'foo.bar'"):
+        search.cli_key("foo.bar")
+    assert search.parse_grid(["lr=1e-3,1e-2", "encoder.scales=[1],[1,2]"]) == [
+        {"lr": "1e-3", "encoder.scales": "[1]"}, {"lr": "1e-3", "encoder.scales": "[1,2]"},
+        {"lr": "1e-2", "encoder.scales": "[1]"}, {"lr": "1e-2", "encoder.scales": "[1,2]"},
+    ]
+    with pytest.raises(ValueError, match="names a key twice"):
+        search.parse_grid(["lr=1", "lr=2"])
+    with pytest.raises(ValueError, match="expected KEY=V1,V2"):
+        search.parse_grid(["lr"])
+
+
+def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search, synthetic_sequence_file, capsys):
+    config, _ = synthetic_sequence_file
+    out = tmp_path / "results" / "search_test"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "encoder.dropout=0.0,0.3", "--grid", "lr=0.01",
+            "--max-epochs", "1", "--patience", "1", "--accelerator", "cpu", "--extra-config", str(config),
+            "--out", str(out), "--work-dir", str(tmp_path / "runs"), "--note", "synthetic"]
+    record = search.main(argv)
+
+    assert json.loads(out.with_suffix(".json").read_text()) == record
+    assert [p["setting"] for p in record["points"]] == [{"encoder.dropout": "0.0", "lr": "0.01"},
+                                                        {"encoder.dropout": "0.3", "lr": "0.01"}]
+    for point, dropout in zip(record["points"], (0.0, 0.3)):
+        resolved = yaml.safe_load(point["config"])
+        assert resolved["model"]["init_args"]["encoder"]["init_args"]["dropout"] == dropout
+        assert resolved["model"]["init_args"]["lr"] == 0.01
+        assert "test" not in point and "test_seconds" not in point  # the search never looks at test
+        assert 0.0 <= point["val_at_best"]["NDCG@10"] <= 1.0 and point["epochs_run"] == 1
+    assert record["points"][0]["history"] != record["points"][1]["history"]  # the setting reaches the model
+
+    table = out.with_suffix(".md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    best = max(record["points"], key=lambda p: p["val_at_best"]["NDCG@10"])
+    assert f"| 1 | {best['setting']['encoder.dropout']} | 0.01 | 42 |" in rows[0]
+    assert "- synthetic" in table and "Test metrics were not computed" in table
+
+    # a second call with one new point runs only that one
+    capsys.readouterr()
+    record = search.main([*argv[:4], "--grid", "encoder.dropout=0.3,0.5", *argv[6:]])
+    printed = capsys.readouterr().out
+    assert "already in" in printed and printed.count("best val NDCG@10") == 1
+    assert [p["setting"]["encoder.dropout"] for p in record["points"]] == ["0.0", "0.3", "0.5"]
+
+    with pytest.raises(ValueError, match="holds a sasrec search"):
+        search.main([*argv[:2], "--model", "mamba4rec", *argv[4:]])
