@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     throughput_rows = []
     for length in args.lengths:
         throughput_rows += measure_length(["m2rec", "mamba4rec", "sasrec"], length, batch_for[length], 3,
-                                          ["train", "infer"], 3416, args.text_dim, args.device, "torch",
+                                          ["train", "infer", "infer_full"], 3416, args.text_dim, args.device, "torch",
                                           log=lambda *_: None)
     get = {(r["model"], r["mode"], r["length"]): r for r in throughput_rows}
     for r in throughput_rows:

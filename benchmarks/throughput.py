@@ -4,16 +4,18 @@ against sequence length L, at the same width d and, at each L, the same batch fo
 What one measurement is:
   * train: one optimiser step of the real module: encoder forward over (B, L), `SequentialRecommender.loss`
     (full-softmax cross-entropy at all B·L positions against all N items), backward, Adam step.
-  * infer: one evaluation batch as `validation_step` runs it: `score` (encoder, last position, (B, N+1) scores in
-    one matmul, masking) and `pessimistic_rank` (a comparison and a sum per row, no sort), under inference_mode.
+  * infer: one evaluation batch as `validation_step` runs it: the encoder's `forward_last` (hidden state at the last
+    position only), (B, N+1) scores in one matmul, masking and `pessimistic_rank` (a comparison and a sum per row, no
+    sort), under inference_mode.
+  * infer_full (optional mode): the same with every position encoded and the last one read, the path before
+    `forward_last`; with both modes the table adds the speed-up of one over the other.
 Inputs are random item ids filling all L positions (no padding), so every model does its full work. The models are
 the repository's configs: M2Rec = configs/models/m2rec.yaml (scales 1/2/4, causal Fourier filter, a random frozen
 text table of `--text-dim` columns on input and output side, softmax gate), Mamba4Rec = mamba4rec.yaml, SASRec =
 sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default.
 
-Timing: one warm-up call per model, then `--reps` rounds in which the models run interleaved (M2Rec, Mamba4Rec,
-SASRec, M2Rec, ...), so load from other processes hits all of them alike; the table reports medians and the ratios of
-medians. Memory: on CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident
+Timing: one warm-up call per model and mode, then `--reps` rounds in which every (model, mode) pair runs once, so
+load from other processes hits all of them alike; the table reports medians and the ratios of medians. Memory: on CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident
 set during one step minus the resident set just before it, sampled every 0.2 ms by a thread after `malloc_trim`
 returns freed heap to the OS (so it is the step's working set: activations, gradients, temporaries; an estimate that
 can miss short spikes between samples).
@@ -95,7 +97,8 @@ def timed_train_step(model: SequentialRecommender, optimizer: torch.optim.Optimi
 
 
 def make_steps(model: SequentialRecommender, batch: int, length: int, device: str, compile_model: bool = False):
-    """(train_step, infer_step): zero-argument callables running one training step / one evaluation batch."""
+    """Zero-argument callables: "train" runs one training step, "infer" one evaluation batch as the module runs it
+    (the encoder's forward_last), "infer_full" the same batch with every position encoded and the last one read."""
     num_items = model.hparams.num_items
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1, num_items + 1, (batch, length + 1), generator=generator).to(device)
@@ -103,6 +106,7 @@ def make_steps(model: SequentialRecommender, batch: int, length: int, device: st
     eval_target = ids[:, -1].contiguous()  # (B,)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     encoder = torch.compile(model.encoder) if compile_model else model.encoder
+    encode_last = torch.compile(model.encoder.forward_last) if compile_model else model.encoder.forward_last
 
     def train_step():
         model.train()
@@ -112,15 +116,22 @@ def make_steps(model: SequentialRecommender, batch: int, length: int, device: st
         optimizer.step()
         return loss
 
+    def ranked(last_hidden):  # (B, d) -> (B,) ranks
+        scores = last_hidden @ model.encoder.item_embeddings().T  # (B, N+1)
+        scores[:, 0] = float("-inf")  # what mask_scores does, without its copy
+        return pessimistic_rank(scores.float(), eval_target)
+
     def infer_step():
         model.eval()
         with torch.inference_mode():
-            hidden = encoder(inputs)  # (B, L, d)
-            scores = hidden[:, -1] @ model.encoder.item_embeddings().T  # (B, N+1): every position is real here
-            scores[:, 0] = float("-inf")  # what mask_scores does, without its copy
-            return pessimistic_rank(scores.float(), eval_target)
+            return ranked(encode_last(inputs))  # every position is real here: the last one is L-1
 
-    return train_step, infer_step
+    def infer_full_step():
+        model.eval()
+        with torch.inference_mode():
+            return ranked(encoder(inputs)[:, -1])  # every position encoded, then the last one read
+
+    return {"train": train_step, "infer": infer_step, "infer_full": infer_full_step}
 
 
 def synchronize(device: str) -> None:
@@ -184,22 +195,22 @@ def measure_length(models: list[str], length: int, batch: int, reps: int, modes:
                    log=print) -> list[dict]:
     """All models at one L: interleaved timings (medians) and one memory measurement per (model, mode)."""
     built = {m: build_model(m, length, num_items, text_dim, device, mamba_backend) for m in models}
-    steps = {m: dict(zip(("train", "infer"), make_steps(built[m], batch, length, device, compile_model)))
-             for m in models}
+    steps = {m: make_steps(built[m], batch, length, device, compile_model) for m in models}
     rows = []
+    times = {(m, mode): [] for mode in modes for m in models}
+    for m, mode in times:
+        timed(steps[m][mode], device)  # warm-up: first-touch allocations, autotuning, compilation
+    for _ in range(reps):  # interleaved over modes and models, so changing load hits every pair alike
+        for m, mode in times:
+            times[m, mode].append(timed(steps[m][mode], device))
     for mode in modes:
-        times = {m: [] for m in models}
-        for m in models:
-            timed(steps[m][mode], device)  # warm-up: first-touch allocations, autotuning, compilation
-        for _ in range(reps):
-            for m in models:
-                times[m].append(timed(steps[m][mode], device))
         for m in models:
             memory = peak_memory(steps[m][mode], device)
-            median = statistics.median(times[m])
-            rows.append(dict(model=m, mode=mode, length=length, batch=batch, median_s=median, min_s=min(times[m]),
-                             times=times[m], seq_per_s=batch / median, peak_mem_mb=memory / 2**20))
-            log(f"L={length:5d} B={batch:4d} {mode:5s} {m:9s} {median * 1e3:9.1f} ms/step  "
+            median = statistics.median(times[m, mode])
+            rows.append(dict(model=m, mode=mode, length=length, batch=batch, median_s=median,
+                             min_s=min(times[m, mode]), times=times[m, mode], seq_per_s=batch / median,
+                             peak_mem_mb=memory / 2**20))
+            log(f"L={length:5d} B={batch:4d} {mode:10s} {m:9s} {median * 1e3:9.1f} ms/step  "
                 f"{batch / median:9.1f} seq/s  peak {memory / 2**20:8.1f} MB")
     del built, steps
     return rows
@@ -229,6 +240,21 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def last_position_lines(rows: list[dict]) -> list[str]:
+    """Per model and L: inference seq/s reading only the last position (forward_last) over encoding every position."""
+    get = {(r["model"], r["mode"], r["length"]): r for r in rows}
+    pairs = sorted({(r["length"], r["model"]) for r in rows if r["mode"] == "infer_full"},
+                   key=lambda lm: (lm[0], MODELS.index(lm[1])))
+    out = ["| L | model | infer seq/s (forward_last) | infer_full seq/s (every position) | speed-up |",
+           "| ---: | --- | ---: | ---: | ---: |"]
+    for length, m in pairs:
+        last, full = get.get((m, "infer", length)), get[(m, "infer_full", length)]
+        if last:
+            out.append(f"| {length} | {m} | {last['seq_per_s']:.1f} | {full['seq_per_s']:.1f} | "
+                       f"{last['seq_per_s'] / full['seq_per_s']:.2f}x |")
+    return out if len(out) > 2 else []
+
+
 def markdown(rows: list[dict], command: str, device: str, reps: int) -> str:
     lines = ["# Throughput and peak memory against sequence length", "",
              f"Command: `{command}`", "",
@@ -242,8 +268,12 @@ def markdown(rows: list[dict], command: str, device: str, reps: int) -> str:
                      f"{r['min_s'] * 1e3:.1f} | {r['seq_per_s']:.1f} | {r['peak_mem_mb']:.0f} |")
     lines += ["", "Ratios (train: time per step, lower = faster than SASRec; inference: sequences/s, higher = faster):",
               ""] + ratio_lines(rows)
-    lines += ["", "train = forward + full-softmax loss at all B·L positions + backward + Adam step; infer = encoder + "
-              "(B, N+1) scores + pessimistic rank (no sort). Peak memory on CPU = sampled RSS growth during one step "
+    if any(r["mode"] == "infer_full" for r in rows):
+        lines += ["", "Reading only the last position (infer = the module's path: `forward_last`, the last block / "
+                  "layer at that position alone) against encoding every position (infer_full):", ""]
+        lines += last_position_lines(rows)
+    lines += ["", "train = forward + full-softmax loss at all B·L positions + backward + Adam step; infer = the "
+              "encoder's forward_last + (B, N+1) scores + pessimistic rank (no sort). Peak memory on CPU = sampled RSS growth during one step "
               "(see the script's docstring)."]
     return "\n".join(lines) + "\n"
 
@@ -293,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=None, help="one batch for every L (default: per-L table above)")
     p.add_argument("--batch-for", nargs="*", default=[], help="per-L batch overrides, e.g. 3200=16")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer", "infer_full"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS)
     p.add_argument("--text-dim", type=int, default=384, help="M2Rec's text table width (all-MiniLM-L6-v2: 384)")

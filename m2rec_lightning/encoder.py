@@ -24,6 +24,13 @@ class SequenceEncoder(nn.Module):
         """(B, L) right-padded item ids, 0 = padding -> (B, L, hidden_size), strictly causal."""
         raise NotImplementedError
 
+    def forward_last(self, input_ids: Tensor) -> Tensor:
+        """(B, L) right-padded ids -> (B, hidden_size): the hidden state at each row's last real position (position 0
+        for a row of padding only), equal to forward(input_ids) there. Ranking needs only this; encoders override it
+        to skip the work that only the other positions need."""
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        return self(input_ids)[rows, last_positions(input_ids)]
+
     def item_embeddings(self) -> Tensor:
         """The output-side item table (N+1, hidden_size); row 0 is the padding id and is never a candidate."""
         raise NotImplementedError
@@ -53,6 +60,11 @@ class SequenceEncoder(nn.Module):
         if table[0].abs().sum() != 0:
             raise ValueError("text table row 0 belongs to the padding id and must be all zeros")
         self.text_table.copy_(table)
+
+
+def last_positions(input_ids: Tensor) -> Tensor:
+    """(B, L) right-padded ids -> (B,) index of each row's last real item (0 for a row of padding only)."""
+    return (input_ids > 0).sum(dim=1).clamp(min=1) - 1
 
 
 def check_ids(input_ids: Tensor, num_items: int, max_len: int | None = None) -> None:

@@ -46,13 +46,28 @@ class CausalFourierFilter(nn.Module):
         k = torch.fft.irfft(response, n=2 * self.max_len, dim=0)  # (2·max_len, d)
         return k[:length]
 
-    def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
-        length = h.size(1)
+    def _check_length(self, length: int) -> None:
         if length > self.max_len:
             raise ValueError(
                 f"CausalFourierFilter got a sequence of length {length} > max_len={self.max_len}; "
                 "build the encoder with max_len >= the datamodule's max_len"
             )
+
+    def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
+        """y[index[i]] of each row i, as the direct sum sum_{j<=t} k[j] h[t-j]: O(L·d) per row instead of an FFT."""
+        length = h.size(1)
+        self._check_length(length)
+        compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            k = self.kernel(length, compute)  # (L, d)
+            source = index[:, None] - torch.arange(length, device=h.device)  # (B, L): position t - j of tap j
+            taps = h.to(compute).gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, h.size(2)))  # (B, L, d)
+            y = (taps * k * (source >= 0)[:, :, None]).sum(dim=1)  # (B, d)
+        return self.dropout(y.to(h.dtype))
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
+        length = h.size(1)
+        self._check_length(length)
         # FFTs in float32 (float64 stays float64): half-precision FFTs are inaccurate and limited to powers of two
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=h.device.type, enabled=False):

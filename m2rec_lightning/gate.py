@@ -38,18 +38,19 @@ class StreamGate(nn.Module):
             self.proj = None
 
     def weights(self, streams: list[Tensor]) -> Tensor:
-        """Gate values: (B, L, n, 1) for "softmax", (B, L, n, d) for "sigmoid", ones (1, 1, n, 1) for "sum"."""
+        """Gate values for streams (..., d): (..., n, 1) for "softmax", (..., n, d) for "sigmoid", ones (n, 1) for
+        "sum"."""
         if len(streams) != self.n_streams:
             raise ValueError(f"StreamGate built for {self.n_streams} streams got {len(streams)}")
         if self.proj is None:
-            return streams[0].new_ones(1, 1, self.n_streams, 1)
-        logits = self.proj(torch.cat(streams, dim=-1))  # (B, L, n) or (B, L, n·d)
+            return streams[0].new_ones(self.n_streams, 1)
+        logits = self.proj(torch.cat(streams, dim=-1))  # (..., n) or (..., n·d)
         if self.mode == "softmax":
             return logits.softmax(dim=-1).unsqueeze(-1)
         return torch.sigmoid(logits).unflatten(-1, (self.n_streams, self.hidden_size))
 
-    def forward(self, streams: list[Tensor]) -> Tensor:  # n × (B, L, d) -> (B, L, d)
+    def forward(self, streams: list[Tensor]) -> Tensor:  # n × (..., d) -> (..., d), e.g. (B, L, d) or (B, d)
         if self.proj is None:
             return sum(streams[1:], streams[0])
-        stacked = torch.stack(streams, dim=2)  # (B, L, n, d)
-        return (self.weights(streams) * stacked).sum(dim=2)
+        stacked = torch.stack(streams, dim=-2)  # (..., n, d)
+        return (self.weights(streams) * stacked).sum(dim=-2)

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_
+from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions
 from .fourier import CausalFourierFilter
 from .gate import StreamGate
 from .mamba import Mamba
@@ -85,7 +85,23 @@ class M2RecBlock(nn.Module):
         return out
 
     def forward(self, h: Tensor, s: Tensor | None = None) -> Tensor:  # h, s: (B, L, d) -> (B, L, d)
-        streams = self.streams(h, s)
+        return self.fuse(h, self.streams(h, s))
+
+    def forward_last(self, h: Tensor, s_last: Tensor | None, index: Tensor) -> Tensor:
+        """The block's output at position index[i] of each row: h (B, L, d), s_last (B, d) = the semantic stream at
+        those positions, index (B,) -> (B, d). Every stream is formed at the index alone."""
+        if self.semantic != (s_last is not None):
+            raise ValueError(f"M2RecBlock built with semantic={self.semantic} got s_last="
+                             f"{'a tensor' if s_last is not None else None}")
+        streams = [self.temporal.forward_last(h, index)]
+        if self.fourier is not None:
+            streams.append(self.fourier.forward_last(h, index))
+        if s_last is not None:
+            streams.append(s_last)
+        return self.fuse(h[torch.arange(h.size(0), device=h.device), index], streams)
+
+    def fuse(self, h: Tensor, streams: list[Tensor]) -> Tensor:  # h and each stream (..., d) -> (..., d)
+        """Gate, dropout, residual + LayerNorm, then the FFN."""
         mixed = streams[0] if self.gate is None else self.gate(streams)
         mixed = self.dropout(mixed)
         h = self.norm(h + mixed if self.residual else mixed)
@@ -192,13 +208,30 @@ class M2RecEncoder(SequenceEncoder):
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
         check_ids(input_ids, self.num_items)
         h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
-        s = None
-        if self.semantic is not None:
-            self._check_text_filled()
-            s = self.semantic(self.text_table[input_ids])  # (B, L, d)
+        s = self._semantic(input_ids)  # (B, L, d) or None
         for block in self.blocks:
             h = block(h, s)
         return h
+
+    def forward_last(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, d)
+        """The hidden state at each row's last real position: all blocks but the last run on every position, the
+        last one only at that position (see SequenceEncoder.forward_last)."""
+        check_ids(input_ids, self.num_items)
+        index = last_positions(input_ids)  # (B,)
+        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
+        *blocks, last = self.blocks
+        s = self._semantic(input_ids) if blocks else None  # (B, L, d): the earlier blocks read every position
+        for block in blocks:
+            h = block(h, s)
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        s_last = s[rows, index] if s is not None else self._semantic(input_ids[rows, index])  # (B, d) or None
+        return last.forward_last(h, s_last, index)
+
+    def _semantic(self, input_ids: Tensor) -> Tensor | None:  # (...) ids -> (..., d), None without the text stream
+        if self.semantic is None:
+            return None
+        self._check_text_filled()
+        return self.semantic(self.text_table[input_ids])
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.selective_scan import selective_scan
+from m2rec_lightning.selective_scan import selective_scan, selective_scan_state
 
 log = logging.getLogger("m2rec")
 
@@ -172,15 +172,41 @@ class Mamba(nn.Module):
                 delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
             )
 
-        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
-        x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen])  # (batch, E·D, seqlen)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)  # (batch, seqlen, E·D); its bias is added inside the scan
+        x, z, dt, B, C = self._scan_inputs(hidden_states)
         scan = selective_scan if backend == "torch" else _mamba_ssm_kernels()[0]
         y = scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             _fp32(self.D), z=z.transpose(1, 2), delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
         )  # (batch, E·D, seqlen)
         return self.out_proj(y.transpose(1, 2))
+
+    def _scan_inputs(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (batch, E·D, seqlen) after the causal conv; z, dt (batch, seqlen, E·D), dt without its bias (the scan adds
+        it); B, C (batch, seqlen, N)."""
+        seqlen = hidden_states.size(1)
+        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
+        x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
+        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen])  # (batch, E·D, seqlen)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
+        """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
+
+        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the PyTorch backend it runs the
+        recurrence only up to each slab's largest index and forms C·h + D·u, the gate and out_proj at the index alone
+        (selective_scan_state); otherwise it is that expression.
+        """
+        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
+        if torch.is_grad_enabled() or self._resolve_backend(hidden_states) != "torch":
+            return self(hidden_states)[rows, index]
+        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        h = selective_scan_state(
+            x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+        )  # (batch, E·D, N), float32
+        u = x[rows, :, index]  # (batch, E·D)
+        y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
+        y = y * F.silu(z[rows, index].to(h.dtype))
+        return self.out_proj(y.to(hidden_states.dtype))

@@ -125,18 +125,23 @@ class SequentialRecommender(L.LightningModule):
     # ---- model -----------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item."""
-        hidden = self.encode(input_ids)  # (B, L, d)
-        last = (input_ids > 0).sum(dim=1).clamp(min=1) - 1  # (B,)
-        h_last = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, d)
-        return h_last @ self.item_table().T  # (B, N+1)
+        return self.encode_last(input_ids) @ self.item_table().T  # (B, d) @ (d, N+1)
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded ids -> (B, L, d) hidden states, in `length_groups` groups of similar length; positions
         cut off as padding come back as zeros (no loss or score reads them)."""
+        return self._in_length_groups(input_ids, self.encoder, every_position=True)
+
+    def encode_last(self, input_ids: Tensor) -> Tensor:
+        """(B, L) right-padded ids -> (B, d) hidden state at each row's last real item (the encoder's forward_last,
+        which skips what only the other positions need), in `length_groups` groups as `encode`."""
+        return self._in_length_groups(input_ids, self.encoder.forward_last, every_position=False)
+
+    def _in_length_groups(self, input_ids: Tensor, encode: Callable[[Tensor], Tensor], every_position: bool) -> Tensor:
         groups = self.hparams.length_groups or (4 if input_ids.device.type == "cpu" else 1)
         groups = min(groups, input_ids.size(0))
         if groups == 1:
-            return self.encoder(input_ids)
+            return encode(input_ids)
         lengths = (input_ids > 0).sum(dim=1)  # (B,)
         order = lengths.argsort()
         sorted_lengths = lengths[order].tolist()  # one device sync per batch
@@ -144,8 +149,8 @@ class SequentialRecommender(L.LightningModule):
         for rows in order.tensor_split(groups):
             start += rows.numel()
             longest = max(sorted_lengths[start - 1], 1)
-            part = self.encoder(input_ids[rows, :longest])  # (b, longest, d)
-            parts.append(F.pad(part, (0, 0, 0, input_ids.size(1) - longest)))
+            part = encode(input_ids[rows, :longest])  # (b, longest, d) or (b, d)
+            parts.append(F.pad(part, (0, 0, 0, input_ids.size(1) - longest)) if every_position else part)
         return torch.cat(parts)[order.argsort()]  # back to batch order
 
     def item_table(self) -> Tensor:

@@ -86,8 +86,26 @@ class MultiScaleMamba(nn.Module):
         return out
 
     def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
-        paths = self.paths(h)
+        return self.mix(self.paths(h))
+
+    def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
+        """The output at position index[i] of each row i, each scale's Mamba run only as far as that needs."""
+        paths = []
+        for scale, mamba in zip(self.scales, self.mambas):
+            if scale == 1:
+                paths.append(mamba.forward_last(h, index))
+                continue
+            window = (index + 1) // scale - 1  # (B,) the last complete window at index; -1 = none yet
+            if h.size(1) < scale:
+                paths.append(h.new_zeros(h.size(0), h.size(2)))
+                continue
+            out = mamba.forward_last(pool_windows(h, scale), window.clamp(min=0))  # (B, d)
+            paths.append(torch.where((window >= 0)[:, None], out, 0.0))
+        return self.mix(paths)
+
+    def mix(self, paths: list[Tensor]) -> Tensor:
+        """sum_s w_s · path_s (the single path itself with one scale)."""
         if self.scale_logits is None:
             return paths[0]
-        w = self.scale_weights().to(h.dtype)
+        w = self.scale_weights().to(paths[0].dtype)
         return sum(w_s * p for w_s, p in zip(w, paths))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_
+from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions
 
 
 def attention_bias(input_ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -50,16 +50,19 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
-    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v, each (B, n_heads, L, d / n_heads)."""
-        return tuple(proj(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2) for proj in (self.query, self.key, self.value))
+    def split_heads(self, proj: nn.Linear, x: Tensor) -> Tensor:  # (B, L, d) -> (B, n_heads, L, d / n_heads)
+        return proj(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
 
-    def forward(self, x: Tensor, bias: Tensor) -> Tensor:  # x (B, L, d), bias (B, 1, L, L) -> (B, L, d)
-        q, k, v = self.heads(x)
+    def forward(self, x: Tensor, bias: Tensor, queries: Tensor | None = None) -> Tensor:
+        """x (B, L, d) attends to itself, bias (B, 1, L, L) -> (B, L, d); or, with `queries` (B, Lq, d) (a subset of
+        x's positions) and bias (B, 1, Lq, L), only those queries attend -> (B, Lq, d)."""
+        queries = x if queries is None else queries
+        q = self.split_heads(self.query, queries)
+        k, v = self.split_heads(self.key, x), self.split_heads(self.value, x)
         p = self.attn_dropout if self.training else 0.0
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # (B, H, L, d/H)
-        context = context.transpose(1, 2).flatten(2)  # (B, L, d)
-        return self.norm(x + self.dropout(self.out(context)))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # (B, H, Lq, d/H)
+        context = context.transpose(1, 2).flatten(2)  # (B, Lq, d)
+        return self.norm(queries + self.dropout(self.out(context)))
 
 
 class SASRecEncoder(SequenceEncoder):
@@ -112,14 +115,30 @@ class SASRecEncoder(SequenceEncoder):
         init_recbole_(self, initializer_range)
 
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
+        h, bias = self._embed(input_ids)
+        for attention, ffn in zip(self.attention, self.ffn):
+            h = ffn(attention(h, bias))
+        return h
+
+    def forward_last(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, d)
+        """The hidden state at each row's last real position; the last layer attends and runs its FFN for that query
+        alone (see SequenceEncoder.forward_last)."""
+        h, bias = self._embed(input_ids)
+        for attention, ffn in zip(self.attention[:-1], self.ffn[:-1]):
+            h = ffn(attention(h, bias))
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        index = last_positions(input_ids)  # (B,)
+        query = h[rows, index][:, None]  # (B, 1, d)
+        # bias[rows, :, index]: each row's bias row for its query, (B, 1, L) -> (B, 1, 1, L)
+        return self.ffn[-1](self.attention[-1](h, bias[rows, :, index][:, :, None], queries=query))[:, 0]
+
+    def _embed(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Input states (B, L, d) and the attention bias (B, 1, L, L)."""
         check_ids(input_ids, self.num_items, self.max_len)
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
         h = self.item_embedding(input_ids) + self.position_embedding(positions)  # (B, L, d)
         h = self.dropout(self.norm(h))
-        bias = attention_bias(input_ids, h.dtype)  # (B, 1, L, L)
-        for attention, ffn in zip(self.attention, self.ffn):
-            h = ffn(attention(h, bias))
-        return h
+        return h, attention_bias(input_ids, h.dtype)
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         return self.item_embedding.weight

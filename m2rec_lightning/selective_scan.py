@@ -8,7 +8,8 @@ Mamba-1 uses: real diagonal ``A`` and input-dependent ("variable") ``B`` and ``C
     y_t   = C_t . h_t + D * u_t
     y     = y * silu(z)
 
-``selective_scan_ref`` is the one-step-at-a-time reference; ``selective_scan`` is the fast path.
+``selective_scan_ref`` is the one-step-at-a-time reference; ``selective_scan`` is the fast path;
+``selective_scan_state`` gives only the state h at one step per batch row (inference at the last real position).
 """
 
 import torch
@@ -318,3 +319,60 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         y = _SelectiveScanFn.apply(bl(u), bl(delta), vec(A), bl(B), bl(C), vec(D), bl(z), vec(delta_bias),
                                    delta_softplus, chunk, slab)  # (b, L, d)
     return y.transpose(1, 2).to(dtype_in)
+
+
+@torch.no_grad()
+def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
+                         delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                         chunk: int = 16, slab: int | None = None) -> Tensor:
+    """The scan state h_t at t = index[i] of each batch row i, without the outputs y: (batch, dim, dstate).
+
+    Inference only (no autograd). It runs the recurrence as the fast path does, but only up to the largest index,
+    and skips the C contraction, the skip term and the gate at every step: the caller applies them once, at index.
+
+    Args:
+        u, delta, A, B, delta_bias, delta_softplus: as in :func:`selective_scan_ref`.
+        index: (batch,) integer step of each row, in [0, seqlen).
+        chunk, slab: as in :func:`selective_scan`.
+
+    Returns:
+        (batch, dim, dstate) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
+    """
+    _check_inputs(u, delta, A, B, B, None, None, delta_bias)
+    batch, dim, seqlen = u.shape
+    if index.shape != (batch,) or index.dtype.is_floating_point:
+        raise ValueError(f"selective_scan_state: index must be (batch={batch},) integers, got {tuple(index.shape)} "
+                         f"{index.dtype}")
+    if batch and (index.min() < 0 or index.max() >= seqlen):
+        raise ValueError(f"selective_scan_state: index must lie in [0, {seqlen}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    if B.dim() == 4:
+        B = B[:, 0]
+    dtype = _scan_dtype(u)
+    n = A.shape[1]
+    with torch.autocast(u.device.type, enabled=False):
+        bl = lambda t: t.to(dtype).transpose(1, 2).contiguous()  # noqa: E731  (b, ·, L) -> (b, L, ·)
+        u, delta, B = bl(u), bl(delta), bl(B)
+        A2 = A.to(dtype) * _LOG2E
+        delta_bias = None if delta_bias is None else delta_bias.to(dtype)
+        chunk = max(1, min(chunk, seqlen))
+        if slab is None:
+            slab = batch if u.is_cuda else _SLAB_CELLS // (chunk * dim * n)
+        slab = max(1, min(slab, batch))
+        out = u.new_empty(batch, dim, n)
+        ws = _Workspace(u, chunk, slab, dim, n, 2)
+        for s0 in range(0, batch, slab):
+            s = slice(s0, min(s0 + slab, batch))
+            stop = int(index[s].max()) + 1  # no row needs the steps after its own index
+            u_s, dt_s, B_s, _, _ = _slab_inputs(s, u[:, :stop], delta[:, :stop], B[:, :stop], B[:, :stop], None,
+                                                delta_bias, delta_softplus)
+            dtu = dt_s * u_s
+            h = u.new_zeros(s.stop - s0, dim, n)
+            for t0 in range(0, stop, chunk):
+                t1 = min(t0 + chunk, stop)
+                (dA, dA_t), (hs, hs_t) = ws(0, t1 - t0, s.stop - s0), ws(1, t1 - t0, s.stop - s0)
+                _chunk_states(dt_s[t0:t1], A2, dtu[t0:t1], B_s[t0:t1], h, dA, dA_t, hs, hs_t)
+                rows = ((index[s] >= t0) & (index[s] < t1)).nonzero().flatten()
+                out[s0 + rows] = hs[index[s][rows] - t0, rows]
+                h = hs_t[-1].clone()  # the next chunk overwrites hs before reading its initial state
+    return out

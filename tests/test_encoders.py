@@ -360,3 +360,49 @@ def test_sasrec_gradients_and_limits():
         enc(torch.ones(1, L + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="multiple of n_heads"):
         SASRecEncoder(N_ITEMS, hidden_size=10, n_heads=3)
+
+
+# ---- last position (what ranking reads) ---------------------------------------------------------------------------
+LAST_LENGTHS = [L, 1, 3, 5, 7, 0, 4, L - 1, 2]  # 0 = a row of padding only (its "last position" is 0)
+
+
+def assert_last_matches_forward(enc: SequenceEncoder, ids: Tensor) -> None:
+    expected = enc(ids)[torch.arange(ids.size(0)), (ids > 0).sum(1).clamp(min=1) - 1]
+    with torch.no_grad():  # the M2Rec fast path (state-only scan) runs without autograd
+        torch.testing.assert_close(enc.forward_last(ids), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(enc.forward_last(ids), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"n_layers": 2},
+    {"gate": "sigmoid", "scales": [3, 5]},
+    {"gate": "sum", "text_output": False},
+    {"fourier": False, "text_dim": 0},
+    {"scales": [1], "fourier": False, "text_dim": 0, "residual": False},  # Mamba4Rec
+    {"scales": [2, 4], "n_layers": 3, "semantic": False},
+])
+def test_m2rec_forward_last_equals_forward_at_the_last_item(options, monkeypatch):
+    import m2rec_lightning.mamba as mamba_module
+
+    state_calls = []
+    state_fn = mamba_module.selective_scan_state
+    monkeypatch.setattr(mamba_module, "selective_scan_state", lambda *a, **k: state_calls.append(1) or state_fn(*a, **k))
+    enc = m2rec(**options).double().eval()
+    if enc.uses_text:
+        enc.set_text_table(text_table().double())
+    assert_last_matches_forward(enc, right_padded(LAST_LENGTHS))
+    assert state_calls  # the last block took the state-only scan
+    assert_last_matches_forward(enc, right_padded([3, 1, 2], length=3))  # shorter than the widest scale window
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_sasrec_forward_last_equals_forward_at_the_last_item(n_layers):
+    assert_last_matches_forward(sasrec(n_layers=n_layers), right_padded(LAST_LENGTHS))
+
+
+def test_fourier_forward_last_is_the_filter_at_the_index():
+    filt = CausalFourierFilter(D, L).double()
+    h = torch.randn(3, 9, D, dtype=torch.float64)
+    index = torch.tensor([8, 0, 4])
+    torch.testing.assert_close(filt.forward_last(h, index), filt(h)[torch.arange(3), index], rtol=1e-10, atol=1e-12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2rec_lightning.selective_scan import selective_scan, selective_scan_ref
+from m2rec_lightning.selective_scan import selective_scan, selective_scan_ref, selective_scan_state
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -163,3 +163,48 @@ def test_rejects_unsupported_and_malformed_inputs():
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=torch.zeros(4))
     with pytest.raises(ValueError, match="A must be"):
         selective_scan(x["u"], x["delta"], x["A"][:2], x["B"], x["C"])
+
+
+def states_per_step(u, delta, A, B, delta_bias, softplus):
+    """Every state h_t, (b, L, d, n), by the recurrence one step at a time in float64."""
+    dt = delta.double() + delta_bias.double()[:, None]
+    dt = F.softplus(dt) if softplus else dt
+    h = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=torch.float64)
+    states = []
+    for t in range(u.shape[2]):
+        h = torch.exp(dt[:, :, t, None] * A.double()) * h + (dt[:, :, t] * u[:, :, t].double())[:, :, None] \
+            * B[:, None, :, t].double()
+        states.append(h)
+    return torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize("L,chunk,slab", [(1, 16, None), (7, 3, 2), (37, 16, None), (37, 5, 3), (40, 8, 1)])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_state_at_index_matches_per_step_states(L, chunk, slab, softplus):
+    x = make_inputs(6, 5, 4, L, seed=L)
+    g = torch.Generator().manual_seed(7)
+    index = torch.randint(0, L, (6,), generator=g)
+    index[0], index[-1] = 0, L - 1
+    args = (x["u"], x["delta"], x["A"], x["B"])
+    h = selective_scan_state(*args, index, delta_bias=x["delta_bias"], delta_softplus=softplus, chunk=chunk,
+                             slab=slab)
+    expected = states_per_step(*args, x["delta_bias"], softplus)[torch.arange(6), index]
+    assert h.dtype == torch.float64 and rel_err(h, expected) <= 1e-12
+    # C . h + D u at the index is the fast scan's output there
+    rows = torch.arange(6)
+    y = selective_scan(*args, x["C"], x["D"], delta_bias=x["delta_bias"], delta_softplus=softplus)[rows, :, index]
+    y_state = (h * x["C"][rows, :, index][:, None, :]).sum(-1) + x["D"] * x["u"][rows, :, index]
+    assert rel_err(y_state, y) <= 1e-12
+
+
+def test_state_in_float32_and_its_argument_checks():
+    x = make_inputs(4, 8, 16, 50, dtype=torch.float32, realistic=True)
+    index = torch.tensor([49, 0, 20, 33])
+    args = (x["u"], x["delta"], x["A"], x["B"])
+    h = selective_scan_state(*args, index, delta_bias=x["delta_bias"], delta_softplus=True)
+    expected = states_per_step(*args, x["delta_bias"], True)[torch.arange(4), index]
+    assert h.dtype == torch.float32 and rel_err(h.double(), expected) <= 1e-5
+    with pytest.raises(ValueError, match=r"index must lie in \[0, 50\), got \[0, 50\]"):
+        selective_scan_state(*args, torch.tensor([50, 0, 1, 2]))
+    with pytest.raises(ValueError, match=r"index must be \(batch=4,\) integers"):
+        selective_scan_state(*args, torch.zeros(4))
