@@ -15,10 +15,11 @@ text table of `--text-dim` columns on input and output side, softmax gate), Mamb
 sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default.
 
 Timing: one warm-up call per model and mode, then `--reps` rounds in which every (model, mode) pair runs once, so
-load from other processes hits all of them alike; the table reports medians and the ratios of medians. Memory: on CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident
-set during one step minus the resident set just before it, sampled every 0.2 ms by a thread after `malloc_trim`
-returns freed heap to the OS (so it is the step's working set: activations, gradients, temporaries; an estimate that
-can miss short spikes between samples).
+load from other processes hits all of them alike; the table reports medians and the ratios of medians. Memory: on
+CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident set during one step
+minus the resident set just before it, sampled every 0.2 ms by a thread after `malloc_trim` returns freed heap to the
+OS (so it is the step's working set: activations, gradients, temporaries; an estimate that can miss short spikes
+between samples).
 
     python benchmarks/throughput.py --quick                       # B=32, L in {50, 200}: ~1 min on 2 CPUs
     python benchmarks/throughput.py --out benchmarks/results/throughput   # the recorded run (.md, .png)
