@@ -359,33 +359,41 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser, work_dir: Path) -> None:
+    """The options of a training run (`run_model`), shared with search.py; `resolve_run_arguments` checks them."""
     parser.add_argument("--dataset", choices=DATASETS, default="beauty")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="seeds for every trained model listed")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="seeds for every trained model / point")
     parser.add_argument("--max-epochs", type=int, default=200)
     parser.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output stem: writes OUT.md, OUT.json, OUT.png (default benchmarks/results/quality_<dataset>)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quality",
-                        help="checkpoints and logs, one folder per dataset/model/seed")
+    parser.add_argument("--work-dir", type=Path, default=work_dir, help="checkpoints and logs, one folder per run")
     parser.add_argument("--note", action="append", default=[],
                         help="a line recorded in the JSON and shown in the table (budget, contention, ...); repeatable")
-    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
     parser.add_argument("--extra-config", type=Path, action="append", default=[],
                         help="YAML applied after the dataset and model configs (e.g. another data file); repeatable")
-    args = parser.parse_args(argv)
+
+
+def resolve_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: Path) -> None:
     if args.max_epochs < 1 or args.patience < 1:
         parser.error("--max-epochs and --patience must be >= 1")
-    args.out = (args.out or ROOT / "benchmarks" / "results" / f"quality_{args.dataset}").resolve()
+    args.out = (args.out or default_out).resolve()
     args.work_dir = args.work_dir.resolve()
     args.extra_config = [c.resolve() for c in args.extra_config]
     for c in args.extra_config:
         if not c.is_file():
             parser.error(f"--extra-config {c}: no such file")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser, ROOT / "runs" / "quality")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output stem: writes OUT.md, OUT.json, OUT.png (default benchmarks/results/quality_<dataset>)")
+    parser.add_argument("--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
+    args = parser.parse_args(argv)
+    resolve_run_arguments(parser, args, ROOT / "benchmarks" / "results" / f"quality_{args.dataset}")
     return args
 
 

@@ -110,35 +110,19 @@ def markdown(record: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=quality_table.DATASETS, default="beauty")
+    quality_table.add_run_arguments(parser, ROOT.parent / "runs" / "search")
     parser.add_argument("--model", choices=[m for m in quality_table.MODELS if m != "popularity"], required=True)
     parser.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
                         help="one axis of the grid; repeat for more axes (the search runs their product)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42])
-    parser.add_argument("--max-epochs", type=int, default=200)
-    parser.add_argument("--patience", type=int, default=10, help="early stopping on validation NDCG@10")
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output stem: OUT.json and OUT.md (default benchmarks/results/search_<dataset>_<model>)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT.parent / "runs" / "search",
-                        help="checkpoints and logs, one folder per point and seed")
-    parser.add_argument("--note", action="append", default=[], help="a line recorded with the results; repeatable")
-    parser.add_argument("--extra-config", type=Path, action="append", default=[],
-                        help="YAML applied after the dataset and model configs, before the grid; repeatable")
     args = parser.parse_args(argv)
-    if args.max_epochs < 1 or args.patience < 1:
-        parser.error("--max-epochs and --patience must be >= 1")
     try:
         args.points = parse_grid(args.grid)
         args.full_keys = {k: cli_key(k) for k in args.points[0]}
     except ValueError as e:
         parser.error(str(e))
-    args.out = (args.out or ROOT / "results" / f"search_{args.dataset}_{args.model}").resolve()
-    args.work_dir = args.work_dir.resolve()
-    args.extra_config = [c.resolve() for c in args.extra_config]
-    for c in args.extra_config:
-        if not c.is_file():
-            parser.error(f"--extra-config {c}: no such file")
+    quality_table.resolve_run_arguments(parser, args, ROOT / "results" / f"search_{args.dataset}_{args.model}")
     return args
 
 
