@@ -59,7 +59,7 @@ class M2RecBlock(nn.Module):
         gate: Literal["softmax", "sigmoid", "sum"],
         residual: bool,
         max_len: int,
-        mamba_backend: Literal["auto", "torch", "cuda"],
+        mamba_backend: Literal["auto", "torch", "cuda", "triton"],
     ) -> None:
         super().__init__()
         self.temporal = MultiScaleMamba(hidden_size, scales, d_state, d_conv, expand, mamba_backend)
@@ -134,7 +134,8 @@ class M2RecEncoder(SequenceEncoder):
         residual: residual connection around the mixer, h = LN(h + Dropout(mix)). The released Mamba4Rec has none
             when n_layers == 1 (h = LN(Dropout(Mamba(h)))): set False to reproduce it.
         max_len: longest input sequence (the Fourier kernel has max_len taps; longer inputs raise).
-        mamba_backend: Mamba implementation: "auto" (CUDA kernels when installed and on GPU), "torch" or "cuda".
+        mamba_backend: Mamba implementation: "auto" (on GPU the mamba_ssm CUDA kernels when installed, else the Triton
+            scan when triton is installed, else PyTorch), "torch", "cuda" or "triton" (see Mamba).
         initializer_range: std of the normal init of embeddings and of the Linear layers outside Mamba.
     """
 
@@ -155,7 +156,7 @@ class M2RecEncoder(SequenceEncoder):
         text_output: bool = True,
         residual: bool = True,
         max_len: int = 50,
-        mamba_backend: Literal["auto", "torch", "cuda"] = "auto",
+        mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         initializer_range: float = 0.02,
     ) -> None:
         super().__init__()

@@ -7,6 +7,7 @@ kernels (``backend="cuda"``) or in the pure-PyTorch scan of :mod:`m2rec_lightnin
 import functools
 import logging
 import math
+import os
 from typing import Literal
 
 import torch
@@ -27,6 +28,16 @@ def _fp32(t: Tensor) -> Tensor:
 @functools.cache
 def _log_once(message: str) -> None:
     log.info(message)
+
+
+@functools.cache
+def _triton_scan() -> tuple[object | None, object | None, str | None]:
+    """(selective_scan_triton, selective_scan_state_triton, why unavailable)."""
+    try:
+        from m2rec_lightning.selective_scan_triton import selective_scan_state_triton, selective_scan_triton
+    except (ImportError, OSError, RuntimeError) as e:
+        return None, None, f"triton is not importable ({e!r}); pip install triton"
+    return selective_scan_triton, selective_scan_state_triton, None
 
 
 @functools.cache
@@ -58,7 +69,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
-        backend: Literal["auto", "torch", "cuda"] = "auto",
+        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         layer_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -79,16 +90,17 @@ class Mamba(nn.Module):
             conv_bias: give the depthwise convolution a bias.
             bias: give in_proj and out_proj a bias.
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
-                conv, and CUDA tensors); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and
-                the input is on CUDA, else torch.
+                conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
+                CUDA tensors, no compiled extension); "torch" = the pure-PyTorch scan; "auto" = on CUDA inputs
+                cuda when mamba_ssm imports, else triton when triton imports, else torch; torch on CPU.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
             device: device of the parameters.
             dtype: dtype of the parameters (A_log and D stay float32, as in mamba_ssm).
         """
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if backend not in ("auto", "torch", "cuda"):
-            raise ValueError(f"Mamba: backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+        if backend not in ("auto", "torch", "cuda", "triton"):
+            raise ValueError(f"Mamba: backend must be 'auto', 'torch', 'cuda' or 'triton', got {backend!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
         self.d_model = d_model
@@ -133,20 +145,33 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
     def _resolve_backend(self, hidden_states: Tensor) -> str:
-        """'torch', 'cuda' (mamba_ssm scan, PyTorch conv) or 'cuda-fused' (mamba_inner_fn)."""
+        """'torch', 'triton', 'cuda' (mamba_ssm scan, PyTorch conv) or 'cuda-fused' (mamba_inner_fn)."""
         if self.backend == "torch":
             _log_once("Mamba backend: torch (requested)")
             return "torch"
+        if self.backend == "triton":
+            why = _triton_scan()[2]
+            if why:
+                raise ImportError(f"Mamba(backend='triton'): {why}")
+            if not hidden_states.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"Mamba(backend='triton') needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+                                 f"in Triton's interpreter), got input on {hidden_states.device}")
+            _log_once("Mamba backend: triton (requested)")
+            return "triton"
         scan_fn, inner_fn, why = _mamba_ssm_kernels()
         if self.backend == "cuda":
             if scan_fn is None:
                 raise ImportError(f"Mamba(backend='cuda'): {why}")
             if not hidden_states.is_cuda:
                 raise ValueError(f"Mamba(backend='cuda') needs CUDA tensors, got input on {hidden_states.device}")
-        elif scan_fn is None or not hidden_states.is_cuda:
-            _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device}"
-                      + (f", {why})" if why else ")"))
+        elif not hidden_states.is_cuda:
+            _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device})")
             return "torch"
+        elif scan_fn is None:
+            triton_why = _triton_scan()[2]
+            chosen = "torch" if triton_why else "triton"
+            _log_once(f"Mamba backend: {chosen} (auto; {why}" + (f"; {triton_why})" if triton_why else ")"))
+            return chosen
         if inner_fn is None:
             _log_once("Mamba backend: cuda (mamba_ssm selective_scan_fn; causal_conv1d missing, so PyTorch conv)")
             return "cuda"
@@ -173,7 +198,7 @@ class Mamba(nn.Module):
             )
 
         x, z, dt, B, C = self._scan_inputs(hidden_states)
-        scan = selective_scan if backend == "torch" else _mamba_ssm_kernels()[0]
+        scan = {"torch": selective_scan, "triton": _triton_scan()[0]}.get(backend) or _mamba_ssm_kernels()[0]
         y = scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             _fp32(self.D), z=z.transpose(1, 2), delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
@@ -194,15 +219,17 @@ class Mamba(nn.Module):
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
 
-        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the PyTorch backend it runs the
-        recurrence only up to each slab's largest index and forms C·h + D·u, the gate and out_proj at the index alone
-        (selective_scan_state); otherwise it is that expression.
+        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch and triton backends it
+        runs the recurrence only up to each row's index (selective_scan_state / its Triton kernel) and forms C·h + D·u,
+        the gate and out_proj at the index alone; otherwise it is that expression.
         """
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
-        if torch.is_grad_enabled() or self._resolve_backend(hidden_states) != "torch":
+        backend = self._resolve_backend(hidden_states)
+        if torch.is_grad_enabled() or backend not in ("torch", "triton"):
             return self(hidden_states)[rows, index]
         x, z, dt, B, C = self._scan_inputs(hidden_states)
-        h = selective_scan_state(
+        state_fn = selective_scan_state if backend == "torch" else _triton_scan()[1]
+        h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
         )  # (batch, E·D, N), float32

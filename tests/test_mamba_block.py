@@ -1,4 +1,5 @@
 import logging
+import os
 import math
 
 import pytest
@@ -128,8 +129,8 @@ def test_bfloat16_autocast_runs_scan_in_float32():
 
 
 def test_backend_selection_and_errors(caplog):
-    with pytest.raises(ValueError, match="backend"):
-        Mamba(16, backend="triton")
+    with pytest.raises(ValueError, match="backend must be 'auto', 'torch', 'cuda' or 'triton'"):
+        Mamba(16, backend="tritonn")
     with pytest.raises(ValueError, match="dt_init"):
         Mamba(16, dt_init="normal")
     x = torch.randn(1, 5, 16)
@@ -139,6 +140,9 @@ def test_backend_selection_and_errors(caplog):
     else:
         with pytest.raises(ValueError, match="CUDA tensors"):
             Mamba(16, backend="cuda")(x)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises((ImportError, ValueError), match="triton"):  # not installed, or not CUDA tensors
+            Mamba(16, backend="triton")(x)
     mamba_module._log_once.cache_clear()
     m = Mamba(16, backend="auto")
     with caplog.at_level(logging.INFO, logger="m2rec"):
