@@ -18,6 +18,9 @@ What it does, in order (the build runs alongside steps 2-4):
   3. ML-1M epoch: the real training epoch (all positions, L=200, batch 256) of M2Rec through the datamodule's
      DataLoader, timed after a warm-up epoch.
   4. ML-1M full fit: Lightning fit of M2Rec with early stopping (patience 10, val NDCG@10) under `--fit-cap-s`.
+  2b. the Triton scan (needs no build): selective_scan_triton against the PyTorch scan (output and every gradient,
+     fp32) and the Mamba block with backend="triton" against backend="torch" (fp32, bf16 autocast); then the
+     throughput of M2Rec and Mamba4Rec on it. Steps 3 and 4 use the Triton backend when these checks pass.
   5. kernels (in a subprocess with `--site` on the path, once the build is done): mamba_ssm's selective_scan_fn
      and our Mamba block with backend="cuda" against backend="torch", fp32 and bf16 autocast, outputs and
      gradients; then the M2Rec / Mamba4Rec train step at L=200 on the CUDA kernels.
@@ -48,6 +51,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
+
+if "--dry-run" in sys.argv[1:]:
+    # the dry run interprets the Triton kernels on the CPU; the flag must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -142,11 +149,11 @@ def ml1m_datamodule(path: Path, max_len: int, batch: int, eval_batch: int, data_
 
 
 # ---- 3. epoch, 4. fit ----------------------------------------------------------------------------------------------
-def epoch_time(dm, device: str, text_dim: int, epochs: int = 2) -> tuple[float, int]:
+def epoch_time(dm, device: str, text_dim: int, backend: str, epochs: int = 2) -> tuple[float, int]:
     """Seconds of the last of `epochs` training epochs of M2Rec on dm (the first warms up), and its step count."""
     from throughput import build_model, synchronize
 
-    model = build_model("m2rec", dm.max_len, dm.num_items, text_dim, device, mamba_backend="torch")
+    model = build_model("m2rec", dm.max_len, dm.num_items, text_dim, device, mamba_backend=backend)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     loader = dm.train_dataloader()
@@ -164,7 +171,7 @@ def epoch_time(dm, device: str, text_dim: int, epochs: int = 2) -> tuple[float, 
     return time.perf_counter() - start, steps
 
 
-def full_fit(dm, device: str, text_dim: int, cap_s: float, max_epochs: int) -> dict:
+def full_fit(dm, device: str, text_dim: int, backend: str, cap_s: float, max_epochs: int) -> dict:
     """Lightning fit of M2Rec with early stopping on val NDCG@10 (patience 10) under a wall-time cap."""
     import datetime
 
@@ -173,7 +180,7 @@ def full_fit(dm, device: str, text_dim: int, cap_s: float, max_epochs: int) -> d
     from throughput import build_model
 
     L.seed_everything(42)
-    model = build_model("m2rec", dm.max_len, dm.num_items, text_dim, "cpu", mamba_backend="torch")
+    model = build_model("m2rec", dm.max_len, dm.num_items, text_dim, "cpu", mamba_backend=backend)
     model.setup = lambda stage: None  # the random text table is in place; the datamodule has none to hand over
     early = EarlyStopping("val/NDCG@10", mode="max", patience=10)
     trainer = L.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_epochs=max_epochs,
@@ -184,6 +191,55 @@ def full_fit(dm, device: str, text_dim: int, cap_s: float, max_epochs: int) -> d
     wall = time.perf_counter() - start
     return dict(wall_s=wall, epochs=trainer.current_epoch, early_stopped=early.stopped_epoch > 0,
                 best=float(early.best_score), capped=wall >= cap_s * 0.98)
+
+
+# ---- 2b. Triton --------------------------------------------------------------------------------------------------
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+def triton_check(device: str, small: bool) -> list[tuple[str, str, str, str]]:
+    """Rows: the Triton scan and the Mamba block on it against the PyTorch path (fp32; block also bf16 autocast)."""
+    from m2rec_lightning.mamba import Mamba
+    from m2rec_lightning.selective_scan import selective_scan
+    from m2rec_lightning.selective_scan_triton import selective_scan_triton
+
+    torch.manual_seed(0)
+    batch, dim, length, state = (2, 8, 20, 4) if small else (16, 128, 200, 32)
+    leaves = [torch.randn(batch, dim, length, device=device), torch.randn(batch, dim, length, device=device) - 2,
+              -torch.rand(dim, state, device=device) - 0.5, torch.randn(batch, state, length, device=device),
+              torch.randn(batch, state, length, device=device), torch.randn(dim, device=device),
+              torch.randn(batch, dim, length, device=device), torch.randn(dim, device=device) * 0.1]
+    g = torch.randn(batch, dim, length, device=device)
+    results = []
+    for scan in (selective_scan_triton, selective_scan):
+        args = [t.clone().requires_grad_() for t in leaves]
+        y = scan(*args, delta_softplus=True)
+        results.append([y.detach(), *torch.autograd.grad(y, args, g)])
+    errs = [rel(a, b) for a, b in zip(*results)]
+    rows = [("Triton scan fp32 vs torch scan (y; grads u, delta, A, B, C, D, z, bias)",
+             f"y {errs[0]:.1e}; grads max {max(errs[1:]):.1e}", "< 1e-4 / < 1e-3",
+             "ok" if errs[0] < 1e-4 and max(errs[1:]) < 1e-3 else "FAIL")]
+    d_model = 8 if small else 64
+    torch.manual_seed(1)
+    fast = Mamba(d_model, d_state=state, backend="triton").to(device)
+    slow = Mamba(d_model, d_state=state, backend="torch").to(device)
+    slow.load_state_dict(fast.state_dict())
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
+        x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+        outs = []
+        for block in (fast, slow):
+            block.zero_grad()
+            x.grad = None
+            with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                y = block(x)
+            y.float().square().mean().backward()
+            outs.append((y.float().detach(), x.grad.clone(), block.in_proj.weight.grad.clone()))
+        errs = [rel(a, b) for a, b in zip(*outs)]
+        name = "fp32" if dtype == torch.float32 else "bf16 autocast"
+        rows.append((f"Mamba block {name}: triton vs torch (out, dx, dW_in)", " / ".join(f"{e:.1e}" for e in errs),
+                     f"< {tol:g}", "ok" if max(errs) < tol else "FAIL"))
+    return rows
 
 
 # ---- 5. kernels --------------------------------------------------------------------------------------------------
@@ -328,17 +384,47 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"M2Rec / SASRec inference seq/s, L={length}", f"{ratio:.2f}x",
                      ">= 1.2x at L=200" if length == 200 else "", ok if length == 200 else "info"))
 
+    # 2b. the Triton scan: checked first; its throughput, and the backend of the epoch and the fit when it passes
+    try:
+        triton_rows = triton_check(args.device, small=args.dry_run)
+    except Exception as e:  # a Triton compile or launch error is a finding, not a reason to lose the other rows
+        triton_rows = [("Triton scan", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", "runs", "FAIL")]
+    rows += triton_rows
+    triton_ok = all(r[3] == "ok" for r in triton_rows)
+    # a dry run interprets the Triton kernels on the CPU: fine for checks, far too slow for an epoch and a fit
+    backend = "triton" if triton_ok and not args.dry_run else "torch"
+    if triton_ok:
+        # interpreted on a CPU a single step takes many seconds: the dry run checks the kernels but times nothing
+        for length in [] if args.dry_run else args.lengths:
+            triton_tp = measure_length(["m2rec", "mamba4rec"], length, batch_for[length], 3,
+                                       ["train", "infer", "infer_full"], 3416, args.text_dim, args.device, "triton",
+                                       log=lambda *_: None)
+            for r in triton_tp:
+                rows.append((f"{r['model']} {r['mode']} L={length} B={r['batch']} (Triton scan)",
+                             f"{r['seq_per_s']:.0f} seq/s, {r['median_s'] * 1e3:.1f} ms, {r['peak_mem_mb']:.0f} MB",
+                             "", "info"))
+            tri = {(r["model"], r["mode"]): r for r in triton_tp}
+            sasrec_train, sasrec_infer = get[("sasrec", "train", length)], get[("sasrec", "infer", length)]
+            ratio = tri[("m2rec", "train")]["median_s"] / sasrec_train["median_s"]
+            goal, limit = ("<= 1.5x", 1.5) if length <= 200 else ("< 1x (from L=800 on)", 1.0)
+            rows.append((f"M2Rec (Triton) / SASRec train time, L={length}", f"{ratio:.2f}x", goal,
+                         "ok" if ratio <= limit else "FAIL"))
+            ratio = tri[("m2rec", "infer")]["seq_per_s"] / sasrec_infer["seq_per_s"]
+            rows.append((f"M2Rec (Triton) / SASRec inference seq/s, L={length}", f"{ratio:.2f}x",
+                         ">= 1.2x at L=200" if length == 200 else "",
+                         ("ok" if ratio >= 1.2 else "FAIL") if length == 200 else "info"))
+
     path, label = ml1m_file(args.ml1m, tiny=args.dry_run)
     max_len, eval_batch = (16, 32) if args.dry_run else (200, 1024)
     dm = ml1m_datamodule(path, max_len, args.batch, eval_batch, args.data_dir)
-    seconds, steps = epoch_time(dm, args.device, args.text_dim)
-    rows.append((f"ML-1M epoch, M2Rec, {label}, {steps} steps of B={args.batch}", f"{seconds:.2f} s", "<= 1 s",
-                 "ok" if seconds <= 1.0 else "FAIL"))
+    seconds, steps = epoch_time(dm, args.device, args.text_dim, backend)
+    rows.append((f"ML-1M epoch, M2Rec ({backend} scan), {label}, {steps} steps of B={args.batch}", f"{seconds:.2f} s",
+                 "<= 1 s", "ok" if seconds <= 1.0 else "FAIL"))
     left = args.budget_s - (time.perf_counter() - start) - 60  # keep a minute for the kernel check
-    fit = full_fit(dm, args.device, args.text_dim, min(args.fit_cap_s, max(left - 120, 10)), 200 if not args.dry_run
-                   else 2)
+    fit = full_fit(dm, args.device, args.text_dim, backend, min(args.fit_cap_s, max(left - 120, 10)),
+                   200 if not args.dry_run else 2)
     verdict = "ok" if fit["wall_s"] < 300 and (fit["early_stopped"] or args.dry_run) else "FAIL"
-    rows.append((f"ML-1M full fit, M2Rec, {label}",
+    rows.append((f"ML-1M full fit, M2Rec ({backend} scan), {label}",
                  f"{fit['wall_s']:.0f} s, {fit['epochs']} epochs, early stopped: {fit['early_stopped']}"
                  f"{' (hit the cap)' if fit['capped'] else ''}, best val NDCG@10 {fit['best']:.4f}",
                  "< 300 s to early stop", verdict))

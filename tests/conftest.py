@@ -1,4 +1,5 @@
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -8,6 +9,10 @@ import torch
 
 # Test tensors are tiny and pytest-xdist runs one worker per core: more threads per worker only oversubscribes.
 torch.set_num_threads(1)
+# Without CUDA the Triton kernels run in Triton's interpreter. The flag must be set before triton is first imported
+# (lightning imports it), or triton's own library functions stay compiled-only and the interpreted kernels fail.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

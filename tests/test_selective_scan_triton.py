@@ -1,14 +1,10 @@
 """The Triton selective scan against the float64 reference: on CUDA when there is one, else the same kernels on CPU
-under Triton's interpreter (TRITON_INTERPRET=1 must be set before the kernels are defined, so before the import)."""
+under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 before anything imports triton)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from m2rec_lightning.selective_scan import selective_scan_ref, selective_scan_state  # noqa: E402
