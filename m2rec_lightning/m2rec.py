@@ -134,8 +134,8 @@ class M2RecEncoder(SequenceEncoder):
         residual: residual connection around the mixer, h = LN(h + Dropout(mix)). The released Mamba4Rec has none
             when n_layers == 1 (h = LN(Dropout(Mamba(h)))): set False to reproduce it.
         max_len: longest input sequence (the Fourier kernel has max_len taps; longer inputs raise).
-        mamba_backend: Mamba implementation: "auto" (on GPU the mamba_ssm CUDA kernels when installed, else the Triton
-            scan when triton is installed, else PyTorch), "torch", "cuda" or "triton" (see Mamba).
+        mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, else
+            PyTorch), "torch", "cuda" or "triton" (the Triton scan, opt-in; see Mamba).
         initializer_range: std of the normal init of embeddings and of the Linear layers outside Mamba.
     """
 

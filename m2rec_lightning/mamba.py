@@ -91,8 +91,8 @@ class Mamba(nn.Module):
             bias: give in_proj and out_proj a bias.
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
                 conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
-                CUDA tensors, no compiled extension); "torch" = the pure-PyTorch scan; "auto" = on CUDA inputs
-                cuda when mamba_ssm imports, else triton when triton imports, else torch; torch on CPU.
+                CUDA tensors, no compiled extension; opt-in until it has been timed on a GPU); "torch" = the
+                pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input is on CUDA, else torch.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
             device: device of the parameters.
             dtype: dtype of the parameters (A_log and D stay float32, as in mamba_ssm).
@@ -164,14 +164,10 @@ class Mamba(nn.Module):
                 raise ImportError(f"Mamba(backend='cuda'): {why}")
             if not hidden_states.is_cuda:
                 raise ValueError(f"Mamba(backend='cuda') needs CUDA tensors, got input on {hidden_states.device}")
-        elif not hidden_states.is_cuda:
-            _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device})")
+        elif scan_fn is None or not hidden_states.is_cuda:
+            _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device}"
+                      + (f", {why})" if why else ")"))
             return "torch"
-        elif scan_fn is None:
-            triton_why = _triton_scan()[2]
-            chosen = "torch" if triton_why else "triton"
-            _log_once(f"Mamba backend: {chosen} (auto; {why}" + (f"; {triton_why})" if triton_why else ")"))
-            return chosen
         if inner_fn is None:
             _log_once("Mamba backend: cuda (mamba_ssm selective_scan_fn; causal_conv1d missing, so PyTorch conv)")
             return "cuda"
