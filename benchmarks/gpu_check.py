@@ -198,18 +198,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
 
 
+def scan_inputs(batch: int, dim: int, length: int, state: int, device: str) -> list[torch.Tensor]:
+    """Random u, delta, A, B, C, D, z, delta_bias of a selective scan, seeded, in Mamba's ranges (softplus(delta) small,
+    A negative)."""
+    torch.manual_seed(0)
+    return [torch.randn(batch, dim, length, device=device), torch.randn(batch, dim, length, device=device) - 2,
+            -torch.rand(dim, state, device=device) - 0.5, torch.randn(batch, state, length, device=device),
+            torch.randn(batch, state, length, device=device), torch.randn(dim, device=device),
+            torch.randn(batch, dim, length, device=device), torch.randn(dim, device=device) * 0.1]
+
+
 def triton_check(device: str, small: bool) -> list[tuple[str, str, str, str]]:
     """Rows: the Triton scan and the Mamba block on it against the PyTorch path (fp32; block also bf16 autocast)."""
     from m2rec_lightning.mamba import Mamba
     from m2rec_lightning.selective_scan import selective_scan
     from m2rec_lightning.selective_scan_triton import selective_scan_triton
 
-    torch.manual_seed(0)
     batch, dim, length, state = (2, 8, 20, 4) if small else (16, 128, 200, 32)
-    leaves = [torch.randn(batch, dim, length, device=device), torch.randn(batch, dim, length, device=device) - 2,
-              -torch.rand(dim, state, device=device) - 0.5, torch.randn(batch, state, length, device=device),
-              torch.randn(batch, state, length, device=device), torch.randn(dim, device=device),
-              torch.randn(batch, dim, length, device=device), torch.randn(dim, device=device) * 0.1]
+    leaves = scan_inputs(batch, dim, length, state, device)
     g = torch.randn(batch, dim, length, device=device)
     results = []
     for scan in (selective_scan_triton, selective_scan):
@@ -223,21 +229,37 @@ def triton_check(device: str, small: bool) -> list[tuple[str, str, str, str]]:
     d_model = 8 if small else 64
     torch.manual_seed(1)
     fast = Mamba(d_model, d_state=state, backend="triton").to(device)
-    slow = Mamba(d_model, d_state=state, backend="torch").to(device)
+    return rows + block_rows(fast, "triton", batch, length, device)
+
+
+def block_rows(fast, label: str, batch: int, length: int, device: str, stand_in=None) -> list[tuple]:
+    """The Mamba block `fast` against a backend="torch" copy with its weights, fp32 and bf16 autocast: rows of the
+    relative errors of the output, the input gradient and in_proj's weight gradient. `stand_in` replaces the scan of
+    `fast` (the dry run's stand-in for a kernel)."""
+    import m2rec_lightning.mamba as mamba_module
+
+    slow = mamba_module.Mamba(fast.d_model, d_state=fast.d_state, backend="torch").to(device)
     slow.load_state_dict(fast.state_dict())
+    rows = []
     for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
-        x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
+        x = torch.randn(batch, length, fast.d_model, device=device, requires_grad=True)
         outs = []
         for block in (fast, slow):
             block.zero_grad()
             x.grad = None
-            with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                y = block(x)
-            y.float().square().mean().backward()
+            original = mamba_module.selective_scan
+            if stand_in is not None and block is fast:
+                mamba_module.selective_scan = stand_in
+            try:
+                with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    y = block(x)
+                y.float().square().mean().backward()
+            finally:
+                mamba_module.selective_scan = original
             outs.append((y.float().detach(), x.grad.clone(), block.in_proj.weight.grad.clone()))
         errs = [rel(a, b) for a, b in zip(*outs)]
         name = "fp32" if dtype == torch.float32 else "bf16 autocast"
-        rows.append((f"Mamba block {name}: triton vs torch (out, dx, dW_in)", " / ".join(f"{e:.1e}" for e in errs),
+        rows.append((f"Mamba block {name}: {label} vs torch (out, dx, dW_in)", " / ".join(f"{e:.1e}" for e in errs),
                      f"< {tol:g}", "ok" if max(errs) < tol else "FAIL"))
     return rows
 
@@ -258,15 +280,8 @@ def kernel_check(device: str, dry_run: bool) -> list[tuple[str, str, str, str]]:
             return [("mamba_ssm import", why or "?", "importable", "FAIL")]
         backend = "cuda"
         label = "mamba_ssm" + (" + causal_conv1d (fused)" if inner is not None else " (scan only)")
-    torch.manual_seed(0)
     batch, dim, length, state = (2, 8, 16, 4) if dry_run else (16, 128, 200, 32)
-    u = torch.randn(batch, dim, length, device=device)
-    delta = torch.randn(batch, dim, length, device=device) - 2
-    A = -torch.rand(dim, state, device=device) - 0.5
-    B, C = torch.randn(batch, state, length, device=device), torch.randn(batch, state, length, device=device)
-    D, z = torch.randn(dim, device=device), torch.randn(batch, dim, length, device=device)
-    bias = torch.randn(dim, device=device) * 0.1
-    args = (u, delta, A, B, C, D, z, bias)
+    args = scan_inputs(batch, dim, length, state, device)
     ours = selective_scan(*args, delta_softplus=True)
     theirs = kernel_scan(*args, delta_softplus=True)
     err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
@@ -274,31 +289,7 @@ def kernel_check(device: str, dry_run: bool) -> list[tuple[str, str, str, str]]:
     d_model = 8 if dry_run else 64
     torch.manual_seed(1)
     fast = Mamba(d_model, d_state=state, backend=backend).to(device)
-    slow = Mamba(d_model, d_state=state, backend="torch").to(device)
-    slow.load_state_dict(fast.state_dict())
-    import m2rec_lightning.mamba as mamba_module
-
-    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
-        x = torch.randn(batch, length, d_model, device=device, requires_grad=True)
-        outs = []
-        for block in (fast, slow):
-            block.zero_grad()
-            x.grad = None
-            original = mamba_module.selective_scan
-            if dry_run and block is fast:  # the dry run's stand-in for the kernel: the per-step reference scan
-                mamba_module.selective_scan = selective_scan_ref
-            try:
-                with torch.autocast(device_type=x.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    y = block(x)
-                y.float().square().mean().backward()
-            finally:
-                mamba_module.selective_scan = original
-            outs.append((y.float().detach(), x.grad.clone(), block.in_proj.weight.grad.clone()))
-        errs = [((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item() for a, b in zip(*outs)]
-        name = "fp32" if dtype == torch.float32 else "bf16 autocast"
-        rows.append((f"Mamba block {name}: {label} vs torch (out, dx, dW_in)",
-                     " / ".join(f"{e:.1e}" for e in errs), f"< {tol:g}", "ok" if max(errs) < tol else "FAIL"))
-    return rows
+    return rows + block_rows(fast, label, batch, length, device, selective_scan_ref if dry_run else None)
 
 
 def kernel_subprocess(site: Path, device: str, lengths: list[int], batch: int, text_dim: int, timeout: float) -> list:

@@ -48,6 +48,16 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
 
 
+def _check_state_inputs(name: str, u, delta, A, B, index, delta_bias) -> None:
+    """The checks of the state-only scans: the scan's own, and index (batch,) integers in [0, seqlen)."""
+    _check_inputs(u, delta, A, B, B, None, None, delta_bias)
+    batch, _, seqlen = u.shape
+    if index.shape != (batch,) or index.dtype.is_floating_point:
+        raise ValueError(f"{name}: index must be (batch={batch},) integers, got {tuple(index.shape)} {index.dtype}")
+    if batch and (index.min() < 0 or index.max() >= seqlen):
+        raise ValueError(f"{name}: index must lie in [0, {seqlen}), got [{int(index.min())}, {int(index.max())}]")
+
+
 def _scan_dtype(u: Tensor) -> torch.dtype:
     # The recurrence runs in float32 (float64 if given float64), as mamba_ssm's kernel does.
     return torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -338,14 +348,8 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     Returns:
         (batch, dim, dstate) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
     """
-    _check_inputs(u, delta, A, B, B, None, None, delta_bias)
+    _check_state_inputs("selective_scan_state", u, delta, A, B, index, delta_bias)
     batch, dim, seqlen = u.shape
-    if index.shape != (batch,) or index.dtype.is_floating_point:
-        raise ValueError(f"selective_scan_state: index must be (batch={batch},) integers, got {tuple(index.shape)} "
-                         f"{index.dtype}")
-    if batch and (index.min() < 0 or index.max() >= seqlen):
-        raise ValueError(f"selective_scan_state: index must lie in [0, {seqlen}), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
     if B.dim() == 4:
         B = B[:, 0]
     dtype = _scan_dtype(u)

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .selective_scan import _check_inputs, _scan_dtype
+from .selective_scan import _check_inputs, _check_state_inputs, _scan_dtype
 
 CHUNK = 16  # steps per chunk: backward keeps one state per chunk and recomputes the rest into scratch
 
@@ -42,6 +42,25 @@ def _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
 
 
 @triton.jit
+def _channel_tile(pid_d, dim, dstate, a_ptr, sa_d, sa_n, bias_ptr, d_ptr,
+                  HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's channels and states: offsets and masks, A (BLOCK_D, BLOCK_N), the Δ bias and D (BLOCK_D,)."""
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask_n = offs_n < dstate
+    mask_dn = mask_d[:, None] & mask_n[None, :]
+    a = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        d_skip = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return offs_d, offs_n, mask_d, mask_n, mask_dn, a, bias, d_skip
+
+
+@triton.jit
 def _forward_kernel(
     u_ptr, dt_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, y_ptr, h0_ptr,
     seqlen, dim, dstate,
@@ -51,19 +70,9 @@ def _forward_kernel(
     SAVE_STATES: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    a2 = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
-    a2 = a2 * 1.4426950408889634  # exp(x A) = exp2(x A log2(e)); exp2 is the cheaper instruction
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        d_skip = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, a, bias, d_skip = _channel_tile(
+        tl.program_id(1), dim, dstate, a_ptr, sa_d, sa_n, bias_ptr, d_ptr, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
+    a2 = a * 1.4426950408889634  # exp(x A) = exp2(x A log2(e)); exp2 is the cheaper instruction
     u_ptr += pid_b * su_b
     dt_ptr += pid_b * sdt_b
     b_ptr += pid_b * sb_b
@@ -95,16 +104,9 @@ def _state_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    a2 = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
-    a2 = a2 * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, a, bias, d_skip = _channel_tile(
+        tl.program_id(1), dim, dstate, a_ptr, sa_d, sa_n, bias_ptr, a_ptr, HAS_BIAS, False, BLOCK_D, BLOCK_N)
+    a2 = a * 1.4426950408889634
     u_ptr += pid_b * su_b
     dt_ptr += pid_b * sdt_b
     b_ptr += pid_b * sb_b
@@ -131,19 +133,9 @@ def _backward_kernel(
     # sgc_*; gA (dim, dstate), gD, gbias (dim,) are contiguous.
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < dim
-    mask_n = offs_n < dstate
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    a = tl.load(a_ptr + offs_d[:, None] * sa_d + offs_n[None, :] * sa_n, mask=mask_dn, other=0.0).to(tl.float32)
+    offs_d, offs_n, mask_d, mask_n, mask_dn, a, bias, d_skip = _channel_tile(
+        pid_d, dim, dstate, a_ptr, sa_d, sa_n, bias_ptr, d_ptr, HAS_BIAS, HAS_D, BLOCK_D, BLOCK_N)
     a2 = a * 1.4426950408889634
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    d_skip = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_D:
-        d_skip = tl.load(d_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     u_ptr += pid_b * su_b
     dt_ptr += pid_b * sdt_b
     b_ptr += pid_b * sb_b
@@ -311,14 +303,8 @@ def selective_scan_state_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
                                 delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
     """:func:`~m2rec_lightning.selective_scan.selective_scan_state` in a Triton kernel: the state at step index[i]
     of each row, (batch, dim, dstate) float32; each program stops at its own row's index."""
-    _check_inputs(u, delta, A, B, B, None, None, delta_bias)
+    _check_state_inputs("selective_scan_state_triton", u, delta, A, B, index, delta_bias)
     batch, dim, seqlen = u.shape
-    if index.shape != (batch,) or index.dtype.is_floating_point:
-        raise ValueError(f"selective_scan_state_triton: index must be (batch={batch},) integers, got "
-                         f"{tuple(index.shape)} {index.dtype}")
-    if batch and (index.min() < 0 or index.max() >= seqlen):
-        raise ValueError(f"selective_scan_state_triton: index must lie in [0, {seqlen}), got "
-                         f"[{int(index.min())}, {int(index.max())}]")
     if B.dim() == 4:
         B = B[:, 0]
     f = torch.float32
