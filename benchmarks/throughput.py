@@ -302,7 +302,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("sequence length L")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.lines:  # a run without training rows leaves the memory panel empty
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
