@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +71,19 @@ def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
     assert "- synthetic smoke data" in table and saved["notes"] == ["synthetic smoke data"]
     assert "Budget-limited" in table and "max 1 epochs, early-stopping patience 1" in table
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_every_model_config_builds_the_encoder_it_names(quality_table, synthetic_sequence_file):
+    config, _ = synthetic_sequence_file
+    configs = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+    assert {c.stem for c in configs} == set(quality_table.MODELS) - {"popularity"}
+    for path in configs:
+        cli = quality_table.build_cli(quality_table.dataset_configs("beauty") + [path, config],
+                                      ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
+                                      if "semantic: true" in path.read_text() else ["--trainer.logger=false"])
+        encoder = cli.model.encoder
+        wanted = yaml.safe_load(path.read_text())["model"]["init_args"]["encoder"]
+        assert type(encoder).__name__ == wanted["class_path"].rsplit(".", 1)[1], path.name
+        if path.stem == "mamba4rec_residual":
+            assert encoder.blocks[0].residual and encoder.blocks[0].temporal.scales == [1]
+            assert encoder.blocks[0].fourier is None and encoder.semantic is None
