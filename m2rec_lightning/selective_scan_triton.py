@@ -220,12 +220,12 @@ def _blocks(dim: int, dstate: int) -> tuple[int, int]:
 
 class _SelectiveScanTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, save_states: bool):
         # u, delta, z: (b, d, L); B, C: (b, n, L); A: (d, n); D, delta_bias: (d,); float32, any strides
         batch, dim, seqlen = u.shape
         dstate = A.shape[1]
         block_d, block_n = _blocks(dim, dstate)
-        save = any(ctx.needs_input_grad)
+        save = save_states and any(ctx.needs_input_grad)
         y = torch.empty(batch, seqlen, dim, device=u.device, dtype=torch.float32).transpose(1, 2)  # (b, d, L)
         n_chunks = triton.cdiv(seqlen, CHUNK)
         h0s = torch.empty((n_chunks, batch, dim, dstate) if save else (1, 1, 1, 1), device=u.device,
@@ -271,7 +271,7 @@ class _SelectiveScanTriton(torch.autograd.Function):
             SOFTPLUS=ctx.delta_softplus, CHUNK=CHUNK, BLOCK_D=block_d, BLOCK_N=block_n,
         )
         return (grads[0], grads[1], gA, gB, gC, gD if D is not None else None, grads[2] if z is not None else None,
-                g_bias if delta_bias is not None else None, None)
+                g_bias if delta_bias is not None else None, None, None)
 
 
 def _float(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -293,8 +293,9 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     dtype_in = u.dtype
     with torch.autocast(u.device.type, enabled=False):
         f = torch.float32
+        # forward runs with grad mode off, so the caller's mode decides whether to keep states for backward
         y = _SelectiveScanTriton.apply(u.to(f), delta.to(f), A.to(f), B.to(f), C.to(f), _float(D, f), _float(z, f),
-                                       _float(delta_bias, f), delta_softplus)
+                                       _float(delta_bias, f), delta_softplus, torch.is_grad_enabled())
     return y.to(dtype_in)
 
 
