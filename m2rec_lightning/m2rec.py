@@ -75,8 +75,7 @@ class M2RecBlock(nn.Module):
 
     def streams(self, h: Tensor, s: Tensor | None) -> list[Tensor]:
         """[T, F, S] (those switched on), each (B, L, d)."""
-        if self.semantic != (s is not None):
-            raise ValueError(f"M2RecBlock built with semantic={self.semantic} got s={'a tensor' if s is not None else None}")
+        self._check_semantic(s)
         out = [self.temporal(h)]
         if self.fourier is not None:
             out.append(self.fourier(h))
@@ -84,15 +83,18 @@ class M2RecBlock(nn.Module):
             out.append(s)
         return out
 
+    def _check_semantic(self, s: Tensor | None) -> None:
+        if self.semantic != (s is not None):
+            raise ValueError(f"M2RecBlock built with semantic={self.semantic} got a semantic stream "
+                             f"{'tensor' if s is not None else 'of None'}")
+
     def forward(self, h: Tensor, s: Tensor | None = None) -> Tensor:  # h, s: (B, L, d) -> (B, L, d)
         return self.fuse(h, self.streams(h, s))
 
     def forward_last(self, h: Tensor, s_last: Tensor | None, index: Tensor) -> Tensor:
         """The block's output at position index[i] of each row: h (B, L, d), s_last (B, d) = the semantic stream at
         those positions, index (B,) -> (B, d). Every stream is formed at the index alone."""
-        if self.semantic != (s_last is not None):
-            raise ValueError(f"M2RecBlock built with semantic={self.semantic} got s_last="
-                             f"{'a tensor' if s_last is not None else None}")
+        self._check_semantic(s_last)
         streams = [self.temporal.forward_last(h, index)]
         if self.fourier is not None:
             streams.append(self.fourier.forward_last(h, index))

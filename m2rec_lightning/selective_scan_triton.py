@@ -42,6 +42,15 @@ def _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
 
 
 @triton.jit
+def _advance(h, a2, u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
+             su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS: tl.constexpr):
+    """One step of the recurrence, h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t; returns h_t, u_t and delta_t."""
+    u, dt, bt, raw = _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
+                                  su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
+    return tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bt[None, :], u, dt
+
+
+@triton.jit
 def _channel_tile(pid_d, dim, dstate, a_ptr, sa_d, sa_n, bias_ptr, d_ptr,
                   HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """This program's channels and states: offsets and masks, A (BLOCK_D, BLOCK_N), the Δ bias and D (BLOCK_D,)."""
@@ -85,10 +94,9 @@ def _forward_kernel(
             if t % CHUNK == 0:
                 h_at = h0_ptr + (t // CHUNK) * sh_k + pid_b * sh_b + offs_d[:, None] * sh_d + offs_n[None, :] * sh_n
                 tl.store(h_at, h, mask=mask_dn)
-        u, dt, bt, raw = _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
-                                      su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
+        h, u, dt = _advance(h, a2, u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
+                            su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
         ct = tl.load(c_ptr + offs_n * sc_n + t * sc_t, mask=mask_n, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bt[None, :]
         y = tl.sum(h * ct[None, :], axis=1) + d_skip * u
         if HAS_Z:
             z = tl.load(z_ptr + offs_d * sz_d + t * sz_t, mask=mask_d, other=0.0).to(tl.float32)
@@ -113,9 +121,8 @@ def _state_kernel(
     stop = tl.load(index_ptr + pid_b) + 1
     h = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
     for t in range(stop):
-        u, dt, bt, raw = _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
-                                      su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
-        h = tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bt[None, :]
+        h, u, dt = _advance(h, a2, u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
+                            su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
     tl.store(out_ptr + pid_b * so_b + offs_d[:, None] * so_d + offs_n[None, :] * so_n, h, mask=mask_dn)
 
 
@@ -163,9 +170,8 @@ def _backward_kernel(
                           mask=mask_dn, other=0.0)
         h = h_start
         for t in range(t0, t1):
-            u, dt, bt, raw = _step_inputs(u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
-                                          su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
-            h = tl.exp2(dt[:, None] * a2) * h + (dt * u)[:, None] * bt[None, :]
+            h, u, dt = _advance(h, a2, u_ptr, dt_ptr, b_ptr, bias, offs_d, offs_n, mask_d, mask_n, t,
+                                su_d, su_t, sdt_d, sdt_t, sb_n, sb_t, SOFTPLUS)
             tl.store(scratch_ptr + (t - t0) * BLOCK_D * BLOCK_N + scratch_dn, h)
         tl.debug_barrier()
         for tt in range(t1 - t0):
