@@ -14,6 +14,10 @@ are rewritten from all runs recorded there, so a long job can be split over seve
         --seeds 42 43 44 --max-epochs 200 --patience 10 --out benchmarks/results/quality_beauty
     python benchmarks/quality_table.py --dataset beauty --models m2rec_no_fourier --seeds 42 ...
 
+A hyper-parameter search (benchmarks/search.py) fits its points on validation only; `--from-search SEARCH.json`
+then tests the checkpoints of the point with the best mean validation NDCG@10, once, and records them as rows labelled
+with their setting (e.g. `m2rec [encoder.dropout=0.5]`) beside the rows that use the published settings.
+
 Run it from anywhere; config paths resolve against the repository root.
 """
 from __future__ import annotations
@@ -151,6 +155,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "test": tested,
         "val_at_best": val_best,
         "best_epoch": best_epoch,
+        "best_checkpoint": os.path.relpath(best_path, ROOT),
         "epochs_run": len(history.epochs),
         "stopped_early": len(history.epochs) < args.max_epochs,
         "fit_seconds": round(fit_seconds, 1),
@@ -164,6 +169,39 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "overrides": overrides,
         "config": cli.parser.dump(cli.config, skip_none=False),
     }
+
+
+def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict]:
+    """Test, once, each seed's best checkpoint of the setting that ranks first on validation in a search record; the
+    rows carry the setting and the search's fit record (history, config, timings)."""
+    search = json.loads(search_json.read_text())
+    if search["dataset"] != args.dataset:
+        raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
+    if not search["points"]:
+        raise ValueError(f"{search_json} records no finished point")
+    setting, points = rank_settings(search["points"])[0]
+    rows = []
+    for point in points:
+        if "best_checkpoint" not in point:
+            raise ValueError(f"{search_json}: the point {setting} seed {point['seed']} records no best_checkpoint")
+        checkpoint = ROOT / point["best_checkpoint"]
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"{search_json}: checkpoint {checkpoint} of {setting} seed {point['seed']} is gone")
+        epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"])
+        if epoch != point["best_epoch"]:
+            raise ValueError(f"{checkpoint} is from epoch {epoch}, but the search recorded its best at "
+                             f"{point['best_epoch']}: the run folder was reused after the search")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
+            config.write(point["config"])
+            config.flush()
+            cli = build_cli([Path(config.name)], [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false",
+                                                  "--trainer.enable_progress_bar=false"])
+        start = time.perf_counter()
+        (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
+        rows.append({**point, "search": os.path.relpath(search_json, ROOT),
+                     "test": {k.removeprefix("test/"): float(v) for k, v in logged.items() if k.startswith("test/")},
+                     "test_seconds": round(time.perf_counter() - start, 1)})
+    return rows
 
 
 def popularity_counts(dm: SequentialDataModule) -> torch.Tensor:
@@ -214,17 +252,36 @@ def run_popularity(args: argparse.Namespace) -> dict:
 
 # ---- recording ---------------------------------------------------------------------------------------------------
 
+def label(run: dict) -> str:
+    """A row's name: the model, plus the searched setting it was trained with, if any."""
+    setting = run.get("setting")
+    return run["model"] + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
+
+
+def run_key(run: dict) -> tuple:
+    return label(run), run["seed"]
+
+
+def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
+    """Search points grouped by setting, best mean validation NDCG@10 (over seeds) first."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault(tuple(p["setting"].items()), []).append(p)
+    ranked = sorted(groups.values(), key=lambda g: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in g))
+    return [(g[0]["setting"], g) for g in ranked]
+
+
 def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> dict:
-    """Merge `run` and `notes` into OUT.json (a run replaces an earlier one of the same model and seed), rewrite
+    """Merge `run` and `notes` into OUT.json (a run replaces an earlier one of the same row and seed), rewrite
     OUT.md and OUT.png from everything recorded, and return all results. `run=None` only re-renders."""
     def merge(results: dict) -> None:
         if results["dataset"] != dataset:
             raise ValueError(f"{out}.json holds {results['dataset']} results; use another --out for {dataset}")
         results.setdefault("notes", []).extend(n for n in notes if n not in results["notes"])
         if run is not None:
-            results["runs"] = [r for r in results["runs"] if (r["model"], r["seed"]) != (run["model"], run["seed"])]
+            results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(run)]
             results["runs"].append(run)
-        results["runs"].sort(key=lambda r: (MODELS.index(r["model"]), r["seed"] or 0))
+        results["runs"].sort(key=lambda r: (MODELS.index(r["model"]), label(r), r["seed"] or 0))
         out.with_suffix(".md").write_text(markdown(results))
         plot(results, out.with_suffix(".png"))
 
@@ -267,8 +324,11 @@ def markdown(results: dict) -> str:
     if budgets:
         lines += ["**Budget-limited runs.** " + "; ".join(f"max {e} epochs, early-stopping patience {p}"
                                                           for e, p in budgets)
-                  + " (the released settings are 200 epochs, patience 10). Hyper-parameters were not searched: every model uses its published / "
-                  "RecBole default settings (configs/models/*.yaml).", ""]
+                  + " (the released settings are 200 epochs, patience 10). "
+                  + ("Rows named with a [setting] are the validation winners of a hyper-parameter search "
+                     "(benchmarks/search.py, named in the Runs table below); every other row uses"
+                     if any(r.get("setting") for r in trained) else "Hyper-parameters were not searched: every model "
+                     "uses") + " its published / RecBole default settings (configs/models/*.yaml).", ""]
     lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     hardware = sorted({r["hardware"] for r in runs})
     lines += ["Hardware: " + "; ".join(hardware) + ". Load averages at the start and end of each run are in the "
@@ -276,10 +336,9 @@ def markdown(results: dict) -> str:
     header = "| model | seeds | " + " | ".join(METRICS) + " | best epoch / epochs run | fit time (s) |"
     lines += ["## Test metrics (mean ± sample std over seeds)", "", header,
               "|" + "---|" * (header.count("|") - 1)]
-    for model in MODELS:
-        rows = [r for r in runs if r["model"] == model]
-        if not rows:
-            continue
+    for name in dict.fromkeys(label(r) for r in runs):
+        rows = [r for r in runs if label(r) == name]
+        model = rows[0]["model"]
         seeds = ", ".join(str(r["seed"]) for r in rows) if rows[0]["seed"] is not None else "—"
         cells = [mean_std([r["test"][m] for r in rows]) for m in METRICS]
         if model == "popularity":
@@ -287,7 +346,7 @@ def markdown(results: dict) -> str:
         else:
             extra = [", ".join(f"{r['best_epoch'] + 1}/{r['epochs_run']}" for r in rows),
                      mean_std([r["fit_seconds"] for r in rows], 0)]
-        name = f"**{model}**" if model in HEADLINE else model
+        name = f"**{name}**" if model in HEADLINE else name
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " | " + " | ".join(extra) + " |")
     lines.append("")
     target = SASREC_TARGET.get(dataset)
@@ -317,20 +376,21 @@ def markdown(results: dict) -> str:
     for r in runs:
         trained_run = r["best_epoch"] is not None
         lines.append(
-            f"| {r['model']} | {r['seed'] if r['seed'] is not None else '—'} | "
+            f"| {label(r)} | {r['seed'] if r['seed'] is not None else '—'} | "
             f"{r['best_epoch'] + 1 if trained_run else '—'} | {r['val_at_best']['NDCG@10']:.4f} | "
             f"{r['test']['NDCG@10']:.4f} | {r['epochs_run']} | "
             f"{('yes' if r['best_epoch'] + 1 == r['epochs_run'] else 'no') if trained_run else '—'} | "
             f"{r['fit_seconds']} | "
             f"{', '.join(str(x) for x in r.get('load_average', [])) or '—'} | "
-            + " + ".join(f"`{c}`" for c in r["config_files"]) + " |"
+            + " + ".join(f"`{c}`" for c in r["config_files"])
+            + (f" + the setting; winner of `{r['search']}`" if r.get("search") else "") + " |"
         )
     lines.append("")
     return "\n".join(lines)
 
 
 def plot(results: dict, path: Path) -> None:
-    """Validation NDCG@10 per epoch of the headline models (one line per seed, one colour per model)."""
+    """Validation NDCG@10 per epoch of the headline models (one line per seed, one colour per row name)."""
     runs = [r for r in results["runs"] if r["model"] in HEADLINE and r["history"]]
     if not runs:
         return
@@ -342,12 +402,14 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(zip(HEADLINE, ("tab:red", "tab:blue", "tab:green")))
+    searched = [n for n in dict.fromkeys(label(r) for r in runs) if n not in colours]
+    colours |= dict(zip(searched, ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")))
     labelled = set()
     for r in runs:
         epochs = [e["epoch"] + 1 for e in r["history"]]
-        ax.plot(epochs, [e["val"]["NDCG@10"] for e in r["history"]], color=colours[r["model"]], alpha=0.8,
-                lw=1.2, marker="o", ms=3, label=None if r["model"] in labelled else r["model"])
-        labelled.add(r["model"])
+        ax.plot(epochs, [e["val"]["NDCG@10"] for e in r["history"]], color=colours[label(r)], alpha=0.8,
+                lw=1.2, marker="o", ms=3, label=None if label(r) in labelled else label(r))
+        labelled.add(label(r))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
@@ -388,12 +450,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser, ROOT / "runs" / "quality")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None, help="default: all, or none with "
+                        "--from-search")
+    parser.add_argument("--from-search", type=Path, action="append", default=[], metavar="SEARCH.json",
+                        help="test the validation winner of a benchmarks/search.py record (no training); repeatable")
     parser.add_argument("--out", type=Path, default=None,
                         help="output stem: writes OUT.md, OUT.json, OUT.png (default benchmarks/results/quality_<dataset>)")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
     args = parser.parse_args(argv)
     resolve_run_arguments(parser, args, ROOT / "benchmarks" / "results" / f"quality_{args.dataset}")
+    if args.models is None:
+        args.models = [] if args.from_search else list(MODELS)
+    args.from_search = [p.resolve() for p in args.from_search]
+    for p in args.from_search:
+        if not p.is_file():
+            parser.error(f"--from-search {p}: no such file")
     return args
 
 
@@ -404,6 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = record(args.out, args.dataset, None, args.note)
     if args.render:
         return results
+    for search_json in args.from_search:
+        for run in test_search_winner(search_json, args):
+            results = record(args.out, args.dataset, run)
+            print(f"== {label(run)} seed {run['seed']}: test NDCG@10 {run['test']['NDCG@10']:.4f} "
+                  f"HR@10 {run['test']['HR@10']:.4f} (validation winner of {run['search']})", flush=True)
     for model in args.models:
         for seed in [None] if model == "popularity" else args.seeds:
             print(f"== {args.dataset} {model} seed {seed}", flush=True)

@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import itertools
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -78,10 +77,8 @@ def point_name(model: str, setting: dict[str, str]) -> str:
 
 def markdown(record: dict) -> str:
     keys = list(dict.fromkeys(k for p in record["points"] for k in p["setting"]))
-    groups: dict[tuple, list[dict]] = {}
-    for p in record["points"]:
-        groups.setdefault(tuple(p["setting"].get(k, "") for k in keys), []).append(p)
-    ranked = sorted(groups.items(), key=lambda kv: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in kv[1]))
+    ranked = [(tuple(setting.get(k, "") for k in keys), points)
+              for setting, points in quality_table.rank_settings(record["points"])]
     lines = [
         f"# Hyper-parameter search: {record['model']} on {record['dataset']}",
         "",

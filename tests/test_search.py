@@ -72,3 +72,26 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
 
     with pytest.raises(ValueError, match="holds a sasrec search"):
         search.main([*argv[:2], "--model", "mamba4rec", *argv[4:]])
+
+    # the quality table tests the validation winner's checkpoint once and labels the row with its setting
+    quality_table = search.quality_table
+    path = out.with_suffix(".json")
+    table_out = tmp_path / "results" / "quality_from_search"
+    common = ["--dataset", "beauty", "--accelerator", "cpu", "--out", str(table_out), "--from-search", str(path)]
+    results = quality_table.main(common)
+    winner = max(record["points"], key=lambda p: p["val_at_best"]["NDCG@10"])
+    (row,) = results["runs"]
+    assert row["setting"] == winner["setting"] and row["history"] == winner["history"]
+    assert set(row["test"]) == set(quality_table.METRICS) and all(0.0 <= v <= 1.0 for v in row["test"].values())
+    name = f"sasrec [encoder.dropout={winner['setting']['encoder.dropout']}, lr=0.01]"
+    table = table_out.with_suffix(".md").read_text()
+    assert f"| **{name}** | 42 |" in table and "validation winners of a hyper-parameter search" in table
+    again = quality_table.main(common)  # the same row is replaced, and testing a checkpoint is deterministic
+    assert [r["test"] for r in again["runs"]] == [row["test"]]
+
+    saved = json.loads(path.read_text())
+    for p in saved["points"]:
+        p["best_epoch"] += 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="the run folder was reused after the search"):
+        quality_table.main(common)
