@@ -9,7 +9,7 @@ one sample per training position, each with a single target at its last position
     DataLoader, interleaved (all, prefix, all, prefix, ...), median step time × steps per epoch.
 All-positions covers each user's most recent max_len targets per epoch; prefix covers every training target (on
 ML-1M, users longer than max_len+1 contribute their older positions only in prefix mode; `train_window=random`
-draws a different window each epoch instead).
+draws a different window each epoch instead, and `train_window=all` tiles the whole history with windows).
 
     python benchmarks/prefix_vs_all_positions.py --quick
     python benchmarks/prefix_vs_all_positions.py --out benchmarks/results/prefix_vs_all_positions.md

@@ -57,8 +57,10 @@ class SequentialDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: validation / test / predict batch size.
         num_workers: DataLoader worker processes (batches are built vectorised; 0 is usually fast enough).
-        train_window: ``recent``: each user's most recent ``max_len + 1`` training items; ``random``: a random
-            contiguous window of that length from longer histories, redrawn every epoch (``all_positions`` only).
+        train_window: which windows of ``max_len + 1`` training items ``all_positions`` trains on. ``recent``:
+            each user's most recent one; ``random``: one random contiguous window per user, redrawn every epoch;
+            ``all``: consecutive windows tiling each whole history, so every training target counts every epoch
+            (histories longer than ``max_len + 1`` give several samples; see ``splits.TrainSequences``).
         train_mode: ``all_positions``: one sample per user with a target at every position (for causal
             encoders); ``prefix``: one sample per training position (RecBole's augmentation).
         seed: seeds training shuffles and random windows.
@@ -80,7 +82,7 @@ class SequentialDataModule(L.LightningDataModule):
         batch_size: int = 256,
         eval_batch_size: int = 1024,
         num_workers: int = 0,
-        train_window: Literal["recent", "random"] = "recent",
+        train_window: Literal["recent", "random", "all"] = "recent",
         train_mode: Literal["all_positions", "prefix"] = "all_positions",
         seed: int = 0,
         drop_duplicates: bool = False,
@@ -94,12 +96,12 @@ class SequentialDataModule(L.LightningDataModule):
                                 ("min_item_interactions", min_item_interactions, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
-        if train_window not in ("recent", "random"):
-            raise ValueError(f"train_window must be 'recent' or 'random', got {train_window!r}")
+        if train_window not in ("recent", "random", "all"):
+            raise ValueError(f"train_window must be 'recent', 'random' or 'all', got {train_window!r}")
         if train_mode not in ("all_positions", "prefix"):
             raise ValueError(f"train_mode must be 'all_positions' or 'prefix', got {train_mode!r}")
-        if train_mode == "prefix" and train_window == "random":
-            raise ValueError("train_window='random' only applies to train_mode='all_positions' (prefix mode "
+        if train_mode == "prefix" and train_window != "recent":
+            raise ValueError(f"train_window={train_window!r} only applies to train_mode='all_positions' (prefix mode "
                              "already trains on every position)")
         self.data_dir = Path(data_dir)
         self.max_len = max_len

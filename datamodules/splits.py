@@ -49,27 +49,41 @@ class _Batched(Dataset):
 
 
 class TrainSequences(_Batched):
-    """``train_mode="all_positions"``: one sample per user whose train part has >= 2 items.
+    """``train_mode="all_positions"``: samples of up to ``max_len + 1`` consecutive train items of one user.
 
-    The sample is a window ``s`` of the most recent ``max_len + 1`` train items (or, with ``window="random"``, a
-    uniformly drawn contiguous window of that length, redrawn on every access): ``input_ids = s[:-1]``,
-    ``target_ids = s[1:]``, both B×max_len, right-padded, 0 = no target.
+    A sample is a window ``s`` of train items: ``input_ids = s[:-1]``, ``target_ids = s[1:]``, both B×max_len,
+    right-padded, 0 = no target. Users whose train part has < 2 items give no sample. ``window`` picks the windows:
+
+    - ``recent``: one per user, the most recent ``max_len + 1`` train items.
+    - ``random``: one per user, a uniformly drawn contiguous window of that length, redrawn on every access.
+    - ``all``: ``ceil((m - 1) / max_len)`` per user with m train items, tiling the user's train targets from the
+      most recent back (the first is the ``recent`` window; the oldest may be shorter), so every train target is
+      in exactly one sample. Histories longer than ``max_len + 1`` then train every position each epoch, as
+      RecBole's prefix augmentation does, at the cost of one sample per ``max_len`` targets rather than one per
+      target; a target early in a window sees only the window's items before it.
 
     Args:
         items: (n,) internal item ids, all users' sequences concatenated.
         offsets: (U+1,) sequence boundaries.
         max_len: input length L.
-        window: "recent" or "random".
+        window: "recent", "random" or "all".
         seed: seeds the window draws (in DataLoader workers, the worker's own per-epoch seed is mixed in).
     """
 
     def __init__(self, items: np.ndarray, offsets: np.ndarray, max_len: int,
-                 window: Literal["recent", "random"] = "recent", seed: int = 0):
+                 window: Literal["recent", "random", "all"] = "recent", seed: int = 0):
+        if window not in ("recent", "random", "all"):
+            raise ValueError(f"window must be 'recent', 'random' or 'all', got {window!r}")
         self.items, self.max_len, self.window, self.seed = items, max_len, window, seed
         train_length = np.diff(offsets) - 2
-        self.users = np.flatnonzero(train_length >= 2)
-        self.start = offsets[self.users]
-        self.train_length = train_length[self.users]
+        users = np.flatnonzero(train_length >= 2)
+        start, train_length = offsets[users], train_length[users]
+        # per sample: its user's first train position and train length, and which window back from the most recent
+        per_user = -(-(train_length - 1) // max_len) if window == "all" else np.ones_like(users)
+        self.users = np.repeat(users, per_user)
+        self.start = np.repeat(start, per_user)
+        self.train_length = np.repeat(train_length, per_user)
+        self.back = np.arange(len(self.users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
         self._generator = torch.Generator().manual_seed(seed)
         self._worker_seed: int | None = None
 
@@ -79,11 +93,16 @@ class TrainSequences(_Batched):
     def __getitems__(self, indices: list[int]) -> dict[str, np.ndarray]:
         idx = np.asarray(indices, dtype=np.int64)
         start, m = self.start[idx], self.train_length[idx]
-        n = np.minimum(m, self.max_len + 1)  # window length
-        if self.window == "random":
-            offset = np.floor(self._uniform(len(idx)) * (m - n + 1)).astype(np.int64)
+        if self.window == "all":
+            last_target = m - 1 - self.back[idx] * self.max_len
+            n = np.minimum(last_target, self.max_len) + 1
+            offset = last_target + 1 - n
         else:
-            offset = m - n
+            n = np.minimum(m, self.max_len + 1)  # window length
+            if self.window == "random":
+                offset = np.floor(self._uniform(len(idx)) * (m - n + 1)).astype(np.int64)
+            else:
+                offset = m - n
         first = start + offset
         return {
             "input_ids": gather(self.items, first, n - 1, self.max_len),

@@ -136,6 +136,8 @@ def test_argument_validation(seq_file, tmp_path):
         make(seq_file, tmp_path, max_len=0)
     with pytest.raises(ValueError, match="train_window"):
         make(seq_file, tmp_path, train_mode="prefix", train_window="random")
+    with pytest.raises(ValueError, match="train_window='all' only applies"):
+        make(seq_file, tmp_path, train_mode="prefix", train_window="all")
     with pytest.raises(ValueError, match="min_item_interactions"):
         make(seq_file, tmp_path, min_item_interactions=-1)
 

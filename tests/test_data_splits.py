@@ -46,6 +46,38 @@ def test_all_positions_recent_window(max_len):
     assert len(dataset) == sum(len(s) - 2 >= 2 for s in sequences(flat, offsets))
 
 
+@pytest.mark.parametrize("max_len", [1, 4, 50])
+def test_all_windows_tile_every_train_target_once(max_len):
+    flat, offsets = random_sequences(np.random.default_rng(6))
+    dataset = TrainSequences(flat, offsets, max_len, window="all")
+    expected_inputs, expected_targets, train_targets = [], [], 0
+    for seq in sequences(flat, offsets):
+        train = seq[:-2]
+        if len(train) < 2:
+            continue
+        train_targets += len(train) - 1
+        end = len(train)  # windows from the most recent back; each starts on the item the next one's inputs start at
+        while end > 1:
+            window = train[max(0, end - max_len - 1): end]
+            expected_inputs.append(pad(window[:-1], max_len))
+            expected_targets.append(pad(window[1:], max_len))
+            end -= len(window) - 1
+    got = batch(dataset)
+    assert got["input_ids"].tolist() == expected_inputs
+    assert got["target_ids"].tolist() == expected_targets
+    assert (got["target_ids"] > 0).sum().item() == train_targets
+    # the most recent window of each user is the "recent" sample
+    recent = batch(TrainSequences(flat, offsets, max_len))
+    first_of_user = np.flatnonzero(dataset.back == 0)
+    assert torch.equal(got["input_ids"][first_of_user], recent["input_ids"])
+
+
+def test_unknown_window_is_rejected():
+    flat, offsets = random_sequences(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="'recent', 'random' or 'all'.*'latest'"):
+        TrainSequences(flat, offsets, 4, window="latest")
+
+
 def test_prefix_mode():
     flat, offsets = random_sequences(np.random.default_rng(1))
     max_len = 5
