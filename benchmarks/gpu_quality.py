@@ -1,0 +1,156 @@
+"""Quality rows on one lent GPU: every (model, seed) of a quality table fitted at once, one process each, under one
+wall-clock budget. Made for a short lease on a bare, offline H100/H200 (benchmarks/gpu_check.py is its speed twin).
+
+    python benchmarks/gpu_quality.py --prepare                      # here: data caches + text-encoder record
+    python benchmarks/gpu_quality.py --out $OUT/quality_ml-1m_gpu   # there (--budget-s bounds the whole run)
+
+Each child is `benchmarks/quality_table.py` (fit with early stopping on validation NDCG@10, test of the best
+checkpoint), all writing one OUT.json under its file lock; the child's trainer.max_time is what is left of the budget.
+Before the fits, the Triton scan is checked against the PyTorch scan on the GPU (gpu_check.triton_check); the Mamba
+models use it only if every check passes, else the PyTorch scan.
+
+Why `--prepare`: the packaged all-MiniLM-L6-v2 weights (87 MB) exceed what travels to the GPU machine (64 MiB), so
+the item-text table is computed here, travels in the data cache (`data/`), and the run there names the encoder by
+the identity recorded here (gpu_carry/text_model.json). Its cache key is then the one computed here: a hit loads the
+very table the CPU runs used; a miss fails loudly (the recorded source folder does not exist there).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
+
+import quality_table  # noqa: E402
+
+TEXT_RECORD = ROOT / "gpu_carry" / "text_model.json"
+MAMBA_MODELS = {"mamba4rec", "mamba4rec_residual"} | {m for m in quality_table.MODELS if m.startswith("m2rec")}
+
+
+def prepare(dataset: str) -> None:
+    """Build the data and item-text caches of `dataset` here and record the text encoder's identity."""
+    from datamodules import text_embeddings
+
+    os.chdir(ROOT)
+    cli = quality_table.build_cli(quality_table.dataset_configs(dataset) + [ROOT / "configs/models/m2rec.yaml"],
+                                  ["--trainer.accelerator=cpu"])
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("fit")
+    resolved = text_embeddings.resolve_model(text_embeddings.DEFAULT_MODEL)
+    record = dataclasses.asdict(resolved) | {"source": f"<{resolved.source} on the machine that ran --prepare>"}
+    TEXT_RECORD.parent.mkdir(exist_ok=True)
+    TEXT_RECORD.write_text(json.dumps(record, indent=1))
+    print(f"prepared {dataset}; text encoder recorded in {TEXT_RECORD.relative_to(ROOT)}: {record['revision']}")
+
+
+def run_child(argv: list[str]) -> None:
+    """One quality_table.py run with the text encoder named by the record (see the module docstring)."""
+    from datamodules import text_embeddings
+
+    recorded = text_embeddings.ResolvedModel(**json.loads(TEXT_RECORD.read_text()))
+
+    def resolve_model(model: str = text_embeddings.DEFAULT_MODEL, revision: str | None = None):
+        if model != text_embeddings.DEFAULT_MODEL or revision is not None:
+            raise ValueError(f"gpu_quality.py carries only the default text encoder's table, not {model}@{revision}")
+        return recorded
+
+    text_embeddings.resolve_model = resolve_model
+    quality_table.main(argv)
+
+
+def metrics_progress(work_dir: Path, dataset: str, model: str, seed: int) -> str:
+    """'epochs N, val NDCG@10 last/best' from the child's CSV log."""
+    logs = sorted((work_dir / dataset / model / f"seed{seed}").glob("**/metrics.csv"))
+    if not logs:
+        return "starting"
+    rows = [line.split(",") for line in logs[-1].read_text().splitlines()]
+    if not rows:
+        return "starting"
+    col = rows[0].index("val/NDCG@10") if "val/NDCG@10" in rows[0] else None
+    vals = [float(r[col]) for r in rows[1:] if col is not None and col < len(r) and r[col]]
+    return f"epochs {len(vals)}, val NDCG@10 {vals[-1]:.4f} / best {max(vals):.4f}" if vals else "epoch 1"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prepare", action="store_true", help="build caches and the text-encoder record here, then stop")
+    p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("--dataset", choices=quality_table.DATASETS, default="ml-1m")
+    p.add_argument("--models", nargs="+", choices=quality_table.MODELS, default=list(quality_table.HEADLINE))
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--extra-config", type=Path, action="append",
+                   default=[BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"])
+    p.add_argument("--budget-s", type=float, default=540.0, help="wall time of this whole command")
+    p.add_argument("--reserve-s", type=float, default=75.0,
+                   help="budget kept for each child's start-up, test and write-up after its fit's max_time")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/m2rec_gpu_quality"))
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_ml-1m_gpu")
+    args = p.parse_args(argv)
+    if args.child is not None:
+        return run_child(args.child)
+    if args.prepare:
+        return prepare(args.dataset)
+    start = time.monotonic()
+    if not TEXT_RECORD.is_file():
+        p.error(f"{TEXT_RECORD} is missing: run --prepare on a machine with the text encoder and carry gpu_carry/")
+
+    import torch
+    from gpu_check import triton_check
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+    rows = triton_check("cuda", small=False)
+    for row in rows:
+        print(" | ".join(row), flush=True)
+    backend = "triton" if all(r[-1] == "ok" for r in rows) else "torch"
+    print(f"Mamba backend for the fits: {backend}", flush=True)
+    backend_config = args.work_dir / f"backend_{backend}.yaml"
+    backend_config.parent.mkdir(parents=True, exist_ok=True)
+    backend_config.write_text(f"model:\n  init_args:\n    encoder:\n      init_args:\n        mamba_backend: {backend}\n")
+    fit_s = int(args.budget_s - (time.monotonic() - start) - args.reserve_s)
+    if fit_s < 60:
+        p.error(f"only {fit_s} s left for the fits; raise --budget-s")
+    max_time = args.work_dir / "max_time.yaml"
+    max_time.write_text(f"trainer:\n  max_time: '00:00:{fit_s // 60:02d}:{fit_s % 60:02d}'\n")
+    print(f"{len(args.models) * len(args.seeds)} fits at once, trainer.max_time {fit_s} s each", flush=True)
+
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    children = {}
+    for model in args.models:
+        for seed in args.seeds:
+            configs = [*args.extra_config, max_time] + ([backend_config] if model in MAMBA_MODELS else [])
+            cmd = [sys.executable, __file__, "--child", "--dataset", args.dataset, "--models", model,
+                   "--seeds", str(seed), "--max-epochs", "200", "--patience", str(args.patience),
+                   "--accelerator", "gpu", "--work-dir", str(args.work_dir), "--out", str(args.out),
+                   *[a for c in configs for a in ("--extra-config", str(c))]]
+            log = open(args.work_dir / f"{model}-{seed}.log", "w")
+            children[(model, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+    while any(proc.poll() is None for proc, _ in children.values()):
+        time.sleep(20)
+        elapsed = time.monotonic() - start
+        print(f"-- {elapsed:.0f} s", flush=True)
+        for (model, seed), (proc, log) in children.items():
+            state = "running" if proc.returncode is None else f"exit {proc.returncode}"
+            print(f"   {model} seed {seed}: {state}; {metrics_progress(args.work_dir, args.dataset, model, seed)}",
+                  flush=True)
+        if elapsed > args.budget_s:
+            for proc, _ in children.values():
+                proc.kill()
+    failed = [(key, proc.returncode) for key, (proc, _) in children.items() if proc.returncode != 0]
+    for (model, seed), code in failed:
+        tail = (args.work_dir / f"{model}-{seed}.log").read_text(errors="replace").splitlines()[-15:]
+        print(f"== {model} seed {seed} failed (exit {code}):\n" + "\n".join(tail), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
