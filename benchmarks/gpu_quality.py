@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", choices=quality_table.MODELS, default=list(quality_table.HEADLINE))
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--extra-config", type=Path, action="append",
-                   default=[BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"])
+    p.add_argument("--extra-config", type=Path, action="append", default=None,
+                   help="configs applied after the model's, repeatable (default: ml-1m_batch16_lr2e-3.yaml)")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of this whole command")
     p.add_argument("--reserve-s", type=float, default=75.0,
                    help="budget kept for each child's start-up, test and write-up after its fit's max_time")
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.prepare:
         return prepare(args.dataset)
     start = time.monotonic()
+    args.extra_config = args.extra_config or [BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"]
     if not TEXT_RECORD.is_file():
         p.error(f"{TEXT_RECORD} is missing: run --prepare on a machine with the text encoder and carry gpu_carry/")
 
