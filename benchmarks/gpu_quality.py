@@ -38,18 +38,24 @@ MAMBA_MODELS = {"mamba4rec", "mamba4rec_residual"} | {m for m in quality_table.M
 
 def prepare(dataset: str) -> None:
     """Build the data and item-text caches of `dataset` here and record the text encoder's identity."""
-    from datamodules import text_embeddings
-
     os.chdir(ROOT)
     cli = quality_table.build_cli(quality_table.dataset_configs(dataset) + [ROOT / "configs/models/m2rec.yaml"],
                                   ["--trainer.accelerator=cpu"])
     cli.datamodule.prepare_data()
     cli.datamodule.setup("fit")
+    record = record_text_model(TEXT_RECORD)
+    print(f"prepared {dataset}; text encoder recorded in {TEXT_RECORD.relative_to(ROOT)}: {record['revision']}")
+
+
+def record_text_model(path: Path) -> dict:
+    """Write the default text encoder's identity (as resolved here) to `path`; its source is marked as not there."""
+    from datamodules import text_embeddings
+
     resolved = text_embeddings.resolve_model(text_embeddings.DEFAULT_MODEL)
     record = dataclasses.asdict(resolved) | {"source": f"<{resolved.source} on the machine that ran --prepare>"}
-    TEXT_RECORD.parent.mkdir(exist_ok=True)
-    TEXT_RECORD.write_text(json.dumps(record, indent=1))
-    print(f"prepared {dataset}; text encoder recorded in {TEXT_RECORD.relative_to(ROOT)}: {record['revision']}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
 
 
 def run_child(argv: list[str]) -> None:

@@ -327,8 +327,10 @@ def markdown(results: dict) -> str:
                   + " (the released settings are 200 epochs, patience 10). "
                   + ("Rows named with a [setting] are the validation winners of a hyper-parameter search "
                      "(benchmarks/search.py, named in the Runs table below); every other row uses"
-                     if any(r.get("setting") for r in trained) else "Hyper-parameters were not searched: every model "
-                     "uses") + " its published / RecBole default settings (configs/models/*.yaml).", ""]
+                     if any(r.get("setting") for r in trained) else "No row is a search winner: every model uses")
+                  + " its published / RecBole default settings (configs/models/*.yaml), changed only by the extra "
+                  "config files named in the Runs table (those under benchmarks/configs/ set training hyper-parameters; "
+                  "max_time files only bound the wall time).", ""]
     lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     hardware = sorted({r["hardware"] for r in runs})
     lines += ["Hardware: " + "; ".join(hardware) + ". Load averages at the start and end of each run are in the "
