@@ -18,6 +18,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_table import label  # noqa: E402  (rows are named as in the quality tables)
+
 
 def first_reach(run: dict, target: float) -> dict | None:
     """The first epoch record of `run` whose validation NDCG@10 is >= target, or None."""
@@ -34,7 +37,7 @@ def table(runs: list[dict], target: float, source: str) -> str:
         mode = "prefix" if "train_mode: prefix" in r["config"] else "all_positions"
         per_epoch = r["history"][-1]["seconds"] / len(r["history"])
         reached = f"{hit['epoch'] + 1} | {hit['seconds']:.0f}" if hit else "not reached | —"
-        lines.append(f"| {r['model']} | {r['seed']} | {mode} | {reached} | {r['val_at_best']['NDCG@10']:.4f} | "
+        lines.append(f"| {label(r)} | {r['seed']} | {mode} | {reached} | {r['val_at_best']['NDCG@10']:.4f} | "
                      f"{r['epochs_run']} | {per_epoch:.0f} |")
     return "\n".join(lines)
 

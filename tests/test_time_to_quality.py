@@ -20,6 +20,7 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
         run("sasrec", [0.01, 0.03, 0.05, 0.04]),            # best 0.05 at epoch 3, then early-stopped
         run("m2rec", [0.02, 0.05, 0.06]),                   # reaches 0.05 at epoch 2
         run("sasrec_recbole", [0.01, 0.02, 0.049], True),   # never reaches it
+        run("m2rec", [0.01, 0.02, 0.05]) | {"setting": {"encoder.dropout": "0.5"}},  # a search winner's row
     ]}))
     out = tmp_path / "ttq.md"
     load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
@@ -29,6 +30,7 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
     assert "| 3 | 30 |" in rows["sasrec"]
     assert "| 2 | 20 |" in rows["m2rec"]
     assert "| prefix | not reached |" in rows["sasrec_recbole"]
+    assert "| 3 | 30 |" in rows["m2rec [encoder.dropout=0.5]"]  # named apart from the plain m2rec row
 
 
 def test_fixed_targets_each_get_a_table(tmp_path):
