@@ -4,6 +4,11 @@ wall-clock budget. Made for a short lease on a bare, offline H100/H200 (benchmar
     python benchmarks/gpu_quality.py --prepare                      # here: data caches + text-encoder record
     python benchmarks/gpu_quality.py --out $OUT/quality_ml-1m_gpu   # there (--budget-s bounds the whole run)
 
+What travels (2026-11 lease, 21 MB): `data/` and `gpu_carry/` from --prepare; the wheels of jsonargparse,
+docstring_parser and typeshed_client (the GPU image lacks them; install with pip --target and put it on PYTHONPATH);
+and the data through a git-ignored link `shared -> ../shared` in the checkout, carried as `shared/data/ml-1m` and
+linked back there with `ln -s "$PWD/shared" ../shared`. The exact command is in benchmarks/results/quality_ml-1m_gpu.md.
+
 Each child is `benchmarks/quality_table.py` (fit with early stopping on validation NDCG@10, test of the best
 checkpoint), all writing one OUT.json under its file lock; the child's trainer.max_time is what is left of the budget.
 Before the fits, the Triton scan is checked against the PyTorch scan on the GPU (gpu_check.triton_check); the Mamba
