@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
@@ -38,7 +40,14 @@ sys.path.insert(0, str(ROOT))
 import quality_table  # noqa: E402
 
 TEXT_RECORD = ROOT / "gpu_carry" / "text_model.json"
-MAMBA_MODELS = {"mamba4rec", "mamba4rec_residual"} | {m for m in quality_table.MODELS if m.startswith("m2rec")}
+
+
+def uses_mamba(model: str) -> bool:
+    """Whether the model's config builds the Mamba encoder (M2RecEncoder), i.e. takes a mamba_backend."""
+    path = ROOT / "configs" / "models" / f"{model}.yaml"
+    if not path.is_file():  # popularity: no network at all
+        return False
+    return yaml.safe_load(path.read_text())["model"]["init_args"]["encoder"]["class_path"].endswith(".M2RecEncoder")
 
 
 def prepare(dataset: str) -> None:
@@ -139,25 +148,25 @@ def main(argv: list[str] | None = None) -> None:
     children = {}
     for model in args.models:
         for seed in args.seeds:
-            configs = [*args.extra_config, max_time] + ([backend_config] if model in MAMBA_MODELS else [])
+            configs = [*args.extra_config, max_time] + ([backend_config] if uses_mamba(model) else [])
             cmd = [sys.executable, __file__, "--child", "--dataset", args.dataset, "--models", model,
                    "--seeds", str(seed), "--max-epochs", "200", "--patience", str(args.patience),
                    "--accelerator", "gpu", "--work-dir", str(args.work_dir), "--out", str(args.out),
                    *[a for c in configs for a in ("--extra-config", str(c))]]
-            log = open(args.work_dir / f"{model}-{seed}.log", "w")
-            children[(model, seed)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
-    while any(proc.poll() is None for proc, _ in children.values()):
+            with open(args.work_dir / f"{model}-{seed}.log", "w") as log:  # the child keeps its own handle
+                children[(model, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    while any(proc.poll() is None for proc in children.values()):
         time.sleep(20)
         elapsed = time.monotonic() - start
         print(f"-- {elapsed:.0f} s", flush=True)
-        for (model, seed), (proc, log) in children.items():
+        for (model, seed), proc in children.items():
             state = "running" if proc.returncode is None else f"exit {proc.returncode}"
             print(f"   {model} seed {seed}: {state}; {metrics_progress(args.work_dir, args.dataset, model, seed)}",
                   flush=True)
         if elapsed > args.budget_s:
-            for proc, _ in children.values():
+            for proc in children.values():
                 proc.kill()
-    failed = [(key, proc.returncode) for key, (proc, _) in children.items() if proc.returncode != 0]
+    failed = [(key, proc.returncode) for key, proc in children.items() if proc.returncode != 0]
     for (model, seed), code in failed:
         tail = (args.work_dir / f"{model}-{seed}.log").read_text(errors="replace").splitlines()[-15:]
         print(f"== {model} seed {seed} failed (exit {code}):\n" + "\n".join(tail), flush=True)

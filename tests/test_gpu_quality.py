@@ -53,3 +53,9 @@ def test_metrics_progress_reads_the_childs_csv_log(tmp_path):
     log.write_text("epoch,step,train/loss,val/NDCG@10\n0,10,7.5,\n0,20,,0.0512\n1,30,,0.0734\n2,40,,0.0701\n")
     assert gpu_quality.metrics_progress(tmp_path, "ml-1m", "m2rec", 42) == \
         "epochs 3, val NDCG@10 0.0701 / best 0.0734"
+
+
+def test_mamba_backend_goes_only_to_models_built_on_the_mamba_encoder():
+    assert [m for m in gpu_quality.quality_table.MODELS if gpu_quality.uses_mamba(m)] == [
+        "mamba4rec", "mamba4rec_residual", "m2rec", "m2rec_no_multiscale", "m2rec_no_fourier", "m2rec_no_semantic",
+        "m2rec_sum_gate"]
