@@ -37,17 +37,18 @@ class SequentialRecommender(L.LightningModule):
         ks: cut-offs for HR/NDCG/MRR.
         top_k: how many items `predict` returns per user.
         check_finite: stop with an error naming the step when the loss becomes NaN/inf.
-        contrastive_weight: weight of a contrastive regulariser added to the loss (0 = off): each training sequence is
-            encoded a second time under fresh dropout, and the two last-position states of a sequence must pick each
-            other out of the batch (symmetric InfoNCE on dot products; the unsupervised augmentation of DuoRec,
-            Qiu et al. 2022, whose Beauty setting is 0.1). Costs one more last-position forward pass per step.
-        contrastive_temperature: divides the dot products of the contrastive regulariser.
         length_groups: encode each batch in this many groups of similar length, each cut to its longest sequence.
             Exact (causal encoders over right padding: same outputs, loss and gradients), and it skips the work on
             padding, which is most of a batch when lengths vary (Beauty: 11.5 % of the positions are real). 1 = one
             call on the whole padded batch. None = 4 on CPU (1.8x faster M2Rec steps on Beauty, 1.4x on ML-1M:
             benchmarks/length_groups.py) and 1 on accelerators, where more, smaller kernel launches may cost more
             than the padding (not measured yet).
+        contrastive_weight: weight of a contrastive regulariser added to the loss (0 = off): each training sequence is
+            encoded a second time under fresh dropout, and the two last-position states of a sequence must pick each
+            other out of the batch (symmetric InfoNCE on dot products; the unsupervised augmentation of DuoRec,
+            Qiu et al. 2022, who weight it 0.1). Costs one more last-position forward pass per step. On Beauty at 0.1 it
+            lowered validation NDCG@10 (benchmarks/results/search_beauty_m2rec.md).
+        contrastive_temperature: divides the dot products of the contrastive regulariser.
     """
 
     def __init__(
