@@ -148,6 +148,8 @@ def preprocess(
         stats=stats,
     )
     stats.update(sequence_stats(offsets, len(item_ids) - 1))
+    if times is not None:
+        stats.update(tie_stats(offsets, times))
     return processed
 
 
@@ -164,6 +166,21 @@ def _id_array(raw: pd.Index, codes: np.ndarray, pad: bool = False) -> np.ndarray
         values = values.astype(str)
         placeholder = np.array([""])
     return np.concatenate([placeholder, values]) if pad else values
+
+
+def tie_stats(offsets: np.ndarray, times: np.ndarray) -> dict:
+    """How much of the time order is decided by the tie rule (file order): interactions sharing their timestamp with
+    the user's previous one, and users whose test / validation target would change with another tie order (the test
+    target ties with the item before it; the validation target ties with a neighbour)."""
+    tied = np.zeros(len(times), dtype=bool)  # tied[i]: same timestamp as the previous interaction of the same user
+    tied[1:] = times[1:] == times[:-1]
+    tied[offsets[:-1]] = False
+    last = offsets[1:] - 1  # every user has >= MIN_SPLITTABLE items, so last - 1 is still theirs
+    return {
+        "tied_interactions": int(tied.sum()),
+        "users_with_tied_test_target": int(tied[last].sum()),
+        "users_with_tied_validation_target": int((tied[last - 1] | tied[last]).sum()),
+    }
 
 
 def sequence_stats(offsets: np.ndarray, num_items: int) -> dict:

@@ -64,6 +64,11 @@ def format_stats(stats: dict) -> str:
     lines.append(f"short users (< 3)  {stats['short_users_removed']:,} removed "
                  f"({stats['short_user_interactions_removed']:,} interactions)")
     lines.append(f"no train pairs     {stats['users_without_train_pairs']:,} users (train part < 2 items)")
+    if "tied_interactions" in stats:
+        lines.append(f"timestamp ties     {stats['tied_interactions']:,} interactions share the previous one's time "
+                     f"(kept in file order); targets decided by that order: test "
+                     f"{stats['users_with_tied_test_target']:,} users, validation "
+                     f"{stats['users_with_tied_validation_target']:,}")
     if "items_without_text" in stats:
         lines.append(f"items w/o text     {stats['items_without_text']:,}")
     for key, value in stats.get("reader", {}).items():

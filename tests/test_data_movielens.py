@@ -9,6 +9,7 @@ import pytest
 from datamodules import DataFormatError, DownloadError, MovieLens1M, movielens
 from datamodules.download import git_blob_sha1
 from datamodules.movielens import read_movies_dat, read_ratings_dat
+from datamodules.stats import format_stats
 
 # UserID::MovieID::Rating::Timestamp, as in ratings.dat (user 2 rates 3 movies in the same second)
 RATINGS = """1::1193::5::978300760
@@ -68,6 +69,10 @@ def test_datamodule_from_local_files(ml_dir):
     assert dm.item_ids[batch["target"][1]] == 2194
     assert dm.item_text[dm.sequence(1)[-1]]["title"] == "Misérables, Les"
     assert dm.stats["items_without_text"] == 0
+    # user 2's three same-second ratings: 2 ties; its validation target (647) is one of them, its test target not
+    assert (dm.stats["tied_interactions"], dm.stats["users_with_tied_test_target"],
+            dm.stats["users_with_tied_validation_target"]) == (2, 0, 1)
+    assert "timestamp ties     2 interactions" in format_stats(dm.stats)
 
 
 @pytest.mark.parametrize("content,message", [

@@ -138,3 +138,31 @@ def test_matches_reference_on_random_data(data, min_user, min_item, timed, drop)
     assert p.item_ids[1:].tolist() == order
     assert p.stats["interactions"] == sum(map(len, expected.values()))
     assert p.offsets[0] == 0 and p.offsets[-1] == len(p.items)
+
+
+def test_tie_stats_count_ties_within_users_and_tied_targets():
+    # user 1 times 1, 5, 5, 9, 12: one tie, in the history (neither target is decided by the tie order);
+    # user 2 times 3, 4, 4: its test target ties with its validation target (both decided by file order);
+    # user 3 times 4, 4, 8, 9: a tie before both targets; user 3's first time equals user 2's last (not a tie)
+    inter = Interactions(np.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3]), np.arange(12),
+                         np.array([1, 5, 5, 9, 12, 3, 4, 4, 4, 4, 8, 9]))
+    stats = preprocess(inter, 0, 0).stats
+    assert stats["tied_interactions"] == 3
+    assert stats["users_with_tied_test_target"] == 1
+    assert stats["users_with_tied_validation_target"] == 1
+
+
+def test_tie_stats_match_a_per_user_reference_on_random_data():
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 30, 600)
+    inter = Interactions(users, rng.integers(0, 50, 600), rng.integers(0, 20, 600))
+    p = preprocess(inter, 0, 0)
+    tied = test_tied = val_tied = 0
+    for u in range(len(p.user_ids)):
+        t = p.timestamps[p.offsets[u]: p.offsets[u + 1]].tolist()
+        tied += sum(a == b for a, b in zip(t, t[1:]))
+        test_tied += t[-1] == t[-2]
+        val_tied += t[-2] in (t[-3], t[-1])
+    assert (p.stats["tied_interactions"], p.stats["users_with_tied_test_target"],
+            p.stats["users_with_tied_validation_target"]) == (tied, test_tied, val_tied)
+    assert tied > 0 and test_tied > 0
