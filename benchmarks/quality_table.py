@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
+from lightning.pytorch.callbacks import Callback, Timer  # noqa: E402
 
 from datamodules.base import SequentialDataModule  # noqa: E402
 from m2rec_lightning.cli import MONITOR, M2RecCLI, make_cli  # noqa: E402
@@ -158,6 +158,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "best_checkpoint": os.path.relpath(best_path, ROOT),
         "epochs_run": len(history.epochs),
         "stopped_early": len(history.epochs) < args.max_epochs,
+        "ended_by": ended_by(cli.trainer, len(history.epochs), args.max_epochs),
         "fit_seconds": round(fit_seconds, 1),
         "test_seconds": test_seconds,
         "history": history.epochs,
@@ -169,6 +170,17 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "overrides": overrides,
         "config": cli.parser.dump(cli.config, skip_none=False),
     }
+
+
+def ended_by(trainer, epochs_run: int, max_epochs: int) -> str:
+    """What ended a fit: "early stopping", "max_epochs", "max_time" (trainer.max_time) or "interrupted"."""
+    early = trainer.early_stopping_callback
+    if early is not None and early.stopped_epoch > 0:
+        return "early stopping"
+    if epochs_run >= max_epochs:
+        return "max_epochs"
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return "max_time" if timer is not None and timer.time_remaining() <= 0 else "interrupted"
 
 
 def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict]:

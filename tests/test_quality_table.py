@@ -51,6 +51,7 @@ def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
         assert all(0.0 <= v <= 1.0 for v in run["test"].values())
     for run in saved["runs"][1:]:
         assert run["epochs_run"] == 1 and run["best_epoch"] == 0 and len(run["history"]) == 1
+        assert run["ended_by"] == "max_epochs"
         assert run["config_files"][-2:] == [f"configs/models/{run['model']}.yaml", os.path.relpath(config, ROOT)]
         assert "SASRecEncoder" in run["config"] if run["model"] == "sasrec" else "M2RecEncoder" in run["config"]
         assert f"path: {tmp_path / 'seq.txt'}" in run["config"]
@@ -87,3 +88,20 @@ def test_every_model_config_builds_the_encoder_it_names(quality_table, synthetic
         if path.stem == "mamba4rec_residual":
             assert encoder.blocks[0].residual and encoder.blocks[0].temporal.scales == [1]
             assert encoder.blocks[0].fourier is None and encoder.semantic is None
+
+
+def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    def trainer(stopped_epoch: int, timer: Timer | None):
+        early = EarlyStopping(monitor="val/NDCG@10", mode="max")
+        early.stopped_epoch = stopped_epoch
+        return SimpleNamespace(early_stopping_callback=early, callbacks=[early] + ([timer] if timer else []))
+
+    assert quality_table.ended_by(trainer(7, None), 8, 200) == "early stopping"
+    assert quality_table.ended_by(trainer(0, None), 200, 200) == "max_epochs"
+    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(0))), 18, 200) == "max_time"
+    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(hours=1))), 18, 200) == "interrupted"
