@@ -157,7 +157,6 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "best_epoch": best_epoch,
         "best_checkpoint": os.path.relpath(best_path, ROOT),
         "epochs_run": len(history.epochs),
-        "stopped_early": len(history.epochs) < args.max_epochs,
         "ended_by": ended_by(cli.trainer, len(history.epochs), args.max_epochs),
         "fit_seconds": round(fit_seconds, 1),
         "test_seconds": test_seconds,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import SequenceEncoder
+from .encoder import SequenceEncoder, last_positions
 from .m2rec import M2RecEncoder
 from .metrics import RankingMetrics, mask_scores, pessimistic_rank
 
@@ -203,8 +203,7 @@ class SequentialRecommender(L.LightningModule):
         hidden = self.encode(input_ids)  # (B, L, d)
         loss = self.loss(hidden, batch["target_ids"])
         if self.hparams.contrastive_weight > 0:
-            last = (input_ids > 0).sum(dim=1).clamp(min=1) - 1  # (B,) right padding
-            view = hidden[torch.arange(input_ids.size(0), device=last.device), last]  # (B, d)
+            view = hidden[torch.arange(input_ids.size(0), device=hidden.device), last_positions(input_ids)]  # (B, d)
             contrastive = self.contrastive_loss(view, self.encode_last(input_ids))
             self.log("train/contrastive", contrastive, batch_size=input_ids.size(0))
             loss = loss + self.hparams.contrastive_weight * contrastive
