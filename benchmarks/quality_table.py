@@ -274,10 +274,11 @@ def run_key(run: dict) -> tuple:
 
 
 def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """Search points grouped by setting, best mean validation NDCG@10 (over seeds) first."""
+    """Search points grouped by setting, best mean validation NDCG@10 (over seeds) first. A setting is the same
+    whatever order its keys were given in, as search.py's resume check and run folders already treat it."""
     groups: dict[tuple, list[dict]] = {}
     for p in points:
-        groups.setdefault(tuple(p["setting"].items()), []).append(p)
+        groups.setdefault(tuple(sorted(p["setting"].items())), []).append(p)
     ranked = sorted(groups.values(), key=lambda g: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in g))
     return [(g[0]["setting"], g) for g in ranked]
 

@@ -38,6 +38,17 @@ def test_grid_keys_and_product(search):
         search.parse_grid(["lr"])
 
 
+def test_settings_rank_by_mean_over_seeds_whatever_their_key_order(search):
+    def point(setting, seed, ndcg):
+        return {"setting": setting, "seed": seed, "val_at_best": {"NDCG@10": ndcg}}
+
+    points = [point({"a": "1", "b": "2"}, 42, 0.050), point({"a": "0", "b": "2"}, 42, 0.052),
+              point({"b": "2", "a": "1"}, 43, 0.056), point({"a": "0", "b": "2"}, 43, 0.050)]
+    ranked = search.quality_table.rank_settings(points)
+    assert [[p["seed"] for p in group] for _, group in ranked] == [[42, 43], [42, 43]]
+    assert ranked[0][0] == {"a": "1", "b": "2"}  # mean 0.053 beats 0.051, though seed 42 alone says otherwise
+
+
 def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search, synthetic_sequence_file, capsys):
     config, _ = synthetic_sequence_file
     out = tmp_path / "results" / "search_test"
