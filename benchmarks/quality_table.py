@@ -183,14 +183,20 @@ def ended_by(trainer, epochs_run: int, max_epochs: int) -> str:
 
 
 def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict]:
-    """Test, once, each seed's best checkpoint of the setting that ranks first on validation in a search record; the
-    rows carry the setting and the search's fit record (history, config, timings)."""
+    """Test, once, each seed's best checkpoint of the setting that ranks first on validation in a search record (among
+    the settings fitted with at least `args.min_seeds` seeds; only the seeds in `args.search_seeds` when given); the rows
+    carry the setting and the search's fit record (history, config, timings)."""
     search = json.loads(search_json.read_text())
     if search["dataset"] != args.dataset:
         raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
     if not search["points"]:
         raise ValueError(f"{search_json} records no finished point")
-    setting, points = rank_settings(search["points"])[0]
+    setting, points = search_winner(search["points"], args.min_seeds, search_json)
+    if args.search_seeds:
+        missing = set(args.search_seeds) - {p["seed"] for p in points}
+        if missing:
+            raise ValueError(f"{search_json}: the winner {setting} was not fitted with seed(s) {sorted(missing)}")
+        points = [p for p in points if p["seed"] in args.search_seeds]
     rows = []
     for point in points:
         if "best_checkpoint" not in point:
@@ -281,6 +287,17 @@ def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
         groups.setdefault(tuple(sorted(p["setting"].items())), []).append(p)
     ranked = sorted(groups.values(), key=lambda g: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in g))
     return [(g[0]["setting"], g) for g in ranked]
+
+
+def search_winner(points: list[dict], min_seeds: int, source: Path) -> tuple[dict, list[dict]]:
+    """The best-ranked setting among those with at least `min_seeds` seeds: a one-seed point that is lucky on validation
+    must not beat a setting whose mean is over three."""
+    ranked = rank_settings(points)
+    eligible = [(setting, group) for setting, group in ranked if len(group) >= min_seeds]
+    if not eligible:
+        raise ValueError(f"{source}: no setting has {min_seeds} or more seeds (most: "
+                         f"{max(len(g) for _, g in ranked)}); lower --min-seeds or fit more seeds")
+    return eligible[0]
 
 
 def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> dict:
@@ -468,6 +485,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--from-search")
     parser.add_argument("--from-search", type=Path, action="append", default=[], metavar="SEARCH.json",
                         help="test the validation winner of a benchmarks/search.py record (no training); repeatable")
+    parser.add_argument("--min-seeds", type=int, default=1,
+                        help="with --from-search: only settings fitted with at least this many seeds can win")
+    parser.add_argument("--search-seeds", nargs="+", type=int, default=None,
+                        help="with --from-search: test only these seeds of the winner (default: all it was fitted with)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output stem: writes OUT.md, OUT.json, OUT.png (default benchmarks/results/quality_<dataset>)")
     parser.add_argument("--render", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
@@ -476,6 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.models is None:
         args.models = [] if args.from_search else list(MODELS)
     args.from_search = [p.resolve() for p in args.from_search]
+    if args.min_seeds < 1:
+        parser.error("--min-seeds must be >= 1")
     for p in args.from_search:
         if not p.is_file():
             parser.error(f"--from-search {p}: no such file")

@@ -48,6 +48,12 @@ def test_settings_rank_by_mean_over_seeds_whatever_their_key_order(search):
     assert [[p["seed"] for p in group] for _, group in ranked] == [[42, 43], [42, 43]]
     assert ranked[0][0] == {"a": "1", "b": "2"}  # mean 0.053 beats 0.051, though seed 42 alone says otherwise
 
+    lucky = [*points, point({"a": "2", "b": "2"}, 42, 0.060)]
+    assert search.quality_table.search_winner(lucky, 1, "s.json")[0] == {"a": "2", "b": "2"}
+    assert search.quality_table.search_winner(lucky, 2, "s.json")[0] == {"a": "1", "b": "2"}
+    with pytest.raises(ValueError, match=r"s.json: no setting has 3 or more seeds \(most: 2\)"):
+        search.quality_table.search_winner(lucky, 3, "s.json")
+
 
 def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search, synthetic_sequence_file, capsys):
     config, _ = synthetic_sequence_file
@@ -99,6 +105,8 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
     assert f"| **{name}** | 42 |" in table and "validation winners of a hyper-parameter search" in table
     again = quality_table.main(common)  # the same row is replaced, and testing a checkpoint is deterministic
     assert [r["test"] for r in again["runs"]] == [row["test"]]
+    with pytest.raises(ValueError, match=r"was not fitted with seed\(s\) \[7\]"):
+        quality_table.main([*common, "--search-seeds", "7"])
 
     saved = json.loads(path.read_text())
     for p in saved["points"]:
