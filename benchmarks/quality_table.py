@@ -421,8 +421,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
-    """Validation NDCG@10 per epoch of the headline models (one line per seed, one colour per row name)."""
-    runs = [r for r in results["runs"] if r["model"] in HEADLINE and r["history"]]
+    """Validation NDCG@10 per epoch of the headline models and of the search winners (one line per seed, one colour
+    per row name)."""
+    runs = [r for r in results["runs"] if (r["model"] in HEADLINE or r.get("search")) and r["history"]]
     if not runs:
         return
     import matplotlib
