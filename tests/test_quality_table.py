@@ -105,3 +105,18 @@ def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
     assert quality_table.ended_by(trainer(0, None), 200, 200) == "max_epochs"
     assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(0))), 18, 200) == "max_time"
     assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(hours=1))), 18, 200) == "interrupted"
+
+
+def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthetic_sequence_file):
+    """configs/tuned/beauty.yaml must build exactly the encoder whose test numbers it quotes: the validation winner of
+    the sum-gate search (fitted with configs/models/m2rec_sum_gate.yaml plus the setting)."""
+    config, _ = synthetic_sequence_file
+    search = json.loads((ROOT / "benchmarks" / "results" / "search_beauty_m2rec_sum_gate.json").read_text())
+    setting, points = quality_table.search_winner(search["points"], 3, "search_beauty_m2rec_sum_gate.json")
+    measured = yaml.safe_load(points[0]["config"])["model"]["init_args"]["encoder"]["init_args"]
+    offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
+    cli = quality_table.build_cli(quality_table.dataset_configs("beauty") + [ROOT / "configs/tuned/beauty.yaml", config],
+                                  offline)
+    built = cli.config["model"]["init_args"]["encoder"]["init_args"].as_dict()
+    assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
+    assert built["gate"] == "sum" and built["dropout"] == 0.5 == float(setting["encoder.dropout"])
