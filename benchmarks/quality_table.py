@@ -138,6 +138,8 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
+    # before testing: trainer.test restores the callbacks' state from the best checkpoint, saved before any stop
+    ended = ended_by(cli.trainer, len(history.epochs), args.max_epochs)
     best_path = cli.trainer.checkpoint_callback.best_model_path
     if not best_path:
         raise RuntimeError(f"{model} seed {seed}: fit saved no best checkpoint (no validation epoch completed?)")
@@ -157,7 +159,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "best_epoch": best_epoch,
         "best_checkpoint": os.path.relpath(best_path, ROOT),
         "epochs_run": len(history.epochs),
-        "ended_by": ended_by(cli.trainer, len(history.epochs), args.max_epochs),
+        "ended_by": ended,
         "fit_seconds": round(fit_seconds, 1),
         "test_seconds": test_seconds,
         "history": history.epochs,

@@ -74,6 +74,21 @@ def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_a_tested_run_records_that_early_stopping_ended_it(tmp_path, quality_table, synthetic_sequence_file):
+    """lr 0 keeps validation flat, so patience 1 stops the fit after its second epoch; testing the best checkpoint
+    afterwards restores the callbacks' state from before the stop, which must not rewrite what ended the fit."""
+    config, _ = synthetic_sequence_file
+    frozen = tmp_path / "frozen.yaml"
+    frozen.write_text("model:\n  init_args:\n    lr: 0.0\n")
+    results = quality_table.main(["--dataset", "beauty", "--models", "sasrec", "--seeds", "1", "--max-epochs", "4",
+                                  "--patience", "1", "--accelerator", "cpu", "--extra-config", str(config),
+                                  "--extra-config", str(frozen), "--out", str(tmp_path / "quality"),
+                                  "--work-dir", str(tmp_path / "runs")])
+    (run,) = results["runs"]
+    assert run["test"] is not None and (run["best_epoch"], run["epochs_run"]) == (0, 2)
+    assert run["ended_by"] == "early stopping"
+
+
 def test_every_model_config_builds_the_encoder_it_names(quality_table, synthetic_sequence_file):
     config, _ = synthetic_sequence_file
     configs = sorted((ROOT / "configs" / "models").glob("*.yaml"))
