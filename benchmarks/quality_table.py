@@ -193,12 +193,7 @@ def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict
         raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
     if not search["points"]:
         raise ValueError(f"{search_json} records no finished point")
-    setting, points = search_winner(search["points"], args.min_seeds, search_json)
-    if args.search_seeds:
-        missing = set(args.search_seeds) - {p["seed"] for p in points}
-        if missing:
-            raise ValueError(f"{search_json}: the winner {setting} was not fitted with seed(s) {sorted(missing)}")
-        points = [p for p in points if p["seed"] in args.search_seeds]
+    setting, points = search_winner(search["points"], args.min_seeds, search_json, args.search_seeds)
     rows = []
     for point in points:
         if "best_checkpoint" not in point:
@@ -291,15 +286,23 @@ def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
     return [(g[0]["setting"], g) for g in ranked]
 
 
-def search_winner(points: list[dict], min_seeds: int, source: Path) -> tuple[dict, list[dict]]:
-    """The best-ranked setting among those with at least `min_seeds` seeds: a one-seed point that is lucky on validation
-    must not beat a setting whose mean is over three."""
+def search_winner(points: list[dict], min_seeds: int, source: Path,
+                  seeds: list[int] | None = None) -> tuple[dict, list[dict]]:
+    """The best-ranked setting among those with at least `min_seeds` seeds (a one-seed point that is lucky on
+    validation must not beat a setting whose mean is over three), with its points of `seeds` only when given; the
+    winner is chosen on all its seeds either way."""
     ranked = rank_settings(points)
     eligible = [(setting, group) for setting, group in ranked if len(group) >= min_seeds]
     if not eligible:
         raise ValueError(f"{source}: no setting has {min_seeds} or more seeds (most: "
                          f"{max(len(g) for _, g in ranked)}); lower --min-seeds or fit more seeds")
-    return eligible[0]
+    setting, group = eligible[0]
+    if seeds:
+        missing = set(seeds) - {p["seed"] for p in group}
+        if missing:
+            raise ValueError(f"{source}: the winner {setting} was not fitted with seed(s) {sorted(missing)}")
+        group = [p for p in group if p["seed"] in seeds]
+    return setting, group
 
 
 def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> dict:
@@ -502,6 +505,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.from_search = [p.resolve() for p in args.from_search]
     if args.min_seeds < 1:
         parser.error("--min-seeds must be >= 1")
+    if (args.min_seeds != 1 or args.search_seeds) and not args.from_search:
+        parser.error("--min-seeds and --search-seeds choose among --from-search points; no --from-search was given")
     for p in args.from_search:
         if not p.is_file():
             parser.error(f"--from-search {p}: no such file")

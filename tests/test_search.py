@@ -53,6 +53,10 @@ def test_settings_rank_by_mean_over_seeds_whatever_their_key_order(search):
     assert search.quality_table.search_winner(lucky, 2, "s.json")[0] == {"a": "1", "b": "2"}
     with pytest.raises(ValueError, match=r"s.json: no setting has 3 or more seeds \(most: 2\)"):
         search.quality_table.search_winner(lucky, 3, "s.json")
+    setting, group = search.quality_table.search_winner(lucky, 2, "s.json", [43])
+    assert setting == {"a": "1", "b": "2"} and [p["seed"] for p in group] == [43]  # chosen on both seeds, seed 43 kept
+    with pytest.raises(ValueError, match=r"was not fitted with seed\(s\) \[7\]"):
+        search.quality_table.search_winner(lucky, 2, "s.json", [43, 7])
 
 
 def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search, synthetic_sequence_file, capsys):
@@ -107,6 +111,8 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
     assert [r["test"] for r in again["runs"]] == [row["test"]]
     with pytest.raises(ValueError, match=r"was not fitted with seed\(s\) \[7\]"):
         quality_table.main([*common, "--search-seeds", "7"])
+    with pytest.raises(SystemExit):  # without --from-search there is nothing for them to choose among
+        quality_table.main(["--dataset", "beauty", "--models", "popularity", "--min-seeds", "3"])
 
     saved = json.loads(path.read_text())
     for p in saved["points"]:
