@@ -5,8 +5,9 @@ What one measurement is:
   * train: one optimiser step of the real module: encoder forward over (B, L), `SequentialRecommender.loss`
     (full-softmax cross-entropy at all B·L positions against all N items), backward, Adam step.
   * infer: one evaluation batch as `validation_step` runs it: the encoder's `forward_last` (hidden state at the last
-    position only), (B, N+1) scores in one matmul, masking and `pessimistic_rank` (a comparison and a sum per row, no
-    sort), under inference_mode.
+    position only), (B, N+1) scores in one matmul against the item table, masking and `pessimistic_rank` (a comparison
+    and a sum per row, no sort), under inference_mode. Like the module, it builds the item table (with M2Rec's text
+    projection of every item) once, not per batch; that one-off cost per evaluation epoch is not in the timings.
   * infer_full (optional mode): the same with every position encoded and the last one read, the path before
     `forward_last`; with both modes the table adds the speed-up of one over the other.
 Inputs are random item ids filling all L positions (no padding), so every model does its full work. The models are
@@ -117,8 +118,14 @@ def make_steps(model: SequentialRecommender, batch: int, length: int, device: st
         optimizer.step()
         return loss
 
+    # The module builds the output-side table once per evaluation epoch (SequentialRecommender.item_table); rebuilding
+    # it per batch would charge M2Rec its text projection of every item on every batch.
+    model.eval()
+    with torch.inference_mode():
+        eval_table = model.encoder.item_embeddings()  # (N+1, d)
+
     def ranked(last_hidden):  # (B, d) -> (B,) ranks
-        scores = last_hidden @ model.encoder.item_embeddings().T  # (B, N+1)
+        scores = last_hidden @ eval_table.T  # (B, N+1)
         scores[:, 0] = float("-inf")  # what mask_scores does, without its copy
         return pessimistic_rank(scores.float(), eval_target)
 
