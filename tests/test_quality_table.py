@@ -135,4 +135,4 @@ def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthe
     built = cli.config["model"]["init_args"]["encoder"]["init_args"].as_dict()
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
     assert built["gate"] == "sum" and built["dropout"] == 0.5 == float(setting["encoder.dropout"])
-    assert built["hidden_size"] == 128 == int(setting["encoder.hidden_size"])
+    assert built["hidden_size"] == 256 == int(setting["encoder.hidden_size"])
