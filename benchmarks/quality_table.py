@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,6 +109,23 @@ def hardware(accelerator: str) -> str:
     return text
 
 
+def source_commit() -> str | None:
+    """The checked-out commit, with "+changes" when tracked code differs from it (results files aside: runs write
+    them while others run); None outside a git checkout (the GPU machine gets the working tree without .git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def short_commit(commit: str | None) -> str:
+    return "—" if commit is None else commit[:10] + ("+changes" if commit.endswith("+changes") else "")
+
+
 def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: list[str] = [],
               run_name: str | None = None, test: bool = True) -> dict:
     """Fit one model with one seed through the CLI; test the checkpoint with the best validation NDCG@10.
@@ -167,6 +185,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "monitor": MONITOR},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "hardware": hardware(args.accelerator),
+        "commit": source_commit(),
         "config_files": [os.path.relpath(c, ROOT) for c in configs],
         "overrides": overrides,
         "config": cli.parser.dump(cli.config, skip_none=False),
@@ -408,7 +427,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines += ["## Runs", "", "Epochs are counted from 1. A run whose best epoch is its last was still improving.", "",
               "| model | seed | best epoch | val NDCG@10 at best | test NDCG@10 | epochs | still improving | fit (s) | "
-              "load avg (start, end) | config |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "load avg (start, end) | commit | config |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         trained_run = r["best_epoch"] is not None
         lines.append(
@@ -418,6 +437,8 @@ def markdown(results: dict) -> str:
             f"{('yes' if r['best_epoch'] + 1 == r['epochs_run'] else 'no') if trained_run else '—'} | "
             f"{r['fit_seconds']} | "
             f"{', '.join(str(x) for x in r.get('load_average', [])) or '—'} | "
+            # runs from before commits were recorded (session 18) have none
+            f"{short_commit(r.get('commit'))} | "
             + " + ".join(f"`{c}`" for c in r["config_files"])
             + (f" + the setting; winner of `{r['search']}`" if r.get("search") else "") + " |"
         )

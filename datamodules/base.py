@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from .cache import file_digests, load_cache, read_verified, save_cache
 from .preprocess import Interactions, Processed, preprocess
-from .resume import EpochRandomSampler, ResumableDataLoader
+from .resume import EpochRandomSampler, ResumableDataLoader, epoch_seed
 from .samplers import eval_sampler
 from .splits import EvalSequences, PrefixSequences, TrainSequences, collate
 from .text_embeddings import TextEmbeddings, TextOptions, load_or_build_text_embeddings
@@ -296,7 +296,8 @@ class SequentialDataModule(L.LightningDataModule):
             return PrefixSequences(data.items, data.offsets, self.max_len)
         # a trainer that reloads dataloaders every epoch gets new draws rather than a re-seeded repeat
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return TrainSequences(data.items, data.offsets, self.max_len, self.train_window, self.seed + epoch)
+        return TrainSequences(data.items, data.offsets, self.max_len, self.train_window,
+                            epoch_seed(self.seed, epoch))
 
     def eval_dataset(self, split: Literal["val", "test", "predict"]) -> EvalSequences:
         data = self._prepared()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -33,6 +34,31 @@ def hand_popularity(sequences: dict[int, list[int]], k: int) -> tuple[float, flo
     return hr / len(sequences), ndcg / len(sequences)
 
 
+def test_source_commit_names_the_checkout_and_flags_code_changes(tmp_path, quality_table, monkeypatch):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)
+
+    monkeypatch.setattr(quality_table, "ROOT", tmp_path)
+    assert quality_table.source_commit() is None  # not a checkout
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert quality_table.source_commit() == head
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"runs": []}\n')  # results written by a run
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert quality_table.source_commit() == head
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert quality_table.source_commit() == head + "+changes"
+    assert quality_table.short_commit(head + "+changes") == head[:10] + "+changes"
+    assert quality_table.short_commit(None) == "—"
+
+
 def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
     config, sequences = synthetic_sequence_file
     out = tmp_path / "results" / "quality_test"
@@ -52,6 +78,7 @@ def test_quality_table_smoke(tmp_path, quality_table, synthetic_sequence_file):
     for run in saved["runs"][1:]:
         assert run["epochs_run"] == 1 and run["best_epoch"] == 0 and len(run["history"]) == 1
         assert run["ended_by"] == "max_epochs"
+        assert run["commit"] == quality_table.source_commit()
         assert run["config_files"][-2:] == [f"configs/models/{run['model']}.yaml", os.path.relpath(config, ROOT)]
         assert "SASRecEncoder" in run["config"] if run["model"] == "sasrec" else "M2RecEncoder" in run["config"]
         assert f"path: {tmp_path / 'seq.txt'}" in run["config"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.resume import EpochRandomSampler, ResumableDataLoader
+from datamodules.resume import EpochRandomSampler, ResumableDataLoader, epoch_seed
 from test_reliability_support import REPO, TESTS, read_metrics, run_cli, tiny_model_args, write_sequences
 
 STEPS_PER_EPOCH = 10  # 301 users with training pairs / batch size 32
@@ -127,3 +127,17 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     a.set_epoch(0)
     b.set_epoch(1)
     assert list(a) != list(b)
+
+
+def test_adjacent_run_seeds_share_no_epoch_order():
+    # with a seed of seed + epoch, run seed 43's epoch e was run seed 42's epoch e + 1, so "3 seeds" replayed one
+    # stream of batch orders shifted by an epoch
+    data = list(range(200))
+    orders = {}
+    for seed in (42, 43, 44):
+        sampler = EpochRandomSampler(data, seed=seed)
+        for epoch in range(20):
+            sampler.set_epoch(epoch)
+            orders[seed, epoch] = tuple(sampler)
+    assert len(set(orders.values())) == len(orders)
+    assert len({epoch_seed(s, e) for s in range(100) for e in range(100)}) == 100 * 100
