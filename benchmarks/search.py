@@ -101,6 +101,9 @@ def markdown(record: dict) -> str:
         )
     hardware = sorted({p["hardware"] for p in record["points"]})
     lines += ["", "Hardware: " + "; ".join(hardware) + ".", ""]
+    commits = sorted({quality_table.short_commit(p.get("commit")) for p in record["points"]})
+    lines += ["Code: " + ", ".join(commits) + " (the commit each point ran from; — for points from before commits "
+              "were recorded, whose epoch orders came from seed + epoch).", ""]
     return "\n".join(lines)
 
 

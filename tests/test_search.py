@@ -83,6 +83,8 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
     best = max(record["points"], key=lambda p: p["val_at_best"]["NDCG@10"])
     assert f"| 1 | {best['setting']['encoder.dropout']} | 0.01 | 42 |" in rows[0]
     assert "- synthetic" in table and "Test metrics were not computed" in table
+    commit = record["points"][0]["commit"]
+    assert f"Code: {search.quality_table.short_commit(commit)} (" in table
 
     # a second call with one new point runs only that one
     capsys.readouterr()
