@@ -49,6 +49,8 @@ class SequentialRecommender(L.LightningModule):
             Qiu et al. 2022, who weight it 0.1). Costs one more last-position forward pass per step. On Beauty at 0.1 it
             lowered validation NDCG@10 (benchmarks/results/search_beauty_m2rec.md).
         contrastive_temperature: divides the dot products of the contrastive regulariser.
+        label_smoothing: share of each target's probability mass spread evenly over all N items in the training
+            cross-entropy (0 = the published one-hot target); validation and test metrics are unaffected.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SequentialRecommender(L.LightningModule):
         length_groups: int | None = None,
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -77,6 +80,8 @@ class SequentialRecommender(L.LightningModule):
         if contrastive_weight < 0 or contrastive_temperature <= 0:
             raise ValueError(f"contrastive_weight must be >= 0 and contrastive_temperature > 0, got "
                              f"{contrastive_weight} and {contrastive_temperature}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder(num_items, text_dim)
         self._eval_table: Tensor | None = None
@@ -183,7 +188,7 @@ class SequentialRecommender(L.LightningModule):
         """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L)."""
         mask = target_ids > 0
         logits = hidden[mask] @ self.encoder.item_embeddings()[1:].T  # (M, N): padding id is never a candidate
-        return F.cross_entropy(logits.float(), target_ids[mask] - 1)
+        return F.cross_entropy(logits.float(), target_ids[mask] - 1, label_smoothing=self.hparams.label_smoothing)
 
     def contrastive_loss(self, a: Tensor, b: Tensor) -> Tensor:
         """Symmetric InfoNCE between two views (B, d) of the same B sequences: row i of `a` must rank row i of `b`

@@ -94,6 +94,23 @@ def test_loss_ignores_padding_targets_and_padding_item():
     torch.testing.assert_close(module.loss(hidden, targets), expected)
 
 
+def test_label_smoothing_matches_a_float64_reference():
+    torch.manual_seed(0)
+    eps = 0.2
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), label_smoothing=eps)
+    module.eval()
+    ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
+    targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
+    hidden = module.encoder(ids)
+    logp = (hidden[targets > 0] @ module.encoder.item_embeddings()[1:].T).double().log_softmax(-1)  # (M, N)
+    target_logp = logp.gather(1, (targets[targets > 0] - 1)[:, None]).squeeze(1)
+    # the smoothed target puts 1 - eps on the item and eps / N on every item (the target included)
+    expected = -((1 - eps) * target_logp + eps * logp.mean(1)).mean()
+    torch.testing.assert_close(module.loss(hidden, targets).double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        make_module(label_smoothing=1.0)
+
+
 def test_nan_loss_stops_with_the_step():
     module = make_module()
     with torch.no_grad():
