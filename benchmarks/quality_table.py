@@ -150,6 +150,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         *extra_overrides,
     ]
     load_before = os.getloadavg()[0]
+    commit = source_commit()  # before the fit: the code may be committed further while it runs
     cli = build_cli(configs, overrides)
     history = EpochHistory()
     cli.trainer.callbacks.append(history)
@@ -185,7 +186,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "monitor": MONITOR},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "hardware": hardware(args.accelerator),
-        "commit": source_commit(),
+        "commit": commit,
         "config_files": [os.path.relpath(c, ROOT) for c in configs],
         "overrides": overrides,
         "config": cli.parser.dump(cli.config, skip_none=False),
