@@ -117,7 +117,8 @@ def source_commit() -> str | None:
                               timeout=30).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD")
-        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results") else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        return commit + ("+changes" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -97,7 +97,8 @@ def test_loss_ignores_padding_targets_and_padding_item():
 def test_label_smoothing_matches_a_float64_reference():
     torch.manual_seed(0)
     eps = 0.2
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), label_smoothing=eps)
+    encoder = partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN)
+    module = make_module(encoder=encoder, label_smoothing=eps)
     module.eval()
     ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
     targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
