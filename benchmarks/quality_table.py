@@ -47,7 +47,7 @@ from m2rec_lightning.cli import MONITOR, M2RecCLI, make_cli  # noqa: E402
 from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank  # noqa: E402
 
 MODELS = ("popularity", "sasrec", "sasrec_recbole", "mamba4rec", "mamba4rec_residual", "m2rec", "m2rec_no_multiscale",
-          "m2rec_no_fourier", "m2rec_no_semantic", "m2rec_sum_gate")
+          "m2rec_no_fourier", "m2rec_no_semantic", "m2rec_sum_gate", "m2rec_no_residual")
 HEADLINE = ("m2rec", "sasrec", "mamba4rec")
 DATASETS = ("beauty", "ml-1m")
 KS = (5, 10, 20)

@@ -58,4 +58,4 @@ def test_metrics_progress_reads_the_childs_csv_log(tmp_path):
 def test_mamba_backend_goes_only_to_models_built_on_the_mamba_encoder():
     assert [m for m in gpu_quality.quality_table.MODELS if gpu_quality.uses_mamba(m)] == [
         "mamba4rec", "mamba4rec_residual", "m2rec", "m2rec_no_multiscale", "m2rec_no_fourier", "m2rec_no_semantic",
-        "m2rec_sum_gate"]
+        "m2rec_sum_gate", "m2rec_no_residual"]

@@ -130,6 +130,9 @@ def test_every_model_config_builds_the_encoder_it_names(quality_table, synthetic
         if path.stem == "mamba4rec_residual":
             assert encoder.blocks[0].residual and encoder.blocks[0].temporal.scales == [1]
             assert encoder.blocks[0].fourier is None and encoder.semantic is None
+        if path.stem == "m2rec_no_residual":
+            assert not encoder.blocks[0].residual and encoder.blocks[0].temporal.scales == [1, 2, 4]
+            assert encoder.blocks[0].fourier is not None and encoder.blocks[0].gate is not None
 
 
 def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
