@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, RandomSampler
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of one epoch's draws: a hash of the pair, so run seeds s and s + 1 do not share their epoch orders
     (with ``seed + epoch``, seed 43's epoch e was seed 42's epoch e + 1)."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+    # SeedSequence takes only non-negative entropy; torch.manual_seed accepts negative seeds, so map them into 64 bits
+    return int(np.random.SeedSequence([seed % 2**64, epoch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochRandomSampler(RandomSampler):

@@ -141,3 +141,4 @@ def test_adjacent_run_seeds_share_no_epoch_order():
             orders[seed, epoch] = tuple(sampler)
     assert len(set(orders.values())) == len(orders)
     assert len({epoch_seed(s, e) for s in range(100) for e in range(100)}) == 100 * 100
+    assert epoch_seed(-1, 0) != epoch_seed(1, 0) and 0 <= epoch_seed(-1, 0) < 2**63  # negative seeds are valid
