@@ -297,7 +297,7 @@ class SequentialDataModule(L.LightningDataModule):
         # a trainer that reloads dataloaders every epoch gets new draws rather than a re-seeded repeat
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return TrainSequences(data.items, data.offsets, self.max_len, self.train_window,
-                            epoch_seed(self.seed, epoch))
+                              epoch_seed(self.seed, epoch))
 
     def eval_dataset(self, split: Literal["val", "test", "predict"]) -> EvalSequences:
         data = self._prepared()
