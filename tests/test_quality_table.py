@@ -158,11 +158,17 @@ def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthe
     config, _ = synthetic_sequence_file
     search = json.loads((ROOT / "benchmarks" / "results" / "search_beauty_m2rec_sum_gate.json").read_text())
     setting, points = quality_table.search_winner(search["points"], 3, "search_beauty_m2rec_sum_gate.json")
-    measured = yaml.safe_load(points[0]["config"])["model"]["init_args"]["encoder"]["init_args"]
+    measured_module = yaml.safe_load(points[0]["config"])["model"]["init_args"]
+    measured = measured_module.pop("encoder")["init_args"]
     offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
     cli = quality_table.build_cli(quality_table.dataset_configs("beauty") + [ROOT / "configs/tuned/beauty.yaml", config],
                                   offline)
-    built = cli.config["model"]["init_args"]["encoder"]["init_args"].as_dict()
+    built_module = cli.config["model"]["init_args"].as_dict()
+    built = built_module.pop("encoder")["init_args"]
+    for linked in ("num_items", "text_dim"):  # filled from the datamodule at instantiation, absent from saved configs
+        built_module.pop(linked)
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
+    assert built_module == measured_module  # the module's options too (label smoothing, optimiser, lr)
     assert built["gate"] == "sum" and built["dropout"] == 0.5 == float(setting["encoder.dropout"])
     assert built["hidden_size"] == 256 == int(setting["encoder.hidden_size"])
+    assert built_module["label_smoothing"] == 0.2 == float(setting["label_smoothing"])
