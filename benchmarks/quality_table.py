@@ -159,7 +159,8 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     # before testing: trainer.test restores the callbacks' state from the best checkpoint, saved before any stop
-    ended = ended_by(cli.trainer, len(history.epochs), cli.trainer.max_epochs)  # a grid or config may override --max-epochs
+    # the trainer's max_epochs, not --max-epochs: a grid point or an extra config may override it
+    ended = ended_by(cli.trainer, len(history.epochs), cli.trainer.max_epochs)
     best_path = cli.trainer.checkpoint_callback.best_model_path
     if not best_path:
         raise RuntimeError(f"{model} seed {seed}: fit saved no best checkpoint (no validation epoch completed?)")
