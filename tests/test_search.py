@@ -122,3 +122,16 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="the run folder was reused after the search"):
         quality_table.main(common)
+
+
+def test_a_grid_point_that_caps_the_epochs_is_recorded_as_ended_by_that_cap(tmp_path, search, synthetic_sequence_file):
+    """A cosine schedule needs its own epoch horizon, so trainer.max_epochs can be a grid key; what ended the fit must
+    be read from the trainer, not from --max-epochs (which would call this fit interrupted)."""
+    config, _ = synthetic_sequence_file
+    record = search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "trainer.max_epochs=1",
+                          "--grid", "scheduler=cosine", "--max-epochs", "5", "--patience", "5", "--accelerator", "cpu",
+                          "--extra-config", str(config), "--out", str(tmp_path / "search"),
+                          "--work-dir", str(tmp_path / "runs")])
+    (point,) = record["points"]
+    assert point["epochs_run"] == 1 and point["ended_by"] == "max_epochs"
+    assert yaml.safe_load(point["config"])["trainer"]["max_epochs"] == 1
