@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -464,7 +465,9 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(zip(HEADLINE, ("tab:red", "tab:blue", "tab:green")))
     searched = [n for n in dict.fromkeys(label(r) for r in runs) if n not in colours]
-    colours |= dict(zip(searched, ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")))
+    # a record can hold more search winners than there are distinct colours; colours then repeat, lines never vanish
+    others = itertools.cycle(("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"))
+    colours |= dict(zip(searched, others))
     labelled = set()
     for r in runs:
         epochs = [e["epoch"] + 1 for e in r["history"]]

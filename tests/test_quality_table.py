@@ -172,3 +172,12 @@ def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthe
     assert built["gate"] == "sum" and built["dropout"] == 0.5 == float(setting["encoder.dropout"])
     assert built["hidden_size"] == 256 == int(setting["encoder.hidden_size"])
     assert built_module["label_smoothing"] == 0.2 == float(setting["label_smoothing"])
+
+
+def test_the_plot_draws_every_search_winner_even_past_the_palette(tmp_path, quality_table):
+    """Eight winners of different searches in one record: more names than distinct colours, none may be dropped."""
+    runs = [{"model": "m2rec", "seed": 42, "setting": {"lr": str(i)}, "search": "s.json",
+             "history": [{"epoch": e, "val": {"NDCG@10": 0.01 * (e + i)}} for e in range(3)]} for i in range(8)]
+    path = tmp_path / "curves.png"
+    quality_table.plot({"dataset": "beauty", "runs": runs}, path)
+    assert path.stat().st_size > 0
