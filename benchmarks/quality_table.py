@@ -479,9 +479,9 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel("validation NDCG@10")
     ax.set_title(f"{results['dataset']}: validation NDCG@10 per epoch (one line per seed)")
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # below the axes: search-winner names are long enough to cover the curves and run past the figure's edge
+    ax.legend(loc="upper left", bbox_to_anchor=(0.0, -0.12), fontsize=7, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
