@@ -339,19 +339,30 @@ def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> 
             results["runs"] = [r for r in results["runs"] if run_key(r) != run_key(run)]
             results["runs"].append(run)
         results["runs"].sort(key=lambda r: (MODELS.index(r["model"]), label(r), r["seed"] or 0))
+
+    path = out.with_suffix(".json")
+    update_json(path, {"dataset": dataset, "notes": [], "runs": []}, merge)
+    # rendered only once the results are on disk, so a failing plot cannot lose a run; under the lock, so the files
+    # show the latest record even when another invocation merged a run in the meantime
+    with json_lock(path):
+        results = json.loads(path.read_text())
         out.with_suffix(".md").write_text(markdown(results))
         plot(results, out.with_suffix(".png"))
+    return results
 
-    return update_json(out.with_suffix(".json"), {"dataset": dataset, "notes": [], "runs": []}, merge)
+
+def json_lock(path: Path) -> FileLock:
+    """The lock that serialises every read-modify-write of the JSON record at `path`."""
+    # it lives outside the results folder so that it is never committed with them
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return FileLock(str(Path(tempfile.gettempdir()) / f"quality_table-{digest}.lock"))
 
 
 def update_json(path: Path, empty: dict, update) -> dict:
     """Read the JSON record at `path` (or `empty`), let `update(record)` change it in place, write it back atomically,
     all under a file lock so that concurrent invocations never lose each other's results; returns the record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the lock lives outside the results folder so that it is never committed with them
-    lock = Path(tempfile.gettempdir()) / f"quality_table-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock"
-    with FileLock(str(lock)):
+    with json_lock(path):
         record = json.loads(path.read_text()) if path.exists() else empty
         update(record)
         tmp = path.with_suffix(".json.tmp")

@@ -185,3 +185,17 @@ def test_the_plot_draws_every_search_winner_even_past_the_palette(tmp_path, qual
     path = tmp_path / "curves.png"
     quality_table.plot({"dataset": "beauty", "runs": runs}, path)
     assert path.stat().st_size > 0
+
+
+def test_a_failing_plot_does_not_lose_the_run_it_was_drawing(tmp_path, quality_table, monkeypatch):
+    """The record is written before the Markdown and the plot are rendered from it."""
+    def broken_plot(results, path):
+        raise RuntimeError("no colour left")
+
+    monkeypatch.setattr(quality_table, "markdown", lambda results: "table\n")
+    monkeypatch.setattr(quality_table, "plot", broken_plot)
+    run = {"model": "popularity", "seed": None, "test": {"NDCG@10": 0.01}}
+    with pytest.raises(RuntimeError, match="no colour left"):
+        quality_table.record(tmp_path / "q", "beauty", run, ["a note"])
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["runs"] == [run] and saved["notes"] == ["a note"]
