@@ -160,8 +160,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     # before testing: trainer.test restores the callbacks' state from the best checkpoint, saved before any stop
-    # the trainer's max_epochs, not --max-epochs: a grid point or an extra config may override it
-    ended = ended_by(cli.trainer, len(history.epochs), cli.trainer.max_epochs)
+    ended = ended_by(cli.trainer, len(history.epochs))
     best_path = cli.trainer.checkpoint_callback.best_model_path
     if not best_path:
         raise RuntimeError(f"{model} seed {seed}: fit saved no best checkpoint (no validation epoch completed?)")
@@ -196,12 +195,12 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     }
 
 
-def ended_by(trainer, epochs_run: int, max_epochs: int) -> str:
+def ended_by(trainer, epochs_run: int) -> str:
     """What ended a fit: "early stopping", "max_epochs", "max_time" (trainer.max_time) or "interrupted"."""
     early = trainer.early_stopping_callback
     if early is not None and early.stopped_epoch > 0:
         return "early stopping"
-    if epochs_run >= max_epochs:
+    if epochs_run >= trainer.max_epochs:  # the trainer's: a grid point or an extra config may override --max-epochs
         return "max_epochs"
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
     return "max_time" if timer is not None and timer.time_remaining() <= 0 else "interrupted"

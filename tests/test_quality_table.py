@@ -144,12 +144,13 @@ def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
     def trainer(stopped_epoch: int, timer: Timer | None):
         early = EarlyStopping(monitor="val/NDCG@10", mode="max")
         early.stopped_epoch = stopped_epoch
-        return SimpleNamespace(early_stopping_callback=early, callbacks=[early] + ([timer] if timer else []))
+        return SimpleNamespace(early_stopping_callback=early, callbacks=[early] + ([timer] if timer else []),
+                               max_epochs=200)
 
-    assert quality_table.ended_by(trainer(7, None), 8, 200) == "early stopping"
-    assert quality_table.ended_by(trainer(0, None), 200, 200) == "max_epochs"
-    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(0))), 18, 200) == "max_time"
-    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(hours=1))), 18, 200) == "interrupted"
+    assert quality_table.ended_by(trainer(7, None), 8) == "early stopping"
+    assert quality_table.ended_by(trainer(0, None), 200) == "max_epochs"
+    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(0))), 18) == "max_time"
+    assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(hours=1))), 18) == "interrupted"
 
 
 def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthetic_sequence_file):
@@ -179,7 +180,8 @@ def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthe
 
 
 def test_the_plot_draws_every_search_winner_even_past_the_palette(tmp_path, quality_table):
-    """Eight winners of different searches in one record: more names than distinct colours, none may be dropped."""
+    """Eight winners of different searches in one record, more names than distinct colours: the plot must still be
+    drawn (it raised KeyError past six)."""
     runs = [{"model": "m2rec", "seed": 42, "setting": {"lr": str(i)}, "search": "s.json",
              "history": [{"epoch": e, "val": {"NDCG@10": 0.01 * (e + i)}} for e in range(3)]} for i in range(8)]
     path = tmp_path / "curves.png"
