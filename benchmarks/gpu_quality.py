@@ -3,6 +3,8 @@ wall-clock budget. Made for a short lease on a bare, offline H100/H200 (benchmar
 
     python benchmarks/gpu_quality.py --prepare                      # here: data caches + text-encoder record
     python benchmarks/gpu_quality.py --out $OUT/quality_ml-1m_gpu   # there (--budget-s bounds the whole run)
+    python benchmarks/gpu_quality.py --models m2rec --grid encoder.hidden_size=64,256 --grid lr=1e-3,2e-3 \
+        --out $OUT/search_ml-1m_m2rec_gpu                            # there: a validation-only search, then its winner
 
 What travels (2026-11 lease, 21 MB): `data/` and `gpu_carry/` from --prepare; the wheels of jsonargparse,
 docstring_parser and typeshed_client (the GPU image lacks them; install with pip --target and put it on PYTHONPATH);
@@ -11,6 +13,9 @@ linked back there with `ln -s "$PWD/shared" ../shared`. The exact command is in 
 
 Each child is `benchmarks/quality_table.py` (fit with early stopping on validation NDCG@10, test of the best
 checkpoint), all writing one OUT.json under its file lock; the child's trainer.max_time is what is left of the budget.
+With --grid, each child is instead one point and seed of a `benchmarks/search.py` search (validation only, into
+OUT.json); when all have ended, the setting with the best mean validation NDCG@10 is tested once per seed, on the
+checkpoints that never leave the machine, into OUT_test.json (quality_table.py --from-search).
 Before the fits, the Triton scan is checked against the PyTorch scan on the GPU (gpu_check.triton_check); the Mamba
 models use it only if every check passes, else the PyTorch scan.
 
@@ -38,6 +43,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
 import quality_table  # noqa: E402
+import search  # noqa: E402
 
 TEXT_RECORD = ROOT / "gpu_carry" / "text_model.json"
 
@@ -72,8 +78,12 @@ def record_text_model(path: Path) -> dict:
     return record
 
 
+CHILD_SCRIPTS = {"quality_table": quality_table.main, "search": search.main}
+
+
 def run_child(argv: list[str]) -> None:
-    """One quality_table.py run with the text encoder named by the record (see the module docstring)."""
+    """`argv` = [SCRIPT, *its arguments]: one quality_table.py or search.py run with the text encoder named by the
+    record (see the module docstring)."""
     from datamodules import text_embeddings
 
     recorded = text_embeddings.ResolvedModel(**json.loads(TEXT_RECORD.read_text()))
@@ -84,12 +94,13 @@ def run_child(argv: list[str]) -> None:
         return recorded
 
     text_embeddings.resolve_model = resolve_model
-    quality_table.main(argv)
+    script, *rest = argv
+    CHILD_SCRIPTS[script](rest)
 
 
-def metrics_progress(work_dir: Path, dataset: str, model: str, seed: int) -> str:
-    """'epochs N, val NDCG@10 last/best' from the child's CSV log."""
-    logs = sorted((work_dir / dataset / model / f"seed{seed}").glob("**/metrics.csv"))
+def metrics_progress(work_dir: Path, dataset: str, run_name: str, seed: int) -> str:
+    """'epochs N, val NDCG@10 last/best' from the CSV log of the child's run folder (a model or a search point)."""
+    logs = sorted((work_dir / dataset / run_name / f"seed{seed}").glob("**/metrics.csv"))
     if not logs:
         return "starting"
     rows = [line.split(",") for line in logs[-1].read_text().splitlines()]
@@ -100,19 +111,41 @@ def metrics_progress(work_dir: Path, dataset: str, model: str, seed: int) -> str
     return f"epochs {len(vals)}, val NDCG@10 {vals[-1]:.4f} / best {max(vals):.4f}" if vals else "epoch 1"
 
 
+def fits(args: argparse.Namespace, configs_of) -> dict[tuple[str, int], list[str]]:
+    """(run folder name, seed) -> the child's arguments: one quality_table.py run per model and seed, or with --grid
+    one search.py run per point and seed; `configs_of(model)` lists the extra configs of a model's runs."""
+    common = ["--dataset", args.dataset, "--max-epochs", "200", "--patience", str(args.patience),
+              "--accelerator", args.accelerator, "--work-dir", str(args.work_dir), "--out", str(args.out)]
+    if not args.grid:
+        return {(model, seed): ["quality_table", *common, "--models", model, "--seeds", str(seed),
+                                *[a for c in configs_of(model) for a in ("--extra-config", str(c))]]
+                for model in args.models for seed in args.seeds}
+    (model,) = args.models
+    return {(search.point_name(model, point), seed):
+            ["search", *common, "--model", model, "--seeds", str(seed),
+             *[a for key, value in point.items() for a in ("--grid", f"{key}={value}")],
+             *[a for c in configs_of(model) for a in ("--extra-config", str(c))]]
+            for point in search.parse_grid(args.grid) for seed in args.seeds}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prepare", action="store_true", help="build caches and the text-encoder record here, then stop")
     p.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--dataset", choices=quality_table.DATASETS, default="ml-1m")
     p.add_argument("--models", nargs="+", choices=quality_table.MODELS, default=list(quality_table.HEADLINE))
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="search.py's grid axis, repeatable: fit every point of the one --models model on validation "
+                        "only, then test the winner")
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--accelerator", default="gpu", help="cpu runs the whole plan without a GPU (a dry run)")
     p.add_argument("--extra-config", type=Path, action="append", default=None,
                    help="configs applied after the model's, repeatable (default: ml-1m_batch16_lr2e-3.yaml)")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of this whole command")
     p.add_argument("--reserve-s", type=float, default=75.0,
-                   help="budget kept for each child's start-up, test and write-up after its fit's max_time")
+                   help="budget kept for each child's start-up, test and write-up after its fit's max_time "
+                        "(with --grid: and for the winner's test)")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/m2rec_gpu_quality"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality_ml-1m_gpu")
     args = p.parse_args(argv)
@@ -124,15 +157,23 @@ def main(argv: list[str] | None = None) -> None:
     args.extra_config = args.extra_config or [BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"]
     if not TEXT_RECORD.is_file():
         p.error(f"{TEXT_RECORD} is missing: run --prepare on a machine with the text encoder and carry gpu_carry/")
+    if args.grid and len(args.models) != 1:
+        p.error(f"--grid searches one model, not {args.models}")
+    try:
+        search.parse_grid(args.grid)
+    except ValueError as e:
+        p.error(str(e))
 
     import torch
     from gpu_check import triton_check
 
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
-    rows = triton_check("cuda", small=False)
-    for row in rows:
-        print(" | ".join(row), flush=True)
-    backend = "triton" if all(r[-1] == "ok" for r in rows) else "torch"
+    backend = "torch"
+    if args.accelerator == "gpu":
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+        rows = triton_check("cuda", small=False)
+        for row in rows:
+            print(" | ".join(row), flush=True)
+        backend = "triton" if all(r[-1] == "ok" for r in rows) else "torch"
     print(f"Mamba backend for the fits: {backend}", flush=True)
     backend_config = args.work_dir / f"backend_{backend}.yaml"
     backend_config.parent.mkdir(parents=True, exist_ok=True)
@@ -142,34 +183,36 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"only {fit_s} s left for the fits; raise --budget-s")
     max_time = args.work_dir / "max_time.yaml"
     max_time.write_text(f"trainer:\n  max_time: '00:00:{fit_s // 60:02d}:{fit_s % 60:02d}'\n")
-    print(f"{len(args.models) * len(args.seeds)} fits at once, trainer.max_time {fit_s} s each", flush=True)
+    plan = fits(args, lambda model: [*args.extra_config, max_time] + ([backend_config] if uses_mamba(model) else []))
+    print(f"{len(plan)} fits at once, trainer.max_time {fit_s} s each", flush=True)
 
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     children = {}
-    for model in args.models:
-        for seed in args.seeds:
-            configs = [*args.extra_config, max_time] + ([backend_config] if uses_mamba(model) else [])
-            cmd = [sys.executable, __file__, "--child", "--dataset", args.dataset, "--models", model,
-                   "--seeds", str(seed), "--max-epochs", "200", "--patience", str(args.patience),
-                   "--accelerator", "gpu", "--work-dir", str(args.work_dir), "--out", str(args.out),
-                   *[a for c in configs for a in ("--extra-config", str(c))]]
-            with open(args.work_dir / f"{model}-{seed}.log", "w") as log:  # the child keeps its own handle
-                children[(model, seed)] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    for (run_name, seed), child_args in plan.items():
+        with open(args.work_dir / f"{run_name}-{seed}.log", "w") as log:  # the child keeps its own handle
+            children[(run_name, seed)] = subprocess.Popen([sys.executable, __file__, "--child", *child_args],
+                                                          stdout=log, stderr=subprocess.STDOUT, env=env)
     while any(proc.poll() is None for proc in children.values()):
         time.sleep(20)
         elapsed = time.monotonic() - start
         print(f"-- {elapsed:.0f} s", flush=True)
-        for (model, seed), proc in children.items():
+        for (run_name, seed), proc in children.items():
             state = "running" if proc.returncode is None else f"exit {proc.returncode}"
-            print(f"   {model} seed {seed}: {state}; {metrics_progress(args.work_dir, args.dataset, model, seed)}",
+            print(f"   {run_name} seed {seed}: {state}; {metrics_progress(args.work_dir, args.dataset, run_name, seed)}",
                   flush=True)
         if elapsed > args.budget_s:
             for proc in children.values():
                 proc.kill()
     failed = [(key, proc.returncode) for key, proc in children.items() if proc.returncode != 0]
-    for (model, seed), code in failed:
-        tail = (args.work_dir / f"{model}-{seed}.log").read_text(errors="replace").splitlines()[-15:]
-        print(f"== {model} seed {seed} failed (exit {code}):\n" + "\n".join(tail), flush=True)
+    for (run_name, seed), code in failed:
+        tail = (args.work_dir / f"{run_name}-{seed}.log").read_text(errors="replace").splitlines()[-15:]
+        print(f"== {run_name} seed {seed} failed (exit {code}):\n" + "\n".join(tail), flush=True)
+    if args.grid and len(failed) < len(children):
+        # the winner among the points that finished; --min-seeds: a point that lost a seed cannot win on fewer
+        test = subprocess.run([sys.executable, __file__, "--child", "quality_table", "--dataset", args.dataset,
+                               "--accelerator", args.accelerator, "--from-search", str(args.out.with_suffix(".json")),
+                               "--min-seeds", str(len(args.seeds)), "--out", f"{args.out}_test"], env=env)
+        failed += [("winner test", test.returncode)] if test.returncode else []
     sys.exit(1 if failed else 0)
 
 

@@ -1,5 +1,7 @@
 """benchmarks/gpu_quality.py: the text-encoder identity recorded here finds the item-text table built here on a
-machine without the model (a miss fails instead of silently re-embedding); progress lines from a child's CSV log."""
+machine without the model (a miss fails instead of silently re-embedding); progress lines from a child's CSV log; the
+children a plan launches."""
+import argparse
 import sys
 from pathlib import Path
 
@@ -33,9 +35,9 @@ def test_recorded_encoder_hits_the_table_built_here_without_the_model(tmp_path, 
     monkeypatch.setattr(te, "TextEncoder", no_encoder)
     monkeypatch.setattr(te, "resolve_model", te.resolve_model)  # restored after the test; run_child replaces it
     seen = {}
-    monkeypatch.setattr(gpu_quality.quality_table, "main", lambda argv: seen.update(argv=argv, hit=_build(tmp_path)))
+    monkeypatch.setitem(gpu_quality.CHILD_SCRIPTS, "search", lambda argv: seen.update(argv=argv, hit=_build(tmp_path)))
 
-    gpu_quality.run_child(["--dataset", "ml-1m"])
+    gpu_quality.run_child(["search", "--dataset", "ml-1m"])
     assert seen["argv"] == ["--dataset", "ml-1m"]
     assert seen["hit"].key == built.key and torch.equal(seen["hit"].table, built.table)
     with pytest.raises(RuntimeError, match="text model was loaded"):  # other texts: a miss, never a silent rebuild
@@ -59,3 +61,34 @@ def test_mamba_backend_goes_only_to_models_built_on_the_mamba_encoder():
     assert [m for m in gpu_quality.quality_table.MODELS if gpu_quality.uses_mamba(m)] == [
         "mamba4rec", "mamba4rec_residual", "m2rec", "m2rec_no_multiscale", "m2rec_no_fourier", "m2rec_no_semantic",
         "m2rec_sum_gate", "m2rec_no_residual"]
+
+
+def _args(**kw):
+    base = dict(dataset="ml-1m", patience=10, accelerator="gpu", work_dir=Path("/w"), out=Path("/o/s"),
+                seeds=[42, 43], models=["m2rec"], grid=[])
+    return argparse.Namespace(**(base | kw))
+
+
+def test_plan_runs_one_child_per_model_and_seed():
+    plan = gpu_quality.fits(_args(models=["sasrec", "m2rec"]), lambda model: [Path(f"/c/{model}.yaml")])
+    assert list(plan) == [("sasrec", 42), ("sasrec", 43), ("m2rec", 42), ("m2rec", 43)]
+    child = plan[("m2rec", 43)]
+    assert child[0] == "quality_table"
+    assert child[child.index("--models") + 1] == "m2rec" and child[child.index("--seeds") + 1] == "43"
+    assert child[child.index("--extra-config") + 1] == "/c/m2rec.yaml"
+
+
+def test_grid_plan_runs_one_search_child_per_point_and_seed_in_the_folder_search_py_names(tmp_path):
+    grid = ["encoder.hidden_size=64,256", "label_smoothing=0.2"]
+    extra = tmp_path / "x.yaml"
+    extra.write_text("{}")
+    plan = gpu_quality.fits(_args(grid=grid), lambda model: [extra])
+    assert len(plan) == 4
+    for point in ({"encoder.hidden_size": "64", "label_smoothing": "0.2"},
+                  {"encoder.hidden_size": "256", "label_smoothing": "0.2"}):
+        # the progress lines read the run folder search.py makes for the point
+        child = plan[(gpu_quality.search.point_name("m2rec", point), 42)]
+        assert child[0] == "search"
+        parsed = gpu_quality.search.parse_args(child[1:])
+        assert parsed.points == [point] and parsed.seeds == [42] and parsed.model == "m2rec"
+        assert parsed.accelerator == "gpu" and parsed.out == Path("/o/s") and parsed.extra_config == [extra]
