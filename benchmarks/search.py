@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -132,17 +133,23 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out.with_suffix(".json")
     empty = {"dataset": args.dataset, "model": args.model, "notes": [], "points": []}
 
-    def add(point: dict | None):
+    def save(point: dict | None) -> dict:
+        """Merge the notes and `point` into OUT.json, then render OUT.md from it (so a rendering error cannot lose a
+        fitted point); returns the record."""
         def update(record: dict) -> None:
             if (record["dataset"], record["model"]) != (args.dataset, args.model):
                 raise ValueError(f"{path} holds a {record['model']} search on {record['dataset']}; use another --out")
             record["notes"].extend(n for n in args.note if n not in record["notes"])
             if point is not None:
                 record["points"].append(point)
-            args.out.with_suffix(".md").write_text(markdown(record))
-        return update
 
-    record = quality_table.update_json(path, empty, add(None))
+        quality_table.update_json(path, empty, update)
+        with quality_table.json_lock(path):  # the latest record, also when another search merged a point meanwhile
+            record = json.loads(path.read_text())
+            args.out.with_suffix(".md").write_text(markdown(record))
+        return record
+
+    record = save(None)
     done = {(tuple(sorted(p["setting"].items())), p["seed"]) for p in record["points"]}
     for setting in args.points:
         for seed in args.seeds:
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
             overrides = [f"--{args.full_keys[k]}={v}" for k, v in setting.items()]
             run = quality_table.run_model(args.model, seed, args, overrides, point_name(args.model, setting), test=False)
             point = {"setting": setting, **{k: v for k, v in run.items() if k not in ("test", "test_seconds")}}
-            record = quality_table.update_json(path, empty, add(point))
+            record = save(point)
             print(f"== {setting} seed {seed}: best val NDCG@10 {run['val_at_best']['NDCG@10']:.4f} "
                   f"(epoch {run['best_epoch'] + 1} of {run['epochs_run']}, {run['fit_seconds']} s)", flush=True)
     return record

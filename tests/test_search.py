@@ -135,3 +135,24 @@ def test_a_grid_point_that_caps_the_epochs_is_recorded_as_ended_by_that_cap(tmp_
     (point,) = record["points"]
     assert point["epochs_run"] == 1 and point["ended_by"] == "max_epochs"
     assert yaml.safe_load(point["config"])["trainer"]["max_epochs"] == 1
+
+
+def test_a_rendering_error_does_not_lose_the_fitted_point(tmp_path, search, synthetic_sequence_file, monkeypatch):
+    """The point is on disk before its Markdown is rendered, as in quality_table.record."""
+    config, _ = synthetic_sequence_file
+    out = tmp_path / "search"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--max-epochs", "1", "--patience", "1",
+            "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out), "--work-dir", str(tmp_path / "r")]
+    search.main(argv[:4] + ["--grid", "lr=0.02"] + argv[6:])  # an earlier point: the Markdown renders it
+    markdown = search.markdown
+
+    def fail_on_the_new_point(record):
+        if len(record["points"]) > 1:
+            raise KeyError("a renderer bug")
+        return markdown(record)
+
+    monkeypatch.setattr(search, "markdown", fail_on_the_new_point)
+    with pytest.raises(KeyError, match="a renderer bug"):
+        search.main(argv)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert [p["setting"] for p in saved["points"]] == [{"lr": "0.02"}, {"lr": "0.01"}]
