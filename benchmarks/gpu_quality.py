@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                         "only, then test the winner")
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--accelerator", default="gpu", help="cpu runs the whole plan without a GPU (a dry run)")
+    p.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu runs the whole plan without a GPU (a dry run)")
     p.add_argument("--extra-config", type=Path, action="append", default=None,
                    help="configs applied after the model's, repeatable (default: ml-1m_batch16_lr2e-3.yaml)")
     p.add_argument("--budget-s", type=float, default=540.0, help="wall time of this whole command")
