@@ -171,11 +171,11 @@ def test_tuned_beauty_config_is_the_measured_search_winner(quality_table, synthe
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
     assert built_module == measured_module  # the module's options too (label smoothing, optimiser, lr)
     assert built["gate"] == "sum" and built["dropout"] == 0.5 == float(setting["encoder.dropout"])
-    assert built["hidden_size"] == 256 == int(setting["encoder.hidden_size"])
+    assert built["hidden_size"] == 512 == int(setting["encoder.hidden_size"])
     assert built_module["label_smoothing"] == 0.2 == float(setting["label_smoothing"])
     # the cosine decay's horizon is the trainer's max_epochs, and the winner was fitted with patience 5
     assert built_module["scheduler"] == "cosine" == setting["scheduler"]
-    assert cli.config["trainer"]["max_epochs"] == 16 == int(setting["trainer.max_epochs"])
+    assert cli.config["trainer"]["max_epochs"] == 12 == int(setting["trainer.max_epochs"])
     assert cli.config["early_stopping"]["patience"] == 5 == points[0]["budget"]["patience"]
 
 
