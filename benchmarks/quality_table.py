@@ -339,34 +339,28 @@ def record(out: Path, dataset: str, run: dict | None, notes: list[str] = []) -> 
             results["runs"].append(run)
         results["runs"].sort(key=lambda r: (MODELS.index(r["model"]), label(r), r["seed"] or 0))
 
-    path = out.with_suffix(".json")
-    update_json(path, {"dataset": dataset, "notes": [], "runs": []}, merge)
-    # rendered only once the results are on disk, so a failing plot cannot lose a run; under the lock, so the files
-    # show the latest record even when another invocation merged a run in the meantime
-    with json_lock(path):
-        results = json.loads(path.read_text())
+    def render(results: dict) -> None:
         out.with_suffix(".md").write_text(markdown(results))
         plot(results, out.with_suffix(".png"))
-    return results
+
+    return update_json(out.with_suffix(".json"), {"dataset": dataset, "notes": [], "runs": []}, merge, render)
 
 
-def json_lock(path: Path) -> FileLock:
-    """The lock that serialises every read-modify-write of the JSON record at `path`."""
-    # it lives outside the results folder so that it is never committed with them
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    return FileLock(str(Path(tempfile.gettempdir()) / f"quality_table-{digest}.lock"))
-
-
-def update_json(path: Path, empty: dict, update) -> dict:
+def update_json(path: Path, empty: dict, update, render=None) -> dict:
     """Read the JSON record at `path` (or `empty`), let `update(record)` change it in place, write it back atomically,
-    all under a file lock so that concurrent invocations never lose each other's results; returns the record."""
+    then let `render(record)` write the files shown from it, all under a file lock so that concurrent invocations never
+    lose each other's results; returns the record. Rendering comes after the write, so it cannot lose the record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with json_lock(path):
+    # the lock lives outside the results folder so that it is never committed with them
+    lock = Path(tempfile.gettempdir()) / f"quality_table-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock"
+    with FileLock(str(lock)):
         record = json.loads(path.read_text()) if path.exists() else empty
         update(record)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(path)
+        if render is not None:
+            render(record)
     return record
 
 

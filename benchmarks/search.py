@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
 import os
 import sys
 from pathlib import Path
@@ -134,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     empty = {"dataset": args.dataset, "model": args.model, "notes": [], "points": []}
 
     def save(point: dict | None) -> dict:
-        """Merge the notes and `point` into OUT.json, then render OUT.md from it (so a rendering error cannot lose a
-        fitted point); returns the record."""
+        """Merge the notes and `point` into OUT.json, then render OUT.md from it; returns the record."""
         def update(record: dict) -> None:
             if (record["dataset"], record["model"]) != (args.dataset, args.model):
                 raise ValueError(f"{path} holds a {record['model']} search on {record['dataset']}; use another --out")
@@ -143,11 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
             if point is not None:
                 record["points"].append(point)
 
-        quality_table.update_json(path, empty, update)
-        with quality_table.json_lock(path):  # the latest record, also when another search merged a point meanwhile
-            record = json.loads(path.read_text())
+        def render(record: dict) -> None:
             args.out.with_suffix(".md").write_text(markdown(record))
-        return record
+
+        return quality_table.update_json(path, empty, update, render)
 
     record = save(None)
     done = {(tuple(sorted(p["setting"].items())), p["seed"]) for p in record["points"]}
