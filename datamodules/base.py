@@ -66,6 +66,9 @@ class SequentialDataModule(L.LightningDataModule):
         seed: seeds training shuffles and random windows.
         drop_duplicates: drop repeated (user, item, timestamp) rows, keeping the first (RecBole keeps them;
             they are counted in ``stats`` either way). Without timestamps a repeated (user, item) pair counts.
+        tie_order: one user's interactions sharing a timestamp stay in ``file`` order (RecBole's rule) or take a
+            fixed ``shuffle``d order; see ``preprocess.preprocess``. ML-1M's file order inside a second is largely the
+            same for every user, which the models learn (``benchmarks/results/tie_order.md``).
         text: embed item texts with a language model for the semantic branch (None = no text features). The table
             is cached under the processed data, keyed by items, texts, model, pooling, template and length.
     """
@@ -86,6 +89,7 @@ class SequentialDataModule(L.LightningDataModule):
         train_mode: Literal["all_positions", "prefix"] = "all_positions",
         seed: int = 0,
         drop_duplicates: bool = False,
+        tie_order: Literal["file", "shuffle"] = "file",
         text: TextOptions | None = None,
     ):
         super().__init__()
@@ -100,6 +104,8 @@ class SequentialDataModule(L.LightningDataModule):
             raise ValueError(f"train_window must be 'recent', 'random' or 'all', got {train_window!r}")
         if train_mode not in ("all_positions", "prefix"):
             raise ValueError(f"train_mode must be 'all_positions' or 'prefix', got {train_mode!r}")
+        if tie_order not in ("file", "shuffle"):
+            raise ValueError(f"tie_order must be 'file' or 'shuffle', got {tie_order!r}")
         if train_mode == "prefix" and train_window != "recent":
             raise ValueError(f"train_window={train_window!r} only applies to train_mode='all_positions' (prefix mode "
                              "already trains on every position)")
@@ -114,6 +120,7 @@ class SequentialDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.seed = seed
         self.drop_duplicates = drop_duplicates
+        self.tie_order = tie_order
         self.text = text
         self._text_embeddings: TextEmbeddings | None = None
         self._data: Processed | None = None
@@ -264,7 +271,7 @@ class SequentialDataModule(L.LightningDataModule):
         start = time.perf_counter()
         log.info("preparing %s into %s", self.name, folder)
         processed = preprocess(self.read_interactions(), self.min_user_interactions, self.min_item_interactions,
-                               self.drop_duplicates)
+                               self.drop_duplicates, self.tie_order)
         stats = {"dataset": self.name, **processed.stats}
         files = {}
         text = self.read_item_text(processed.item_ids[1:])

@@ -4,6 +4,7 @@ id remap. The result is one CSR-style array of item sequences; leave-one-out spl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,7 @@ def preprocess(
     min_user_interactions: int = 5,
     min_item_interactions: int = 5,
     drop_duplicates: bool = False,
+    tie_order: Literal["file", "shuffle"] = "file",
 ) -> Processed:
     """Apply the protocol.
 
@@ -72,6 +74,9 @@ def preprocess(
         min_item_interactions: iterative k-core threshold for items (0 disables).
         drop_duplicates: drop repeated (user, item, timestamp) rows, keeping the first; without timestamps a
             duplicate is a repeated (user, item) pair. Duplicates are counted either way.
+        tie_order: the order of one user's interactions sharing a timestamp. ``file``: as in the file (RecBole's
+            rule, behind the published numbers). ``shuffle``: a fixed pseudo-random order (the same in every run),
+            for files whose own order inside a timestamp is informative (ML-1M's; ``benchmarks/tie_order.py``).
 
     Returns:
         Processed sequences. Users are numbered by first appearance in the file; items by first appearance when
@@ -98,8 +103,14 @@ def preprocess(
     if drop_duplicates and duplicated.any():
         users, items, times = _select(~duplicated, users, items, times)
 
-    # Two stable sorts = sort by (user, time) with ties in file order.
-    order = np.argsort(times, kind="stable") if times is not None else np.arange(len(users))
+    if tie_order not in ("file", "shuffle"):
+        raise ValueError(f"tie_order must be 'file' or 'shuffle', got {tie_order!r}")
+    if tie_order == "shuffle" and times is None:
+        raise ValueError("tie_order='shuffle' needs timestamps; without them the file order is the time order")
+    stats["tie_order"] = tie_order
+    # Two stable sorts = sort by (user, time) with ties in the order of `start` (file order unless shuffled).
+    start = np.random.default_rng(0).permutation(len(users)) if tie_order == "shuffle" else np.arange(len(users))
+    order = start[np.argsort(times[start], kind="stable")] if times is not None else start
     order = order[np.argsort(users[order], kind="stable")]
     users, items = users[order], items[order]
     times = times[order] if times is not None else None

@@ -75,6 +75,19 @@ def test_datamodule_from_local_files(ml_dir):
     assert "timestamp ties     2 interactions" in format_stats(dm.stats)
 
 
+def test_tie_order_shuffle_reorders_only_same_second_ratings_and_keys_its_own_cache(ml_dir):
+    kwargs = dict(data_dir=str(ml_dir.parent), min_user_interactions=0, min_item_interactions=0, max_len=3)
+    file_order = MovieLens1M(**kwargs)
+    shuffled = MovieLens1M(tie_order="shuffle", **kwargs)
+    assert shuffled.processed_dir != file_order.processed_dir and shuffled.stats["tie_order"] == "shuffle"
+    assert [shuffled.item_ids[i] for i in shuffled.sequence(0)] == [1193, 914, 661]  # no ties: time order
+    user2 = [shuffled.item_ids[i] for i in shuffled.sequence(1)]
+    assert user2[0] == 1357 and user2[-1] == 2194 and sorted(user2[1:4]) == [647, 1537, 3068]
+    assert user2 == [shuffled.item_ids[i] for i in MovieLens1M(tie_order="shuffle", **kwargs).sequence(1)]
+    with pytest.raises(ValueError, match="tie_order must be 'file' or 'shuffle'"):
+        MovieLens1M(tie_order="random", **kwargs)
+
+
 @pytest.mark.parametrize("content,message", [
     ("1::1193::5::978300760\n1::661::3\n", r"ratings.dat:2: expected 4 '::'-separated fields"),
     ("1::1193::5::978300760\n\n1::661::3::97830x109\n", r"ratings.dat:3: field 'Timestamp' is not an integer"),

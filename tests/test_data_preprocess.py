@@ -98,6 +98,29 @@ def test_duplicates_counted_kept_by_default_and_dropped_on_request():
     assert raw_sequences(untimed) == {1: [8, 9, 7]}
 
 
+def test_tie_order_shuffle_permutes_within_a_timestamp_only_and_the_same_way_every_time():
+    rng = np.random.default_rng(5)
+    users = np.repeat(np.arange(6), 40)
+    times = rng.integers(0, 8, len(users))  # 8 distinct seconds per user: many large same-second groups
+    items = rng.permutation(len(users))  # distinct items, so positions can be traced
+    inter = Interactions(users, items, times)
+    file_order = preprocess(inter, 0, 0)
+    shuffled = preprocess(inter, 0, 0, tie_order="shuffle")
+    assert shuffled.stats["tie_order"] == "shuffle" and file_order.stats["tie_order"] == "file"
+    assert np.array_equal(shuffled.timestamps, file_order.timestamps)  # the same time order
+    raw = dict(zip(items.tolist(), times.tolist()))
+    seq_file, seq_shuffled = raw_sequences(file_order), raw_sequences(shuffled)
+    changed = 0
+    for user in seq_file:
+        assert sorted(seq_file[user]) == sorted(seq_shuffled[user])
+        assert [raw[i] for i in seq_shuffled[user]] == sorted(raw[i] for i in seq_shuffled[user])
+        changed += seq_file[user] != seq_shuffled[user]
+    assert changed == 6
+    assert raw_sequences(preprocess(inter, 0, 0, tie_order="shuffle")) == seq_shuffled
+    with pytest.raises(ValueError, match="needs timestamps"):
+        preprocess(Interactions(users, items, None), 0, 0, tie_order="shuffle")
+
+
 def test_everything_filtered_is_a_clear_error():
     with pytest.raises(ValueError, match="no user has >= 3"):
         preprocess(Interactions(np.array([1, 2]), np.array([1, 1]), None), 0, 0)
