@@ -34,6 +34,13 @@ class M2RecCLI(LightningCLI):
         parser.set_defaults({"early_stopping.monitor": MONITOR, "early_stopping.mode": "max", "early_stopping.patience": 10})
         parser.add_lightning_class_args(TopKWriter, "predict_writer")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the model the config describes when `--ckpt_path` names a file.
+
+        LightningCLI would re-parse the model from the checkpoint's hyper-parameters, which leave out the encoder (a
+        module factory, not a hyper-parameter), so every encoder option would silently fall back to its default
+        (ML-1M's max_len 200 became 50 and the weights no longer fit). The command line's config is the source."""
+
     def _resolve_best(self) -> None:
         """Make `--ckpt_path best` work in a fresh process: read the best path that `last.ckpt` recorded."""
         subcommand = self.config.get("subcommand")

@@ -91,6 +91,11 @@ data:
     logs = sorted((tmp_path / "runs" / "logs").glob("version_*/metrics.csv"))
     revalidated = pd.read_csv(logs[-1])["val/NDCG@10"].dropna().iloc[-1]
     assert revalidated == pytest.approx(best_val, abs=1e-6)
+    # a checkpoint named by file builds the config's encoder too (hidden 16, max_len 8), not the encoder defaults
+    best_file = out.stdout.split("best checkpoint:")[1].split()[0]
+    m2rec("validate", "--config", str(config), "--ckpt_path", best_file, cwd=tmp_path)
+    logs = sorted((tmp_path / "runs" / "logs").glob("version_*/metrics.csv"))
+    assert pd.read_csv(logs[-1])["val/NDCG@10"].dropna().iloc[-1] == pytest.approx(best_val, abs=1e-6)
 
     m2rec("test", "--config", str(config), "--ckpt_path", "best", cwd=tmp_path)
     test_metrics = pd.read_csv(sorted((tmp_path / "runs" / "logs").glob("version_*/metrics.csv"))[-1])
