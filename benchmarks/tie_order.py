@@ -26,14 +26,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.movielens import read_ratings_dat  # noqa: E402
+from datamodules.preprocess import tie_stats, time_order  # noqa: E402
 from datamodules.sequence_files import read_user_items  # noqa: E402
 
 
 def time_sorted(users: np.ndarray, items: np.ndarray, times: np.ndarray):
     """(user, time) order with ties in file order (the project's and RecBole's rule); also each row's file position."""
-    order = np.argsort(times, kind="stable")
-    order = order[np.argsort(users[order], kind="stable")]
+    order = time_order(users, times)
     return users[order], items[order], times[order], order
+
+
+def user_bounds(users: np.ndarray) -> np.ndarray:
+    """(U+1,) offsets of the runs of equal user ids (rows grouped by user)."""
+    return np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
 
 
 def tie_group_sizes(users: np.ndarray, times: np.ndarray) -> np.ndarray:
@@ -53,7 +58,7 @@ def order_consistency(users: np.ndarray, items: np.ndarray, rng: np.random.Gener
     """
     num_items = int(items.max()) + 1
     ahead = np.zeros(num_items * num_items, dtype=np.int64)  # ahead[a * N + b]: users listing a before b
-    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    bounds = user_bounds(users)
     keys, pending = [], 0
     for k, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         row = items[start:end] if rng is None else rng.permutation(items[start:end])
@@ -76,9 +81,9 @@ def sequence_agreement(ratings, sequences) -> dict:
     """A sequence file against the ratings it was made from: per shared user, the same items, no step back in time,
     and for neighbours sharing a second, whether the sequence keeps them in file order."""
     users, items, times, file_pos = time_sorted(ratings.users, ratings.items, ratings.timestamps)
-    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    bounds = user_bounds(users)
     by_user = {int(users[s]): (items[s:e], times[s:e], file_pos[s:e]) for s, e in zip(bounds[:-1], bounds[1:])}
-    seq_bounds = np.flatnonzero(np.r_[True, sequences.users[1:] != sequences.users[:-1], True])
+    seq_bounds = user_bounds(sequences.users)
     counts = dict(users=0, items_differ=0, steps_back_in_time=0, tied_neighbours=0, tied_in_file_order=0)
     for s, e in zip(seq_bounds[:-1], seq_bounds[1:]):
         user = int(sequences.users[s])
@@ -101,15 +106,15 @@ def sequence_agreement(ratings, sequences) -> dict:
 
 
 def tie_stats_table(ratings) -> dict:
-    users, items, times, _ = time_sorted(ratings.users, ratings.items, ratings.timestamps)
+    users, _, times, _ = time_sorted(ratings.users, ratings.items, ratings.timestamps)
     sizes = tie_group_sizes(users, times)
-    lengths = np.diff(np.flatnonzero(np.r_[True, users[1:] != users[:-1], True]))
-    last = np.cumsum(lengths) - 1
+    offsets = user_bounds(users)
+    ties = tie_stats(offsets, times)  # the counts `m2rec stats` reports for a prepared dataset
     return {
-        "users": len(lengths), "ratings": len(users),
-        "tied_with_previous": int((sizes - 1).sum()),
+        "users": len(offsets) - 1, "ratings": len(users),
+        "tied_with_previous": ties["tied_interactions"],
         "groups": len(sizes), "mean_group_size": float(sizes.mean()), "largest_group": int(sizes.max()),
-        "users_with_tied_test_target": int((times[last] == times[last - 1]).sum()),
+        "users_with_tied_test_target": ties["users_with_tied_test_target"],
     }
 
 
@@ -118,7 +123,7 @@ def simulate(sequences, sizes: np.ndarray, seed: int) -> list[tuple[int, np.ndar
     global random item order (the same for all users)."""
     rng = np.random.default_rng(seed)
     rank = rng.permutation(int(sequences.items.max()) + 1)
-    bounds = np.flatnonzero(np.r_[True, sequences.users[1:] != sequences.users[:-1], True])
+    bounds = user_bounds(sequences.users)
     out = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         seq = sequences.items[s:e].copy()
@@ -135,7 +140,6 @@ def simulate(sequences, sizes: np.ndarray, seed: int) -> list[tuple[int, np.ndar
 def stats_report(args) -> str:
     ratings = read_ratings_dat(args.ratings)
     ties = tie_stats_table(ratings)
-    users, items, _, _ = time_sorted(ratings.users, ratings.items, ratings.timestamps)
     # file order per user = the time-sorted rows put back in file order
     file_rows = np.lexsort((np.arange(len(ratings.users)), ratings.users))
     observed = order_consistency(ratings.users[file_rows], ratings.items[file_rows])

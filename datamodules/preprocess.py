@@ -108,10 +108,7 @@ def preprocess(
     if tie_order == "shuffle" and times is None:
         raise ValueError("tie_order='shuffle' needs timestamps; without them the file order is the time order")
     stats["tie_order"] = tie_order
-    # Two stable sorts = sort by (user, time) with ties in the order of `start` (file order unless shuffled).
-    start = np.random.default_rng(0).permutation(len(users)) if tie_order == "shuffle" else np.arange(len(users))
-    order = start[np.argsort(times[start], kind="stable")] if times is not None else start
-    order = order[np.argsort(users[order], kind="stable")]
+    order = time_order(users, times, tie_order)
     users, items = users[order], items[order]
     times = times[order] if times is not None else None
 
@@ -162,6 +159,15 @@ def preprocess(
     if times is not None:
         stats.update(tie_stats(offsets, times))
     return processed
+
+
+def time_order(users: np.ndarray, times: np.ndarray | None, tie_order: str = "file") -> np.ndarray:
+    """Row order sorting by (user, time); rows sharing both keep file order (RecBole's rule) or, with ``shuffle``, a
+    fixed pseudo-random order. Without timestamps the file order is the time order."""
+    # Two stable sorts = sort by (user, time) with ties in the order of `start`.
+    start = np.random.default_rng(0).permutation(len(users)) if tie_order == "shuffle" else np.arange(len(users))
+    order = start[np.argsort(times[start], kind="stable")] if times is not None else start
+    return order[np.argsort(users[order], kind="stable")]
 
 
 def _select(mask, users, items, times):
