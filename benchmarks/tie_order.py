@@ -140,12 +140,12 @@ def simulate(sequences, sizes: np.ndarray, seed: int) -> list[tuple[int, np.ndar
 def stats_report(args) -> str:
     ratings = read_ratings_dat(args.ratings)
     ties = tie_stats_table(ratings)
-    # file order per user = the time-sorted rows put back in file order
+    # rows grouped by user, each user's rows in file order (ratings.dat is grouped already; other files may not be)
     file_rows = np.lexsort((np.arange(len(ratings.users)), ratings.users))
-    observed = order_consistency(ratings.users[file_rows], ratings.items[file_rows])
+    users, items = ratings.users[file_rows], ratings.items[file_rows]
+    observed = order_consistency(users, items)
     rng = np.random.default_rng(args.seed)
-    nulls = [order_consistency(ratings.users[file_rows], ratings.items[file_rows], rng)["share"]
-             for _ in range(args.shuffles)]
+    nulls = [order_consistency(users, items, rng)["share"] for _ in range(args.shuffles)]
     lines = [
         "# ML-1M same-second ties", "",
         f"Command: `python benchmarks/tie_order.py stats --ratings {args.ratings}"
