@@ -162,7 +162,8 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
     config, _ = synthetic_sequence_file
     search = json.loads((ROOT / "benchmarks" / "results" / search_file).read_text())
     setting, points = quality_table.search_winner(search["points"], 3, search_file)
-    measured_module = yaml.safe_load(points[0]["config"])["model"]["init_args"]
+    measured_config = yaml.safe_load(points[0]["config"])
+    measured_module = dict(measured_config["model"]["init_args"])
     measured = measured_module.pop("encoder")["init_args"]
     offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
     # the tuned file goes last, as users add it, so its data options apply to the synthetic file's datamodule
@@ -175,11 +176,14 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
         built_module.pop(linked)
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
     assert built_module == measured_module  # the module's options too (label smoothing, optimiser, lr, scheduler)
-    for key, value in setting.items():
-        node = built_config
+    def resolved(config: dict, key: str):
         for part in search_module.cli_key(key).split("."):
-            node = node[part]
-        assert node == yaml.safe_load(value), key
+            config = config[part]
+        return config
+
+    # compared as the measured run resolved them, not as the setting spells them ("1e-3" is a string to YAML)
+    for key in setting:
+        assert resolved(built_config, key) == resolved(measured_config, key), key
     # the cosine decay's horizon is the trainer's max_epochs, which the setting holds; the patience is the search's
     assert "trainer.max_epochs" in setting and built_module["scheduler"] == "cosine"
     assert built_config["early_stopping"]["patience"] == points[0]["budget"]["patience"]
