@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from filelock import FileLock  # noqa: E402
-from lightning.pytorch.callbacks import Callback, Timer  # noqa: E402
+from lightning.pytorch.callbacks import Callback, Timer, WeightAveraging  # noqa: E402
 
 from datamodules.base import SequentialDataModule  # noqa: E402
 from m2rec_lightning.cli import MONITOR, M2RecCLI, make_cli  # noqa: E402
@@ -167,6 +167,10 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     best_epoch = int(torch.load(best_path, map_location="cpu", weights_only=False)["epoch"])
     tested, test_seconds = None, None
     if test:
+        # The best checkpoint's state_dict holds the averaged weights that validation chose; restoring it in this
+        # process, Lightning's WeightAveraging (EMA, SWA) would load its live weights over them (a fresh `m2rec test`
+        # has no averaged model and keeps the state_dict).
+        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, WeightAveraging)]
         start = time.perf_counter()
         (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         test_seconds = round(time.perf_counter() - start, 1)

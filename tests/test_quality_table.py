@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import load_benchmark
 
@@ -211,3 +212,29 @@ def test_a_failing_plot_does_not_lose_the_run_it_was_drawing(tmp_path, quality_t
         quality_table.record(tmp_path / "q", "beauty", run, ["a note"])
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["runs"] == [run] and saved["notes"] == ["a note"]
+
+
+def test_a_run_with_weight_averaging_is_tested_on_the_averaged_weights(tmp_path, quality_table,
+                                                                        synthetic_sequence_file):
+    """With Lightning's EMAWeightAveraging in trainer.callbacks, validation (and so checkpoint selection) sees the
+    averaged weights and the best checkpoint stores them. Testing it in the fitting process must score those weights,
+    exactly as a fresh `m2rec test` of the same checkpoint does, not the live weights the callback keeps beside them."""
+    config, _ = synthetic_sequence_file
+    ema = tmp_path / "ema.yaml"
+    ema.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"
+                   "      init_args:\n        decay: 0.5\nmodel:\n  init_args:\n    lr: 0.01\n")
+    results = quality_table.main(["--dataset", "beauty", "--models", "sasrec", "--seeds", "1", "--max-epochs", "2",
+                                  "--patience", "2", "--accelerator", "cpu", "--extra-config", str(config),
+                                  "--extra-config", str(ema), "--out", str(tmp_path / "quality"),
+                                  "--work-dir", str(tmp_path / "runs")])
+    (run,) = results["runs"]
+    checkpoint = torch.load(ROOT / run["best_checkpoint"], map_location="cpu", weights_only=False)
+    averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[k], live[k]) for k in averaged)  # the two weight sets really differ
+
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(run["config"])
+    fresh = quality_table.build_cli([resolved], ["--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    best = str(ROOT / run["best_checkpoint"])
+    (logged,) = fresh.trainer.test(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
+    assert run["test"] == pytest.approx({k.removeprefix("test/"): float(v) for k, v in logged.items()}, abs=1e-7)

@@ -1,0 +1,80 @@
+"""EMA weight averaging (m2rec_lightning.EMAWeightAveraging) on a text-reading M2Rec, through the CLI in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_cli import write_dataset
+
+from m2rec_lightning.cli import make_cli
+
+
+def config(tmp_path: Path, callback: str) -> Path:
+    seqs, items = write_dataset(tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+seed_everything: 1
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {tmp_path}/runs, name: logs}}
+  callbacks:
+    - class_path: {callback}
+      init_args: {{decay: 0.5}}
+checkpoint:
+  dirpath: {tmp_path}/runs/checkpoints
+model:
+  class_path: m2rec_lightning.SequentialRecommender
+  init_args:
+    lr: 0.01
+    encoder:
+      class_path: m2rec_lightning.M2RecEncoder
+      init_args: {{hidden_size: 16, d_state: 4, max_len: 8, scales: [1, 2], mamba_backend: torch}}
+data:
+  class_path: datamodules.SequenceFile
+  init_args:
+    path: {seqs}
+    item_text_path: {items}
+    item_id_column: item
+    item_text_columns: [title]
+    data_dir: {tmp_path}/data
+    max_len: 8
+    batch_size: 32
+    text: {{template: title}}
+""")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_ema_validates_and_checkpoints_the_averaged_weights_of_a_text_model(tmp_path):
+    cli = make_cli(["--config", str(config(tmp_path, "m2rec_lightning.EMAWeightAveraging"))], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # the sanity check validates the average before any step
+    best = cli.trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    averaged, live = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(averaged[k], live[k]) for k in averaged)
+    table = cli.datamodule.text_embeddings.table
+    assert torch.equal(averaged["encoder.text_table"], table) and table.abs().sum() > 0
+
+    logged = pd.read_csv(next((tmp_path / "runs" / "logs").glob("version_0/metrics.csv")))["val/NDCG@10"].max()
+    fresh = make_cli(["--config", str(tmp_path / "config.yaml"), "--trainer.logger=false"], run=False)
+    (metrics,) = fresh.trainer.validate(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
+    assert metrics["val/NDCG@10"] == pytest.approx(logged, abs=1e-6)  # what selected the checkpoint is what it holds
+
+
+def test_lightnings_own_ema_callback_still_fails_on_a_text_model(tmp_path):
+    """Why the subclass exists: Lightning copies the model before the module's setup fills the item-text table. When
+    this starts passing, Lightning has fixed it and the subclass can go."""
+    cli = make_cli(["--config", str(config(tmp_path, "lightning.pytorch.callbacks.EMAWeightAveraging"))], run=False)
+    with pytest.raises(RuntimeError, match="text_table is all zeros"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
