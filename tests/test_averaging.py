@@ -6,49 +6,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_cli import write_dataset
+from test_cli import write_config
 
 from m2rec_lightning.cli import make_cli
 
 
 def config(tmp_path: Path, callback: str) -> Path:
-    seqs, items = write_dataset(tmp_path)
-    path = tmp_path / "config.yaml"
-    path.write_text(f"""
-seed_everything: 1
-trainer:
-  max_epochs: 2
-  accelerator: cpu
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {tmp_path}/runs, name: logs}}
-  callbacks:
-    - class_path: {callback}
-      init_args: {{decay: 0.5}}
-checkpoint:
-  dirpath: {tmp_path}/runs/checkpoints
-model:
-  class_path: m2rec_lightning.SequentialRecommender
-  init_args:
-    lr: 0.01
-    encoder:
-      class_path: m2rec_lightning.M2RecEncoder
-      init_args: {{hidden_size: 16, d_state: 4, max_len: 8, scales: [1, 2], mamba_backend: torch}}
-data:
-  class_path: datamodules.SequenceFile
-  init_args:
-    path: {seqs}
-    item_text_path: {items}
-    item_id_column: item
-    item_text_columns: [title]
-    data_dir: {tmp_path}/data
-    max_len: 8
-    batch_size: 32
-    text: {{template: title}}
-""")
-    return path
+    return write_config(tmp_path, max_epochs=2,
+                        callbacks=f"  callbacks:\n    - class_path: {callback}\n      init_args: {{decay: 0.5}}\n")
 
 
 @pytest.fixture(autouse=True)

@@ -38,22 +38,23 @@ def m2rec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return out
 
 
-@pytest.mark.slow
-def test_fit_test_predict_round_trip(tmp_path):
+def write_config(tmp_path: Path, max_epochs: int, callbacks: str = "") -> Path:
+    """A CLI config for a small text-reading M2Rec on `write_dataset`'s files; `callbacks`: YAML lines put under
+    `trainer:` (indented by two spaces)."""
     seqs, items = write_dataset(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(
         f"""
 seed_everything: 1
 trainer:
-  max_epochs: 3
+  max_epochs: {max_epochs}
   accelerator: cpu
   enable_progress_bar: false
   enable_model_summary: false
   logger:
     class_path: lightning.pytorch.loggers.CSVLogger
     init_args: {{save_dir: {tmp_path}/runs, name: logs}}
-checkpoint:
+{callbacks}checkpoint:
   dirpath: {tmp_path}/runs/checkpoints
 predict_writer:
   output_path: {tmp_path}/runs/top.parquet
@@ -78,6 +79,12 @@ data:
     text: {{template: title}}
 """
     )
+    return config
+
+
+@pytest.mark.slow
+def test_fit_test_predict_round_trip(tmp_path):
+    config = write_config(tmp_path, max_epochs=3)
     m2rec("fit", "--config", str(config), cwd=tmp_path)
     ckpts = sorted((tmp_path / "runs" / "checkpoints").glob("epoch*.ckpt"))
     assert ckpts and (tmp_path / "runs" / "checkpoints" / "last.ckpt").exists()
