@@ -32,7 +32,8 @@ def test_ema_validates_and_checkpoints_the_averaged_weights_of_a_text_model(tmp_
     assert torch.equal(averaged["encoder.text_table"], table) and table.abs().sum() > 0
 
     logged = pd.read_csv(next((tmp_path / "runs" / "logs").glob("version_0/metrics.csv")))["val/NDCG@10"].max()
-    fresh = make_cli(["--config", str(tmp_path / "config.yaml"), "--trainer.logger=false"], run=False)
+    fresh = make_cli(["--config", str(tmp_path / "config.yaml"), "--trainer.logger=false",
+                      f"--trainer.default_root_dir={tmp_path}"], run=False)  # where the CLI saves its config.yaml
     (metrics,) = fresh.trainer.validate(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
     assert metrics["val/NDCG@10"] == pytest.approx(logged, abs=1e-6)  # what selected the checkpoint is what it holds
 
