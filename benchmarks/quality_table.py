@@ -168,8 +168,8 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     tested, test_seconds = None, None
     if test:
         # The best checkpoint's state_dict holds the averaged weights that validation chose; restoring it in this
-        # process, Lightning's WeightAveraging (EMA, SWA) would load its live weights over them (a fresh `m2rec test`
-        # has no averaged model and keeps the state_dict).
+        # process, Lightning's own WeightAveraging callbacks (EMA, SWA; not m2rec_lightning.EMAWeightAveraging) would
+        # load its live weights over them (a fresh `m2rec test` has no averaged model and keeps the state_dict).
         cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, WeightAveraging)]
         start = time.perf_counter()
         (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)

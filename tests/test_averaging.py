@@ -36,6 +36,11 @@ def test_ema_validates_and_checkpoints_the_averaged_weights_of_a_text_model(tmp_
                       f"--trainer.default_root_dir={tmp_path}"], run=False)  # where the CLI saves its config.yaml
     (metrics,) = fresh.trainer.validate(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
     assert metrics["val/NDCG@10"] == pytest.approx(logged, abs=1e-6)  # what selected the checkpoint is what it holds
+    # Testing in the fitting process scores the averaged weights too, not the live ones saved beside them (validation
+    # swaps the average in by itself; test does not).
+    (tested,) = fresh.trainer.test(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
+    (same_process,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    assert same_process == pytest.approx(tested, abs=1e-6)
 
 
 def test_lightnings_own_ema_callback_still_fails_on_a_text_model(tmp_path):
