@@ -28,3 +28,5 @@ class EMAWeightAveraging(LightningEMA):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # resuming: restore both the live weights and the average
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        elif self._average_model is not None:  # after a fit in this process validation swaps this copy in, so it too
+            self._average_model.module.load_state_dict(checkpoint["state_dict"])  # must hold the checkpoint's average

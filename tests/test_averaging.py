@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_cli import write_config
 
+from m2rec_lightning import EMAWeightAveraging
 from m2rec_lightning.cli import make_cli
 
 
@@ -41,6 +42,14 @@ def test_ema_validates_and_checkpoints_the_averaged_weights_of_a_text_model(tmp_
     (tested,) = fresh.trainer.test(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
     (same_process,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
     assert same_process == pytest.approx(tested, abs=1e-6)
+    # Validating in that process swaps the callback's average in: it must be the checkpoint's, not the fit's last one
+    # (stood for here by perturbing the average left in memory).
+    ema = next(c for c in cli.trainer.callbacks if isinstance(c, EMAWeightAveraging))
+    with torch.no_grad():
+        for p in ema._average_model.parameters():
+            p.add_(torch.randn_like(p))
+    (same_process,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+    assert same_process["val/NDCG@10"] == pytest.approx(logged, abs=1e-6)
 
 
 def test_lightnings_own_ema_callback_still_fails_on_a_text_model(tmp_path):
