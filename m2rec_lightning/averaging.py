@@ -18,7 +18,8 @@ class EMAWeightAveraging(LightningEMA):
 
     Lightning's callback also loads a checkpoint's live weights over its averaged ones whenever it still holds an
     average, so `trainer.test(ckpt_path="best")` after `fit` in one process would score weights that validation did
-    not choose; outside fit this callback leaves the checkpoint's `state_dict` (the average) in place."""
+    not choose; outside fit this callback leaves the checkpoint's `state_dict` (the average) in place, and puts it in
+    its own copy too, which validation swaps in after a fit in the same process."""
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._average_model is not None and int(self._average_model.n_averaged) == 0:
@@ -28,5 +29,5 @@ class EMAWeightAveraging(LightningEMA):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # resuming: restore both the live weights and the average
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        elif self._average_model is not None:  # after a fit in this process validation swaps this copy in, so it too
-            self._average_model.module.load_state_dict(checkpoint["state_dict"])  # must hold the checkpoint's average
+        elif self._average_model is not None:
+            self._average_model.module.load_state_dict(checkpoint["state_dict"])
