@@ -271,6 +271,29 @@ def test_degenerate_config_is_mamba4rec():
     torch.testing.assert_close(enc(ids), expected, atol=1e-12, rtol=0)
 
 
+def test_learned_residual_starts_as_the_residual_and_spans_to_none():
+    ids = right_padded([L, 5, 1])
+    learned = m2rec(residual="learned").double().eval()
+    learned.set_text_table(text_table().double())
+    for residual in (True, False):
+        plain = m2rec(residual=residual).double().eval()
+        plain.set_text_table(text_table().double())
+        if not residual:
+            with torch.no_grad():
+                learned.blocks[0].skip_scale.zero_()
+        torch.testing.assert_close(learned(ids), plain(ids), atol=1e-12, rtol=0)
+    # a per-channel scale between the two is neither, and forward_last reads it too
+    with torch.no_grad():
+        learned.blocks[0].skip_scale.copy_(torch.linspace(0, 2, D))
+    assert not torch.allclose(learned(ids), plain(ids))
+    assert_last_matches_forward(learned, ids)
+    learned.train()
+    learned(ids).square().sum().backward()
+    assert learned.blocks[0].skip_scale.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="residual must be"):
+        m2rec(residual="scaled")
+
+
 def test_init_leaves_mamba_parameters_alone():
     enc = m2rec()
     for mamba in (m for m in enc.modules() if isinstance(m, Mamba)):
@@ -380,6 +403,7 @@ def assert_last_matches_forward(enc: SequenceEncoder, ids: Tensor) -> None:
     {"gate": "sum", "text_output": False},
     {"fourier": False, "text_dim": 0},
     {"scales": [1], "fourier": False, "text_dim": 0, "residual": False},  # Mamba4Rec
+    {"residual": "learned", "n_layers": 2},
     {"scales": [2, 4], "n_layers": 3, "semantic": False},
 ])
 def test_m2rec_forward_last_equals_forward_at_the_last_item(options, monkeypatch):
