@@ -5,7 +5,7 @@
     h = e; per block:
         T = sum_s w_s · Up_s(Mamba_s(Pool_s(h)))             multiscale.py
         F = CausalFourierFilter(h)                           fourier.py
-        h = LayerNorm(h + Dropout(gate([T, F, S])))          gate.py (residual="learned": a ⊙ h, a in R^d)
+        h = LayerNorm(h + Dropout(gate([T, F, S])))          gate.py (residual="gated": see M2RecBlock)
         h = LayerNorm(h + Dropout(FFN(h)))                   d -> 4d -> d, GELU
     item table = E_id (+ SemanticProjection(E_text) with text_output)
 
@@ -41,8 +41,10 @@ class M2RecBlock(nn.Module):
         fourier: add the causal Fourier filter stream.
         semantic: a semantic stream S is passed to `forward`.
         gate: how the streams are fused ("softmax", "sigmoid" or "sum"); unused with a single stream.
-        residual: residual connection around the mixer; "learned" scales the skip per channel by a learned vector
-            (initialised at 1).
+        residual: residual connection around the mixer. "gated" mixes skip and mixer per position and channel,
+            LN(g ⊙ h + (1 - g) ⊙ m) with g = sigmoid(W [h; m] + b) and m = Dropout(mix), so each position can lean on
+            its own item (the residual) or on the history (the residual-free block); W ≈ 0, b = 0 at init make it
+            start as the plain residual.
         max_len: longest sequence (the Fourier kernel length).
         mamba_backend: Mamba implementation.
     """
@@ -58,7 +60,7 @@ class M2RecBlock(nn.Module):
         fourier: bool,
         semantic: bool,
         gate: Literal["softmax", "sigmoid", "sum"],
-        residual: bool | Literal["learned"],
+        residual: bool | Literal["gated"],
         max_len: int,
         mamba_backend: Literal["auto", "torch", "cuda", "triton"],
     ) -> None:
@@ -69,13 +71,12 @@ class M2RecBlock(nn.Module):
         self.semantic = semantic
         n_streams = 1 + fourier + semantic
         self.gate = StreamGate(hidden_size, n_streams, gate) if n_streams > 1 else None
-        if residual not in (True, False, "learned"):
-            raise ValueError(f"residual must be true, false or 'learned', got {residual!r}")
+        if residual not in (True, False, "gated"):
+            raise ValueError(f"residual must be true, false or 'gated', got {residual!r}")
         self.residual = residual
-        # starts as the plain residual; training can shrink it towards the residual-free block, channel by channel
-        self.skip_scale = nn.Parameter(torch.ones(hidden_size)) if residual == "learned" else None
-        if self.skip_scale is not None:
-            self.skip_scale._no_weight_decay = True  # decay would pull towards the residual-free block, not neutral
+        # input-dependent: a learned constant scale on the skip does nothing the mixer's output scale cannot do under
+        # the LayerNorm that follows (it stayed within 0.8-1.1 of its start on Beauty)
+        self.skip_gate = nn.Linear(2 * hidden_size, hidden_size) if residual == "gated" else None
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.ffn = FeedForward(hidden_size, 4 * hidden_size, dropout, layer_norm_eps=1e-12, inner_dropout=True)
@@ -113,9 +114,11 @@ class M2RecBlock(nn.Module):
         """Gate, dropout, residual + LayerNorm, then the FFN."""
         mixed = streams[0] if self.gate is None else self.gate(streams)
         mixed = self.dropout(mixed)
-        if self.skip_scale is not None:
-            h = self.skip_scale * h
-        h = self.norm(h + mixed if self.residual else mixed)
+        if self.skip_gate is not None:
+            g = torch.sigmoid(self.skip_gate(torch.cat([h, mixed], dim=-1)))  # (..., d)
+            h = self.norm(g * h + (1 - g) * mixed)
+        else:
+            h = self.norm(h + mixed if self.residual else mixed)
         return self.ffn(h)
 
 
@@ -143,8 +146,9 @@ class M2RecEncoder(SequenceEncoder):
             (per-channel gates) or "sum" (plain sum, the ablation).
         text_output: score items with E_id + projected text (helps items with few interactions); needs text.
         residual: residual connection around the mixer, h = LN(h + Dropout(mix)). The released Mamba4Rec has none
-            when n_layers == 1 (h = LN(Dropout(Mamba(h)))): set False to reproduce it. "learned" = LN(a ⊙ h +
-            Dropout(mix)) with a learned per-channel a, initialised at 1, so training picks how much skip to keep.
+            when n_layers == 1 (h = LN(Dropout(Mamba(h)))): set False to reproduce it. "gated" = LN(g ⊙ h +
+            (1 - g) ⊙ Dropout(mix)) with g = sigmoid(W [h; mix] + b) per position and channel, starting as the plain
+            residual (see M2RecBlock).
         max_len: longest input sequence (the Fourier kernel has max_len taps; longer inputs raise).
         mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, else
             PyTorch), "torch", "cuda" or "triton" (the Triton scan, opt-in; see Mamba).
@@ -166,7 +170,7 @@ class M2RecEncoder(SequenceEncoder):
         semantic: bool | None = None,
         gate: Literal["softmax", "sigmoid", "sum"] = "softmax",
         text_output: bool = True,
-        residual: bool | Literal["learned"] = True,
+        residual: bool | Literal["gated"] = True,
         max_len: int = 50,
         mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         initializer_range: float = 0.02,

@@ -271,27 +271,34 @@ def test_degenerate_config_is_mamba4rec():
     torch.testing.assert_close(enc(ids), expected, atol=1e-12, rtol=0)
 
 
-def test_learned_residual_starts_as_the_residual_and_spans_to_none():
+def test_gated_residual_spans_the_residual_and_the_residual_free_block():
     ids = right_padded([L, 5, 1])
-    learned = m2rec(residual="learned").double().eval()
-    learned.set_text_table(text_table().double())
-    for residual in (True, False):
+    gated = m2rec(residual="gated").double().eval()
+    gated.set_text_table(text_table().double())
+    skip_gate = gated.blocks[0].skip_gate
+    for residual, bias in ((True, 0.0), (False, -60.0)):  # g = 1/2 everywhere: LN(h/2 + m/2) = LN(h + m); g = 0
         plain = m2rec(residual=residual).double().eval()
         plain.set_text_table(text_table().double())
-        if not residual:
-            with torch.no_grad():
-                learned.blocks[0].skip_scale.zero_()
-        torch.testing.assert_close(learned(ids), plain(ids), atol=1e-12, rtol=0)
-    # a per-channel scale between the two is neither, and forward_last reads it too
+        missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected and all(".skip_gate." in k for k in missing)
+        with torch.no_grad():
+            skip_gate.weight.zero_()
+            skip_gate.bias.fill_(bias)
+        torch.testing.assert_close(gated(ids), plain(ids), atol=1e-9, rtol=0)
+    # with weights the gate depends on the input, so it is neither block, and forward_last applies it too
+    torch.manual_seed(1)
     with torch.no_grad():
-        learned.blocks[0].skip_scale.copy_(torch.linspace(0, 2, D))
-    assert not torch.allclose(learned(ids), plain(ids))
-    assert_last_matches_forward(learned, ids)
-    learned.train()
-    learned(ids).square().sum().backward()
-    assert learned.blocks[0].skip_scale.grad.abs().sum() > 0
+        skip_gate.weight.normal_(0, 1)
+        skip_gate.bias.zero_()
+    assert (gated(ids) - plain(ids)).abs().max() > 1e-2
+    plain.blocks[0].residual = True
+    assert (gated(ids) - plain(ids)).abs().max() > 1e-2
+    assert_last_matches_forward(gated, ids)
+    gated.train()
+    gated(ids).square().sum().backward()
+    assert skip_gate.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="residual must be"):
-        m2rec(residual="scaled")
+        m2rec(residual="learned")
 
 
 def test_init_leaves_mamba_parameters_alone():
@@ -403,7 +410,7 @@ def assert_last_matches_forward(enc: SequenceEncoder, ids: Tensor) -> None:
     {"gate": "sum", "text_output": False},
     {"fourier": False, "text_dim": 0},
     {"scales": [1], "fourier": False, "text_dim": 0, "residual": False},  # Mamba4Rec
-    {"residual": "learned", "n_layers": 2},
+    {"residual": "gated", "n_layers": 2},
     {"scales": [2, 4], "n_layers": 3, "semantic": False},
 ])
 def test_m2rec_forward_last_equals_forward_at_the_last_item(options, monkeypatch):
