@@ -74,8 +74,8 @@ class M2RecBlock(nn.Module):
         if residual not in (True, False, "gated"):
             raise ValueError(f"residual must be true, false or 'gated', got {residual!r}")
         self.residual = residual
-        # input-dependent: a learned constant scale on the skip does nothing the mixer's output scale cannot do under
-        # the LayerNorm that follows (it stayed within 0.8-1.1 of its start on Beauty)
+        # input-dependent: under the LayerNorm that follows, a learned per-channel scale on the skip mostly duplicates
+        # the mixer's output scale (on Beauty it stayed within 0.8-1.1 of its start and changed nothing)
         self.skip_gate = nn.Linear(2 * hidden_size, hidden_size) if residual == "gated" else None
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
