@@ -114,11 +114,10 @@ class M2RecBlock(nn.Module):
         """Gate, dropout, residual + LayerNorm, then the FFN."""
         mixed = streams[0] if self.gate is None else self.gate(streams)
         mixed = self.dropout(mixed)
-        if self.skip_gate is not None:
+        if self.skip_gate is not None:  # a convex mix of skip and mixer instead of their sum
             g = torch.sigmoid(self.skip_gate(torch.cat([h, mixed], dim=-1)))  # (..., d)
-            h = self.norm(g * h + (1 - g) * mixed)
-        else:
-            h = self.norm(h + mixed if self.residual else mixed)
+            h, mixed = g * h, (1 - g) * mixed
+        h = self.norm(h + mixed if self.residual else mixed)
         return self.ffn(h)
 
 
