@@ -241,3 +241,19 @@ def test_a_run_with_weight_averaging_is_tested_on_the_averaged_weights(tmp_path,
     best = str(ROOT / run["best_checkpoint"])
     (logged,) = fresh.trainer.test(fresh.model, datamodule=fresh.datamodule, ckpt_path=best, verbose=False)
     assert run["test"] == pytest.approx({k.removeprefix("test/"): float(v) for k, v in logged.items()}, abs=1e-7)
+
+
+def test_the_recbole_check_counts_only_runs_at_the_default_settings(quality_table):
+    """A tuned SASRec (a search winner, or one trained with a benchmarks/configs/ file) is not RecBole's SASRec: it
+    must not move the reproduction line, which reads the default runs' mean."""
+    def run(seed: int, ndcg: float, **extra) -> dict:
+        metrics = {m: ndcg for m in quality_table.METRICS}
+        return {"model": "sasrec", "seed": seed, "test": metrics, "val_at_best": metrics, "best_epoch": 3,
+                "epochs_run": 8, "fit_seconds": 1.0, "budget": {"max_epochs": 8, "patience": 5}, "hardware": "cpu",
+                "config_files": ["configs/beauty.yaml", "configs/models/sasrec.yaml"], "history": [], **extra}
+
+    tuned = run(42, 0.9, setting={"encoder.hidden_size": "512"}, search="s.json")
+    averaged = run(42, 0.8)
+    averaged["config_files"] = averaged["config_files"] + ["benchmarks/configs/ema.yaml"]
+    text = quality_table.markdown({"dataset": "beauty", "runs": [run(42, 0.0412), run(43, 0.0420), tuned, averaged]})
+    assert "- sasrec: HR@10 0.0416 vs 0.083 (-49.9 %), NDCG@10 0.0416 vs 0.0416 (+0.0 %)" in text
