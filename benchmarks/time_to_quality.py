@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         ref = max(refs, key=lambda r: r["val_at_best"]["NDCG@10"])
         target = ref["val_at_best"]["NDCG@10"]
         stopped = "stopped early" if ref["best_epoch"] + 1 < ref["epochs_run"] else "still improving when it ended"
-        source = f"best validation NDCG@10 of {ref['model']} (seed {ref['seed']}, {ref['epochs_run']} epochs, {stopped})"
+        source = f"best validation NDCG@10 of {label(ref)} (seed {ref['seed']}, {ref['epochs_run']} epochs, {stopped})"
 
     tables = [table(runs, target, source)] + [table(runs, t, "fixed") for t in args.also]
     text = "\n\n".join(tables)

@@ -41,3 +41,13 @@ def test_fixed_targets_each_get_a_table(tmp_path):
     tables = out.read_text().split("Target: ")[1:]
     assert [t.split(" ")[3] for t in tables] == ["0.0200", "0.0400", "0.0700"]
     assert "| 2 | 20 |" in tables[0] and "| 3 | 30 |" in tables[1] and "not reached" in tables[2]
+
+
+def test_a_tuned_reference_is_named_with_its_setting(tmp_path):
+    """The best reference run may be a search winner; the target line must say so, not pass it off as the default."""
+    results = tmp_path / "runs.json"
+    results.write_text(json.dumps({"dataset": "beauty", "runs": [
+        run("sasrec", [0.01, 0.04]), run("sasrec", [0.02, 0.06, 0.05]) | {"setting": {"encoder.hidden_size": "512"}}]}))
+    out = tmp_path / "ttq.md"
+    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
+    assert "NDCG@10 >= 0.0600 (best validation NDCG@10 of sasrec [encoder.hidden_size=512] (seed 1" in out.read_text()
