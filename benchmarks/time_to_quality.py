@@ -1,7 +1,7 @@
 """Time to quality from recorded quality-table runs: when each run's validation NDCG@10 first reached a target.
 
-The target is a reference run's best validation NDCG@10 (default: SASRec trained on all positions, i.e. its
-converged value when that run stopped early) or a number. Every run recorded by `quality_table.py` keeps, per
+The target is a reference run's best validation NDCG@10 (default: the best SASRec run by validation, which the
+target line names with its setting, best epoch and what ended it) or a number. Every run recorded by `quality_table.py` keeps, per
 epoch, the wall time since its fit started (validation passes included) and its validation metrics, so this needs
 no new training: it reads the JSON files.
 
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"no run of {args.reference!r} in {', '.join(map(str, args.results))}")
         ref = max(refs, key=lambda r: r["val_at_best"]["NDCG@10"])
         target = ref["val_at_best"]["NDCG@10"]
-        stopped = "stopped early" if ref["best_epoch"] + 1 < ref["epochs_run"] else "still improving when it ended"
-        source = f"best validation NDCG@10 of {label(ref)} (seed {ref['seed']}, {ref['epochs_run']} epochs, {stopped})"
+        # a best epoch before the last does not mean early stopping: a fixed horizon or a time cap may have ended it
+        ended = f", ended by {ref['ended_by']}" if ref.get("ended_by") else ""
+        source = (f"best validation NDCG@10 of {label(ref)} (seed {ref['seed']}, "
+                  f"best at epoch {ref['best_epoch'] + 1} of {ref['epochs_run']}{ended})")
 
     tables = [table(runs, target, source)] + [table(runs, t, "fixed") for t in args.also]
     text = "\n\n".join(tables)

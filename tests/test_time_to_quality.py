@@ -25,7 +25,7 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
     out = tmp_path / "ttq.md"
     load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     text = out.read_text()
-    assert "NDCG@10 >= 0.0500" in text and "stopped early" in text
+    assert "NDCG@10 >= 0.0500 (best validation NDCG@10 of sasrec (seed 1, best at epoch 3 of 4))" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "| 3 | 30 |" in rows["sasrec"]
     assert "| 2 | 20 |" in rows["m2rec"]
@@ -51,3 +51,14 @@ def test_a_tuned_reference_is_named_with_its_setting(tmp_path):
     out = tmp_path / "ttq.md"
     load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     assert "NDCG@10 >= 0.0600 (best validation NDCG@10 of sasrec [encoder.hidden_size=512] (seed 1" in out.read_text()
+
+
+def test_the_target_line_says_what_ended_the_reference_run(tmp_path):
+    """A reference whose best epoch is not its last may have run its whole fixed horizon; it must not read as early-stopped."""
+    results = tmp_path / "runs.json"
+    results.write_text(json.dumps({"dataset": "beauty", "runs": [
+        run("sasrec", [0.01, 0.06, 0.05]) | {"ended_by": "max_epochs"}]}))
+    out = tmp_path / "ttq.md"
+    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
+    text = out.read_text()
+    assert "(seed 1, best at epoch 2 of 3, ended by max_epochs))" in text and "stopped early" not in text
