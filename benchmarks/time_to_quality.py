@@ -1,9 +1,9 @@
 """Time to quality from recorded quality-table runs: when each run's validation NDCG@10 first reached a target.
 
 The target is a reference run's best validation NDCG@10 (default: the best SASRec run by validation, which the
-target line names with its setting, best epoch and what ended it) or a number. Every run recorded by `quality_table.py` keeps, per
-epoch, the wall time since its fit started (validation passes included) and its validation metrics, so this needs
-no new training: it reads the JSON files.
+target line names with its setting, best epoch and what ended it) or a number. Every run recorded by
+`quality_table.py` keeps, per epoch, the wall time since its fit started (validation passes included) and its
+validation metrics, so this needs no new training: it reads the JSON files.
 
     python benchmarks/time_to_quality.py benchmarks/results/quality_beauty_long.json \
         --reference sasrec --out benchmarks/results/time_to_quality.md

@@ -54,7 +54,8 @@ def test_a_tuned_reference_is_named_with_its_setting(tmp_path):
 
 
 def test_the_target_line_says_what_ended_the_reference_run(tmp_path):
-    """A reference whose best epoch is not its last may have run its whole fixed horizon; it must not read as early-stopped."""
+    """A reference whose best epoch is not its last may have run its whole fixed horizon: it must not read as
+    early-stopped."""
     results = tmp_path / "runs.json"
     results.write_text(json.dumps({"dataset": "beauty", "runs": [
         run("sasrec", [0.01, 0.06, 0.05]) | {"ended_by": "max_epochs"}]}))
