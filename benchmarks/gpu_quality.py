@@ -113,15 +113,17 @@ def metrics_progress(work_dir: Path, dataset: str, run_name: str, seed: int) -> 
 
 def fits(args: argparse.Namespace, configs_of) -> dict[tuple[str, int], list[str]]:
     """(run folder name, seed) -> the child's arguments: one quality_table.py run per model and seed, or with --grid
-    one search.py run per point and seed; `configs_of(model)` lists the extra configs of a model's runs."""
+    one search.py run per point and seed; `configs_of(model)` lists the extra configs of a model's runs (whose
+    benchmarks/configs/ files name the folder too, as in quality_table.run_folder)."""
     common = ["--dataset", args.dataset, "--max-epochs", "200", "--patience", str(args.patience),
               "--accelerator", args.accelerator, "--work-dir", str(args.work_dir), "--out", str(args.out)]
     if not args.grid:
-        return {(model, seed): ["quality_table", *common, "--models", model, "--seeds", str(seed),
-                                *[a for c in configs_of(model) for a in ("--extra-config", str(c))]]
+        return {(quality_table.run_folder(model, configs_of(model)), seed):
+                ["quality_table", *common, "--models", model, "--seeds", str(seed),
+                 *[a for c in configs_of(model) for a in ("--extra-config", str(c))]]
                 for model in args.models for seed in args.seeds}
     (model,) = args.models
-    return {(search.point_name(model, point), seed):
+    return {(quality_table.run_folder(search.point_name(model, point), configs_of(model)), seed):
             ["search", *common, "--model", model, "--seeds", str(seed),
              *[a for key, value in point.items() for a in ("--grid", f"{key}={value}")],
              *[a for c in configs_of(model) for a in ("--extra-config", str(c))]]

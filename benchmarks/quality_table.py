@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAINING_CONFIGS = ROOT / "benchmarks" / "configs"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -134,7 +135,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
 
     `extra_overrides` are CLI arguments applied last (a hyper-parameter setting); `run_name` names the run folder
     (default: the model); `test=False` stops after the fit, so a search never sees test metrics."""
-    run_dir = args.work_dir / args.dataset / (run_name or model) / f"seed{seed}"
+    run_dir = args.work_dir / args.dataset / run_folder(run_name or model, args.extra_config) / f"seed{seed}"
     if run_dir.exists():  # a stale best checkpoint from an earlier run must not be picked up
         shutil.rmtree(run_dir)
     configs = dataset_configs(args.dataset) + [ROOT / "configs" / "models" / f"{model}.yaml"] + args.extra_config
@@ -292,28 +293,47 @@ def run_popularity(args: argparse.Namespace) -> dict:
 
 # ---- recording ---------------------------------------------------------------------------------------------------
 
+def training_configs(config_files: list) -> list[str]:
+    """The names of the benchmarks/configs/ files among `config_files` (absolute, or relative to the repository root):
+    those set training hyper-parameters, so runs that differ in them are different rows, searched points and run
+    folders. Other extra configs (data files, max_time caps, backends) leave a run what it is."""
+    return [Path(c).stem for c in config_files if (ROOT / c).resolve().parent == TRAINING_CONFIGS]
+
+
+def run_folder(name: str, config_files: list) -> str:
+    """The run folder of a model or search point fitted with `config_files`: one per training config, so that a run
+    with benchmarks/configs/ema.yaml never deletes the checkpoints of the same run without it."""
+    return "+".join([name, *training_configs(config_files)])
+
+
 def label(run: dict) -> str:
-    """A row's name: the model, plus the searched setting it was trained with, if any."""
+    """A row's name: the model, plus the searched setting and the benchmarks/configs/ files it was trained with."""
     setting = run.get("setting")
-    return run["model"] + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
+    return (run["model"] + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
+            + "".join(f" + {c}" for c in training_configs(run.get("config_files", []))))
 
 
 def at_defaults(run: dict) -> bool:
     """Whether a run used its model's default settings: not a search winner, and no training-hyper-parameter file
     from benchmarks/configs/ among its configs (max_time files elsewhere only bound the wall time)."""
-    return not run.get("setting") and not any("benchmarks/configs/" in c for c in run["config_files"])
+    return not run.get("setting") and not training_configs(run["config_files"])
 
 
 def run_key(run: dict) -> tuple:
     return label(run), run["seed"]
 
 
+def point_key(point: dict) -> tuple:
+    """What makes search points the same setting: the searched values, whatever order their keys were given in, and
+    the training configs they were fitted with (the same values with and without EMA are two settings)."""
+    return tuple(sorted(point["setting"].items())), tuple(training_configs(point["config_files"]))
+
+
 def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """Search points grouped by setting, best mean validation NDCG@10 (over seeds) first. A setting is the same
-    whatever order its keys were given in, as search.py's resume check and run folders already treat it."""
+    """Search points grouped by setting (`point_key`), best mean validation NDCG@10 (over seeds) first."""
     groups: dict[tuple, list[dict]] = {}
     for p in points:
-        groups.setdefault(tuple(sorted(p["setting"].items())), []).append(p)
+        groups.setdefault(point_key(p), []).append(p)
     ranked = sorted(groups.values(), key=lambda g: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in g))
     return [(g[0]["setting"], g) for g in ranked]
 

@@ -78,6 +78,16 @@ def test_plan_runs_one_child_per_model_and_seed():
     assert child[child.index("--extra-config") + 1] == "/c/m2rec.yaml"
 
 
+def test_plan_keys_name_the_folder_the_child_fits_in_with_a_training_config():
+    """The progress lines read the run folder: with a benchmarks/configs/ file among the configs (the default
+    ml-1m_batch16_lr2e-3.yaml is one), that folder carries the file's name."""
+    tuned = gpu_quality.BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"
+    plan = gpu_quality.fits(_args(seeds=[42]), lambda model: [tuned])
+    assert list(plan) == [("m2rec+ml-1m_batch16_lr2e-3", 42)]
+    grid = gpu_quality.fits(_args(seeds=[42], grid=["lr=0.002"]), lambda model: [tuned])
+    assert list(grid) == [(gpu_quality.search.point_name("m2rec", {"lr": "0.002"}) + "+ml-1m_batch16_lr2e-3", 42)]
+
+
 def test_grid_plan_runs_one_search_child_per_point_and_seed_in_the_folder_search_py_names(tmp_path):
     grid = ["encoder.hidden_size=64,256", "label_smoothing=0.2"]
     extra = tmp_path / "x.yaml"

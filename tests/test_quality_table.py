@@ -244,6 +244,28 @@ def test_a_run_with_weight_averaging_is_tested_on_the_averaged_weights(tmp_path,
     assert run["test"] == pytest.approx({k.removeprefix("test/"): float(v) for k, v in logged.items()}, abs=1e-7)
 
 
+def test_a_run_with_a_training_config_is_its_own_row(tmp_path, quality_table, monkeypatch):
+    """Recording an EMA fit of m2rec seed 42 must not replace the plain m2rec seed 42 already in the record (the row
+    key once ignored benchmarks/configs/ files), and the two must not share a row or a run folder. A max_time or data
+    file elsewhere changes none of that."""
+    monkeypatch.setattr(quality_table, "plot", lambda results, path: None)
+
+    def run(*extra: str) -> dict:
+        metrics = {m: 0.05 for m in quality_table.METRICS}
+        return {"model": "m2rec", "seed": 42, "test": metrics, "val_at_best": metrics, "best_epoch": 3, "epochs_run": 8,
+                "fit_seconds": 1.0, "budget": {"max_epochs": 8, "patience": 5}, "hardware": "cpu", "history": [],
+                "config_files": ["configs/beauty.yaml", "configs/models/m2rec.yaml", *extra]}
+
+    ema = "benchmarks/configs/ema.yaml"
+    quality_table.record(tmp_path / "q", "beauty", run("/tmp/max_time.yaml"))
+    results = quality_table.record(tmp_path / "q", "beauty", run(ema, "/tmp/max_time.yaml"))
+    assert [quality_table.label(r) for r in results["runs"]] == ["m2rec", "m2rec + ema"]
+    table = (tmp_path / "q.md").read_text()
+    assert "| **m2rec** | 42 |" in table and "| **m2rec + ema** | 42 |" in table
+    assert quality_table.run_folder("m2rec", [quality_table.ROOT / ema, tmp_path / "data.yaml"]) == "m2rec+ema"
+    assert quality_table.run_folder("m2rec", [tmp_path / "ema.yaml"]) == "m2rec"  # same name, outside the folder
+
+
 def test_the_recbole_check_counts_only_runs_at_the_default_settings(quality_table):
     """A tuned SASRec (a search winner, or one trained with a benchmarks/configs/ file) is not RecBole's SASRec: it
     must not move the reproduction line, which reads the default runs' mean."""

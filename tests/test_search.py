@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,7 +41,7 @@ def test_grid_keys_and_product(search):
 
 def test_settings_rank_by_mean_over_seeds_whatever_their_key_order(search):
     def point(setting, seed, ndcg):
-        return {"setting": setting, "seed": seed, "val_at_best": {"NDCG@10": ndcg}}
+        return {"setting": setting, "seed": seed, "val_at_best": {"NDCG@10": ndcg}, "config_files": []}
 
     points = [point({"a": "1", "b": "2"}, 42, 0.050), point({"a": "0", "b": "2"}, 42, 0.052),
               point({"b": "2", "a": "1"}, 43, 0.056), point({"a": "0", "b": "2"}, 43, 0.050)]
@@ -156,3 +157,32 @@ def test_a_rendering_error_does_not_lose_the_fitted_point(tmp_path, search, synt
         search.main(argv)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [p["setting"] for p in saved["points"]] == [{"lr": "0.02"}, {"lr": "0.01"}]
+
+
+def test_a_point_fitted_with_a_training_config_is_its_own_setting_and_run_folder(tmp_path, search,
+                                                                                 synthetic_sequence_file):
+    """The same grid values with benchmarks/configs/ema.yaml are another setting: the search must fit them (not skip
+    them as done), in their own run folder (the first fit's checkpoints must survive for --from-search), and rank and
+    show them apart; the quality table must give them their own row."""
+    config, _ = synthetic_sequence_file
+    out, runs = tmp_path / "search", tmp_path / "runs"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--max-epochs", "1", "--patience", "1",
+            "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out), "--work-dir", str(runs)]
+    ema = search.quality_table.ROOT / "benchmarks" / "configs" / "ema.yaml"
+    plain = search.main(argv)["points"][0]
+    record = search.main([*argv, "--extra-config", str(ema)])
+    assert len(record["points"]) == 2
+    averaged = record["points"][1]
+    assert averaged["config_files"][-1] == "benchmarks/configs/ema.yaml"
+    folders = {Path(p["best_checkpoint"]).parents[2].name for p in record["points"]}
+    name = search.point_name("sasrec", {"lr": "0.01"})
+    assert folders == {name, name + "+ema"}
+    assert (search.quality_table.ROOT / plain["best_checkpoint"]).is_file()
+    assert [len(group) for _, group in search.quality_table.rank_settings(record["points"])] == [1, 1]
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
+    assert "benchmarks/configs/" in rows[0] and {row.split(" | ")[2] for row in rows[1:]} == {"ema", "—"}
+
+    again = search.main([*argv, "--extra-config", str(ema)])  # now both are done
+    assert len(again["points"]) == 2
+    assert [search.quality_table.label(p) for p in again["points"]] == [
+        "sasrec [lr=0.01]", "sasrec [lr=0.01] + ema"]
