@@ -297,7 +297,8 @@ def training_configs(config_files: list) -> list[str]:
     """The names of the benchmarks/configs/ files among `config_files` (absolute, or relative to the repository root):
     those set training hyper-parameters, so runs that differ in them are different rows, searched points and run
     folders. Other extra configs (data files, max_time caps, backends) leave a run what it is."""
-    return [Path(c).stem for c in config_files if (ROOT / c).resolve().parent == TRAINING_CONFIGS]
+    # normpath, not resolve: this runs for every row of every rendered table, and the paths are already resolved
+    return [Path(c).stem for c in config_files if Path(os.path.normpath(ROOT / c)).parent == TRAINING_CONFIGS]
 
 
 def run_folder(name: str, config_files: list) -> str:
@@ -310,7 +311,7 @@ def label(run: dict) -> str:
     """A row's name: the model, plus the searched setting and the benchmarks/configs/ files it was trained with."""
     setting = run.get("setting")
     return (run["model"] + (" [" + ", ".join(f"{k}={v}" for k, v in setting.items()) + "]" if setting else "")
-            + "".join(f" + {c}" for c in training_configs(run.get("config_files", []))))
+            + "".join(f" + {c}" for c in training_configs(run["config_files"])))
 
 
 def at_defaults(run: dict) -> bool:
@@ -323,17 +324,17 @@ def run_key(run: dict) -> tuple:
     return label(run), run["seed"]
 
 
-def point_key(point: dict) -> tuple:
+def setting_key(setting: dict, config_files: list) -> tuple:
     """What makes search points the same setting: the searched values, whatever order their keys were given in, and
     the training configs they were fitted with (the same values with and without EMA are two settings)."""
-    return tuple(sorted(point["setting"].items())), tuple(training_configs(point["config_files"]))
+    return tuple(sorted(setting.items())), tuple(training_configs(config_files))
 
 
 def rank_settings(points: list[dict]) -> list[tuple[dict, list[dict]]]:
-    """Search points grouped by setting (`point_key`), best mean validation NDCG@10 (over seeds) first."""
+    """Search points grouped by setting (`setting_key`), best mean validation NDCG@10 (over seeds) first."""
     groups: dict[tuple, list[dict]] = {}
     for p in points:
-        groups.setdefault(point_key(p), []).append(p)
+        groups.setdefault(setting_key(p["setting"], p["config_files"]), []).append(p)
     ranked = sorted(groups.values(), key=lambda g: -statistics.mean(p["val_at_best"]["NDCG@10"] for p in g))
     return [(g[0]["setting"], g) for g in ranked]
 

@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
         return quality_table.update_json(path, empty, update, render)
 
     record = save(None)
-    done = {(quality_table.point_key(p), p["seed"]) for p in record["points"]}
+    done = {(quality_table.setting_key(p["setting"], p["config_files"]), p["seed"]) for p in record["points"]}
     for setting in args.points:
-        key = quality_table.point_key({"setting": setting, "config_files": args.extra_config})
+        key = quality_table.setting_key(setting, args.extra_config)
         for seed in args.seeds:
             if (key, seed) in done:
                 print(f"== {setting} seed {seed}: already in {path}, skipped", flush=True)

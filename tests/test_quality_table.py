@@ -197,7 +197,7 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
 def test_the_plot_draws_every_search_winner_even_past_the_palette(tmp_path, quality_table):
     """Eight winners of different searches in one record, more names than distinct colours: the plot must still be
     drawn (it raised KeyError past six)."""
-    runs = [{"model": "m2rec", "seed": 42, "setting": {"lr": str(i)}, "search": "s.json",
+    runs = [{"model": "m2rec", "seed": 42, "setting": {"lr": str(i)}, "search": "s.json", "config_files": [],
              "history": [{"epoch": e, "val": {"NDCG@10": 0.01 * (e + i)}} for e in range(3)]} for i in range(8)]
     path = tmp_path / "curves.png"
     quality_table.plot({"dataset": "beauty", "runs": runs}, path)
@@ -211,7 +211,7 @@ def test_a_failing_plot_does_not_lose_the_run_it_was_drawing(tmp_path, quality_t
 
     monkeypatch.setattr(quality_table, "markdown", lambda results: "table\n")
     monkeypatch.setattr(quality_table, "plot", broken_plot)
-    run = {"model": "popularity", "seed": None, "test": {"NDCG@10": 0.01}}
+    run = {"model": "popularity", "seed": None, "test": {"NDCG@10": 0.01}, "config_files": []}
     with pytest.raises(RuntimeError, match="no colour left"):
         quality_table.record(tmp_path / "q", "beauty", run, ["a note"])
     saved = json.loads((tmp_path / "q.json").read_text())

@@ -10,7 +10,7 @@ def run(model: str, curve: list[float], prefix: bool = False) -> dict:
     history = [{"epoch": i, "seconds": 10.0 * (i + 1), "val": {"NDCG@10": v}} for i, v in enumerate(curve)]
     best = max(range(len(curve)), key=curve.__getitem__)
     return {"model": model, "seed": 1, "history": history, "best_epoch": best, "epochs_run": len(curve),
-            "val_at_best": {"NDCG@10": curve[best]},
+            "val_at_best": {"NDCG@10": curve[best]}, "config_files": [],
             "config": "data:\n  init_args:\n    train_mode: " + ("prefix" if prefix else "all_positions") + "\n"}
 
 
