@@ -51,6 +51,10 @@ class SequentialRecommender(L.LightningModule):
         contrastive_temperature: divides the dot products of the contrastive regulariser.
         label_smoothing: share of each target's probability mass spread evenly over all N items in the training
             cross-entropy (0 = the published one-hot target); validation and test metrics are unaffected.
+        score_temperature: None = score an item by the dot product of the sequence state and its output embedding
+            (the published model). A value = cosine similarity divided by it, in training and in ranking alike: item
+            norms no longer weigh in (a frequent item cannot win on a long embedding alone), and the temperature
+            sets how sharp the softmax over all items can get (at most 2 / temperature between best and worst).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class SequentialRecommender(L.LightningModule):
         contrastive_weight: float = 0.0,
         contrastive_temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        score_temperature: float | None = None,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -82,6 +87,8 @@ class SequentialRecommender(L.LightningModule):
                              f"{contrastive_weight} and {contrastive_temperature}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if score_temperature is not None and not score_temperature > 0:
+            raise ValueError(f"score_temperature must be > 0 (or None for dot-product scores), got {score_temperature}")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder(num_items, text_dim)
         self._eval_table: Tensor | None = None
@@ -141,7 +148,7 @@ class SequentialRecommender(L.LightningModule):
     # ---- model -----------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item."""
-        return self.encode_last(input_ids) @ self.item_table().T  # (B, d) @ (d, N+1)
+        return self.logits(self.encode_last(input_ids), self.item_table())  # (B, N+1)
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded ids -> (B, L, d) hidden states, in `length_groups` groups of similar length; positions
@@ -169,15 +176,26 @@ class SequentialRecommender(L.LightningModule):
             parts.append(F.pad(part, (0, 0, 0, input_ids.size(1) - longest)) if every_position else part)
         return torch.cat(parts)[order.argsort()]  # back to batch order
 
+    def logits(self, hidden: Tensor, table: Tensor) -> Tensor:
+        """(..., d) sequence states against an (n, d) table from `item_table` -> (..., n) scores."""
+        if self.hparams.score_temperature is None:
+            return hidden @ table.T
+        return F.normalize(hidden, dim=-1) @ table.T / self.hparams.score_temperature
+
     def item_table(self) -> Tensor:
-        """(N+1, d) output-side item table; frozen for a whole evaluation/prediction epoch, so it is built once there
-        (with text_output it projects every item's text, too costly to repeat per batch)."""
+        """(N+1, d) output-side item table, unit rows when scores are cosines; frozen for a whole evaluation/prediction
+        epoch, so it is built once there (with text_output it projects every item's text, too costly to repeat per
+        batch)."""
         in_eval_loop = self._trainer is not None and (self.trainer.evaluating or self.trainer.predicting)
         if self.training or torch.is_grad_enabled() or not in_eval_loop:
-            return self.encoder.item_embeddings()
+            return self._scoring_table()
         if self._eval_table is None:
-            self._eval_table = self.encoder.item_embeddings()
+            self._eval_table = self._scoring_table()
         return self._eval_table
+
+    def _scoring_table(self) -> Tensor:
+        table = self.encoder.item_embeddings()  # (N+1, d)
+        return table if self.hparams.score_temperature is None else F.normalize(table, dim=-1)
 
     def _drop_eval_table(self) -> None:
         self._eval_table = None
@@ -187,7 +205,7 @@ class SequentialRecommender(L.LightningModule):
     def loss(self, hidden: Tensor, target_ids: Tensor) -> Tensor:
         """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L)."""
         mask = target_ids > 0
-        logits = hidden[mask] @ self.encoder.item_embeddings()[1:].T  # (M, N): padding id is never a candidate
+        logits = self.logits(hidden[mask], self.item_table()[1:])  # (M, N): padding id is never a candidate
         return F.cross_entropy(logits.float(), target_ids[mask] - 1, label_smoothing=self.hparams.label_smoothing)
 
     def contrastive_loss(self, a: Tensor, b: Tensor) -> Tensor:

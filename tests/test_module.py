@@ -112,6 +112,35 @@ def test_label_smoothing_matches_a_float64_reference():
         make_module(label_smoothing=1.0)
 
 
+def test_cosine_scores_match_a_float64_reference_in_loss_and_ranking():
+    torch.manual_seed(0)
+    tau = 0.07
+    encoder = partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN)
+    module = make_module(encoder=encoder, score_temperature=tau, label_smoothing=0.1)
+    module.eval()
+    ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
+    targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
+    hidden = module.encoder(ids)  # (2, 5, d)
+    table = module.encoder.item_embeddings().double()  # (N+1, d)
+
+    def cosine(h):  # (M, d) -> (M, N+1)
+        return (h.double() @ table.T) / h.double().norm(dim=-1, keepdim=True) / table.norm(dim=-1) / tau
+
+    logp = cosine(hidden[targets > 0])[:, 1:].log_softmax(-1)  # (M, N)
+    target_logp = logp.gather(1, (targets[targets > 0] - 1)[:, None]).squeeze(1)
+    expected = -(0.9 * target_logp + 0.1 * logp.mean(1)).mean()
+    torch.testing.assert_close(module.loss(hidden, targets).double(), expected, rtol=1e-5, atol=1e-6)
+    last = hidden[torch.arange(2), torch.tensor([2, 1])]  # (2, d)
+    torch.testing.assert_close(module(ids).double(), cosine(last), rtol=1e-5, atol=1e-5)
+    # item norms no longer count: a 10x longer output embedding leaves every score where it was
+    before = module(ids)
+    with torch.no_grad():
+        module.encoder.item_embedding.weight[9] *= 10
+    torch.testing.assert_close(module(ids), before)
+    with pytest.raises(ValueError, match="score_temperature"):
+        make_module(score_temperature=0.0)
+
+
 def test_nan_loss_stops_with_the_step():
     module = make_module()
     with torch.no_grad():
