@@ -141,6 +141,29 @@ def test_cosine_scores_match_a_float64_reference_in_loss_and_ranking():
         make_module(score_temperature=0.0)
 
 
+def test_item_bias_adds_a_learned_score_per_item_in_loss_and_ranking():
+    torch.manual_seed(0)
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), item_bias=True,
+                         weight_decay=0.1, optimizer="adamw")
+    module.eval()
+    with torch.no_grad():
+        module.item_bias.normal_()
+    ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
+    targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
+    hidden = module.encoder(ids)  # (2, 5, d)
+    table = module.encoder.item_embeddings().double()  # (N+1, d)
+    bias = module.item_bias.double()  # (N+1,)
+    logp = (hidden[targets > 0].double() @ table[1:].T + bias[1:]).log_softmax(-1)  # (M, N)
+    expected = -logp.gather(1, (targets[targets > 0] - 1)[:, None]).mean()
+    torch.testing.assert_close(module.loss(hidden, targets).double(), expected, rtol=1e-5, atol=1e-6)
+    last = hidden[torch.arange(2), torch.tensor([2, 1])].double()  # (2, d)
+    torch.testing.assert_close(module(ids).double(), last @ table.T + bias, rtol=1e-5, atol=1e-5)
+    module.loss(hidden, targets).backward()
+    assert module.item_bias.grad[1:].abs().sum() > 0 and module.item_bias.grad[0] == 0  # padding is never a target
+    decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert id(module.item_bias) not in decayed
+
+
 def test_nan_loss_stops_with_the_step():
     module = make_module()
     with torch.no_grad():
