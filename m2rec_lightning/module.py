@@ -58,7 +58,8 @@ class SequentialRecommender(L.LightningModule):
             On Beauty (tuned recipe, seed 42) 0.05 lowered validation and test NDCG@10 (0.0555 / 0.0421 against
             0.0577 / 0.0447): there the norms carry signal.
         item_bias: add a learned score per item (zero at the start, never weight-decayed) to every sequence's scores,
-            so an item's overall popularity need not live in its embedding.
+            so an item's overall popularity need not live in its embedding. Level on Beauty (tuned recipe, seed 42:
+            validation 0.0578 against 0.0577, test NDCG@10 0.0448 against 0.0447).
     """
 
     def __init__(
