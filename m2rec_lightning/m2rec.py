@@ -1,7 +1,8 @@
 """The M2Rec encoder: multi-scale Mamba, causal Fourier filter and LLM item text, fused per position by a gate.
 
-    e = LayerNorm(Dropout(E_id[x]))                          x: (B, L) right-padded ids, 0 = padding
-    S = SemanticProjection(E_text[x])                        E_text: frozen (N+1, text_dim) buffer, row 0 zeros
+    e = LayerNorm(Dropout(k ⊙ E_id[x]))                      x: (B, L) right-padded ids, 0 = padding
+    S = k ⊙ SemanticProjection(E_text[x])                    E_text: frozen (N+1, text_dim) buffer, row 0 zeros
+                                                             k: (B, L, 1) whole-item dropout mask (training only)
     h = e; per block:
         T = sum_s w_s · Up_s(Mamba_s(Pool_s(h)))             multiscale.py
         F = CausalFourierFilter(h)                           fourier.py
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions
@@ -152,6 +154,10 @@ class M2RecEncoder(SequenceEncoder):
         mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, else
             PyTorch), "torch", "cuda" or "triton" (the Triton scan, opt-in; see Mamba).
         initializer_range: std of the normal init of embeddings and of the Linear layers outside Mamba.
+        item_dropout: in training, the share of input items hidden whole: their embedding and text vector are zeroed
+            (the kept ones scaled by 1 / (1 - item_dropout)), so the model sees LayerNorm's bias there, a learned
+            "unknown item", and must predict from the rest of the history; targets are untouched. Ordinary dropout
+            only thins each item's channels, so the item stays recognisable. 0 = off (the published model).
     """
 
     def __init__(
@@ -173,6 +179,7 @@ class M2RecEncoder(SequenceEncoder):
         max_len: int = 50,
         mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
         initializer_range: float = 0.02,
+        item_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -186,11 +193,14 @@ class M2RecEncoder(SequenceEncoder):
                 "semantic=True needs item text, but text_dim is 0: give the datamodule a text section (data.text) "
                 "so its embeddings are linked in, or set semantic: false for the model without the semantic branch"
             )
+        if not 0.0 <= item_dropout < 1.0:
+            raise ValueError(f"item_dropout must be in [0, 1), got {item_dropout}")
         if max(scales, default=1) > max_len:
             raise ValueError(f"scales {scales} has a window longer than max_len={max_len}")
         self.num_items = num_items
         self.hidden_size = hidden_size
         self.max_len = max_len
+        self.item_dropout = item_dropout
         use_text = semantic is not False and text_dim > 0
         self.text_output = text_output and use_text
 
@@ -223,8 +233,9 @@ class M2RecEncoder(SequenceEncoder):
 
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
         check_ids(input_ids, self.num_items)
-        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
-        s = self._semantic(input_ids)  # (B, L, d) or None
+        keep = self._item_keep(input_ids)
+        h = self._embed(input_ids, keep)  # (B, L, d)
+        s = self._semantic(input_ids, keep)  # (B, L, d) or None
         for block in self.blocks:
             h = block(h, s)
         return h
@@ -234,20 +245,36 @@ class M2RecEncoder(SequenceEncoder):
         last one only at that position (see SequenceEncoder.forward_last)."""
         check_ids(input_ids, self.num_items)
         index = last_positions(input_ids)  # (B,)
-        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
+        keep = self._item_keep(input_ids)
+        h = self._embed(input_ids, keep)  # (B, L, d)
         *blocks, last = self.blocks
-        s = self._semantic(input_ids) if blocks else None  # (B, L, d): the earlier blocks read every position
+        s = self._semantic(input_ids, keep) if blocks else None  # (B, L, d): the earlier blocks read every position
         for block in blocks:
             h = block(h, s)
         rows = torch.arange(input_ids.size(0), device=input_ids.device)
-        s_last = s[rows, index] if s is not None else self._semantic(input_ids[rows, index])  # (B, d) or None
+        if s is not None:
+            s_last = s[rows, index]
+        else:
+            s_last = self._semantic(input_ids[rows, index], None if keep is None else keep[rows, index])  # (B, d)
         return last.forward_last(h, s_last, index)
 
-    def _semantic(self, input_ids: Tensor) -> Tensor | None:  # (...) ids -> (..., d), None without the text stream
+    def _item_keep(self, input_ids: Tensor) -> Tensor | None:  # (B, L) -> (B, L, 1), None = every item kept
+        if not (self.training and self.item_dropout > 0):
+            return None
+        ones = torch.ones(*input_ids.shape, 1, device=input_ids.device, dtype=self.item_embedding.weight.dtype)
+        return F.dropout(ones, self.item_dropout)
+
+    def _embed(self, input_ids: Tensor, keep: Tensor | None) -> Tensor:  # (B, L) -> (B, L, d), the blocks' input
+        e = self.item_embedding(input_ids)
+        return self.norm(self.dropout(e if keep is None else e * keep))
+
+    def _semantic(self, input_ids: Tensor, keep: Tensor | None) -> Tensor | None:
+        """(...) ids -> (..., d) semantic stream, keep (..., 1) or None; None without the text stream."""
         if self.semantic is None:
             return None
         self._check_text_filled()
-        return self.semantic(self.text_table[input_ids])
+        s = self.semantic(self.text_table[input_ids])
+        return s if keep is None else s * keep
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight

@@ -326,6 +326,60 @@ def test_train_mode_uses_dropout():
     assert torch.equal(enc(ids), enc(ids))
 
 
+def seeded_keep(seed: int, shape: tuple[int, int], p: float) -> Tensor:
+    """The item-dropout mask an encoder in training draws first after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return F.dropout(torch.ones(*shape, 1, dtype=torch.float64), p)
+
+
+def test_item_dropout_hides_whole_items():
+    enc = m2rec(text_dim=0, dropout=0.0, item_dropout=0.3).double().train()
+    ids = right_padded([L, L, 9, 7])
+    keep = seeded_keep(5, ids.shape, 0.3)
+    dropped = (keep[..., 0] == 0) & (ids > 0)
+    assert dropped.any() and (~dropped & (ids > 0)).any()
+    with torch.no_grad():
+        enc.item_embedding.weight[0] = 0  # the RecBole init leaves it random; zeroed, it is what a hidden item reads
+        # a hidden item becomes this bias; at its init of 0 a block's input there is FFT round-off, which the
+        # LayerNorm (eps 1e-12) blows up
+        enc.norm.bias.normal_()
+    torch.manual_seed(5)
+    out = enc(ids)
+    enc.item_dropout = 0.0
+    # scaling the kept items by 1 / (1 - p) changes nothing under the LayerNorm that follows but its eps (~1e-9 here)
+    torch.testing.assert_close(out, enc(ids.masked_fill(keep[..., 0] == 0, 0)), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(out, enc(ids))
+    enc.item_dropout = 0.3
+    torch.manual_seed(5)
+    last = enc.forward_last(ids)
+    torch.testing.assert_close(last, out[torch.arange(ids.size(0)), (ids > 0).sum(1) - 1], rtol=1e-9, atol=1e-10)
+    eval_out = enc.eval()(ids)
+    enc.item_dropout = 0.0
+    assert torch.equal(eval_out, enc(ids))  # evaluation sees every item
+
+
+def test_item_dropout_hides_the_text_of_hidden_items():
+    enc = m2rec(dropout=0.0, item_dropout=0.4, gate="sum").double().train()
+    table = text_table().double()
+    ids = torch.randperm(N_ITEMS, generator=torch.Generator().manual_seed(3))[: 2 * L].view(2, L) + 1  # distinct
+    keep = seeded_keep(7, ids.shape, 0.4)[..., 0]
+    hidden_item, kept_item = ids[keep == 0][0], ids[keep > 0][0]
+
+    def run(changed_item: Tensor | None) -> Tensor:
+        t = table.clone()
+        if changed_item is not None:
+            t[changed_item] += 1.0
+        enc.set_text_table(t)
+        torch.manual_seed(7)
+        return enc(ids)
+
+    base = run(None)
+    torch.testing.assert_close(run(hidden_item), base, rtol=0, atol=0)
+    assert not torch.allclose(run(kept_item), base)
+    with pytest.raises(ValueError, match="item_dropout"):
+        m2rec(item_dropout=1.0)
+
+
 # ---- SASRec --------------------------------------------------------------------------------------------------------
 def sasrec(**overrides) -> SASRecEncoder:
     torch.manual_seed(0)
