@@ -157,7 +157,8 @@ class M2RecEncoder(SequenceEncoder):
         item_dropout: in training, the share of input items hidden whole: their embedding and text vector are zeroed
             (the kept ones scaled by 1 / (1 - item_dropout)), so the model sees LayerNorm's bias there, a learned
             "unknown item", and must predict from the rest of the history; targets are untouched. Ordinary dropout
-            only thins each item's channels, so the item stays recognisable. 0 = off (the published model).
+            only thins each item's channels, so the item stays recognisable. 0 = off (the published model). On the
+            tuned Beauty recipe (seed 42) 0.1 lowered validation NDCG@10 (0.0572 against 0.0577) and tested level.
     """
 
     def __init__(
