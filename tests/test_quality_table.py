@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/quality_table.py on a synthetic sequence file: 1 epoch, tiny models."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -172,7 +173,7 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
     setting, points = quality_table.search_winner(points, 3, ", ".join(search_files))
     measured_config = yaml.safe_load(points[0]["config"])
     measured_module = dict(measured_config["model"]["init_args"])
-    measured = measured_module.pop("encoder")["init_args"]
+    measured_encoder = measured_module.pop("encoder")
     offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
     # the tuned file goes last, as users add it, so its data options apply to the synthetic file's datamodule
     cli = quality_table.build_cli(quality_table.dataset_configs(dataset) + [config, ROOT / f"configs/tuned/{dataset}.yaml"],
@@ -182,10 +183,15 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
     built = built_module.pop("encoder")["init_args"]
     for linked in ("num_items", "text_dim"):  # filled from the datamodule at instantiation, absent from saved configs
         built_module.pop(linked)
-    # a module option added after the measured run is absent from its config; the run had the default's behaviour
-    defaults = inspect.signature(SequentialRecommender).parameters
-    measured_module = {**{key: defaults[key].default for key in built_module.keys() - measured_module.keys()},
-                       **measured_module}
+    # an option added after the measured run is absent from its config; the run had the default's behaviour
+    def with_defaults(options: dict, built_options: dict, cls: type) -> dict:
+        defaults = inspect.signature(cls).parameters
+        return {**{key: defaults[key].default for key in built_options.keys() - options.keys()}, **options}
+
+    module_name, _, class_name = measured_encoder["class_path"].rpartition(".")
+    measured = with_defaults(measured_encoder["init_args"], built,
+                             getattr(importlib.import_module(module_name), class_name))
+    measured_module = with_defaults(measured_module, built_module, SequentialRecommender)
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
     assert built_module == measured_module  # the module's options too (label smoothing, optimiser, lr, scheduler)
     def resolved(config: dict, key: str):
