@@ -356,6 +356,8 @@ def test_item_dropout_hides_whole_items():
     eval_out = enc.eval()(ids)
     enc.item_dropout = 0.0
     assert torch.equal(eval_out, enc(ids))  # evaluation sees every item
+    with pytest.raises(ValueError, match="item_dropout"):
+        m2rec(item_dropout=1.0)
 
 
 def test_item_dropout_hides_the_text_of_hidden_items():
@@ -376,8 +378,6 @@ def test_item_dropout_hides_the_text_of_hidden_items():
     base = run(None)
     torch.testing.assert_close(run(hidden_item), base, rtol=0, atol=0)
     assert not torch.allclose(run(kept_item), base)
-    with pytest.raises(ValueError, match="item_dropout"):
-        m2rec(item_dropout=1.0)
 
 
 # ---- SASRec --------------------------------------------------------------------------------------------------------

@@ -15,8 +15,6 @@ import torch
 import yaml
 from conftest import load_benchmark
 
-from m2rec_lightning.module import SequentialRecommender
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -172,8 +170,6 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
               for point in json.loads((ROOT / "benchmarks" / "results" / name).read_text())["points"]]
     setting, points = quality_table.search_winner(points, 3, ", ".join(search_files))
     measured_config = yaml.safe_load(points[0]["config"])
-    measured_module = dict(measured_config["model"]["init_args"])
-    measured_encoder = measured_module.pop("encoder")
     offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
     # the tuned file goes last, as users add it, so its data options apply to the synthetic file's datamodule
     cli = quality_table.build_cli(quality_table.dataset_configs(dataset) + [config, ROOT / f"configs/tuned/{dataset}.yaml"],
@@ -183,15 +179,17 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
     built = built_module.pop("encoder")["init_args"]
     for linked in ("num_items", "text_dim"):  # filled from the datamodule at instantiation, absent from saved configs
         built_module.pop(linked)
-    # an option added after the measured run is absent from its config; the run had the default's behaviour
-    def with_defaults(options: dict, built_options: dict, cls: type) -> dict:
-        defaults = inspect.signature(cls).parameters
+
+    def saved_options(saved: dict, built_options: dict) -> dict:
+        """A saved {class_path, init_args}'s options, plus the class's defaults for options added after the run (it
+        had the default's behaviour)."""
+        module_name, _, class_name = saved["class_path"].rpartition(".")
+        defaults = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+        options = {key: value for key, value in saved["init_args"].items() if key != "encoder"}
         return {**{key: defaults[key].default for key in built_options.keys() - options.keys()}, **options}
 
-    module_name, _, class_name = measured_encoder["class_path"].rpartition(".")
-    measured = with_defaults(measured_encoder["init_args"], built,
-                             getattr(importlib.import_module(module_name), class_name))
-    measured_module = with_defaults(measured_module, built_module, SequentialRecommender)
+    measured_module = saved_options(measured_config["model"], built_module)
+    measured = saved_options(measured_config["model"]["init_args"]["encoder"], built)
     assert {k: v for k, v in built.items() if k != "semantic"} == {k: v for k, v in measured.items() if k != "semantic"}
     assert built_module == measured_module  # the module's options too (label smoothing, optimiser, lr, scheduler)
     def resolved(config: dict, key: str):
