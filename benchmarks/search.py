@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     path = args.out.with_suffix(".json")
     empty = {"dataset": args.dataset, "model": args.model, "notes": [], "points": []}
 
-    def save(point: dict | None) -> dict:
-        """Merge the notes and `point` into OUT.json, then render OUT.md from it; returns the record."""
+    def save(point: dict | None, notes: list[str]) -> dict:
+        """Merge `notes` and `point` into OUT.json, then render OUT.md from it; returns the record."""
         def update(record: dict) -> None:
             if (record["dataset"], record["model"]) != (args.dataset, args.model):
                 raise ValueError(f"{path} holds a {record['model']} search on {record['dataset']}; use another --out")
-            record["notes"].extend(n for n in args.note if n not in record["notes"])
+            record["notes"].extend(n for n in notes if n not in record["notes"])
             if point is not None:
                 record["points"].append(point)
 
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         return quality_table.update_json(path, empty, update, render)
 
-    record = save(None)
+    # Notes describe the runs, so they land with the first point saved (or alone when every point was already
+    # there): a search killed before it saved anything leaves no note about runs the record does not hold.
+    record = save(None, [])
     done = {(quality_table.setting_key(p["setting"], p["config_files"]), p["seed"]) for p in record["points"]}
     for setting in args.points:
         key = quality_table.setting_key(setting, args.extra_config)
@@ -168,10 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
             overrides = [f"--{args.full_keys[k]}={v}" for k, v in setting.items()]
             run = quality_table.run_model(args.model, seed, args, overrides, point_name(args.model, setting), test=False)
             point = {"setting": setting, **{k: v for k, v in run.items() if k not in ("test", "test_seconds")}}
-            record = save(point)
+            record = save(point, args.note)
             print(f"== {setting} seed {seed}: best val NDCG@10 {run['val_at_best']['NDCG@10']:.4f} "
                   f"(epoch {run['best_epoch'] + 1} of {run['epochs_run']}, {run['fit_seconds']} s)", flush=True)
-    return record
+    return save(None, args.note)
 
 
 if __name__ == "__main__":

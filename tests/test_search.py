@@ -186,3 +186,27 @@ def test_a_point_fitted_with_a_training_config_is_its_own_setting_and_run_folder
     assert len(again["points"]) == 2
     assert [search.quality_table.label(p) for p in again["points"]] == [
         "sasrec [lr=0.01]", "sasrec [lr=0.01] + ema"]
+
+
+def test_notes_land_with_the_runs_they_describe(tmp_path, search, synthetic_sequence_file, monkeypatch):
+    """A search killed before it saved a point leaves no note; rerunning a finished search only appends the note."""
+    config, _ = synthetic_sequence_file
+    out = tmp_path / "search"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--max-epochs", "1", "--patience", "1",
+            "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out),
+            "--work-dir", str(tmp_path / "runs")]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(search.quality_table, "run_model", killed)
+        with pytest.raises(KeyboardInterrupt):
+            search.main([*argv, "--note", "the killed run"])
+    assert json.loads(out.with_suffix(".json").read_text())["notes"] == []
+
+    record = search.main([*argv, "--note", "the run"])
+    assert record["notes"] == ["the run"] and len(record["points"]) == 1
+    again = search.main([*argv, "--note", "the run", "--note", "read later"])
+    assert again["notes"] == ["the run", "read later"] and again["points"] == record["points"]
+    assert "- read later" in out.with_suffix(".md").read_text()
