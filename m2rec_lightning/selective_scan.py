@@ -18,7 +18,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, Tensor]:
+    """Raise on arguments the scan does not support; return B and C as (batch, dstate, seqlen), with mamba_ssm's
+    one-group form (batch, 1, dstate, seqlen) squeezed before its shape is checked."""
     if A.is_complex():
         raise NotImplementedError("selective_scan: complex A is not supported (Mamba-1 uses a real A)")
     if u.dim() != 3 or delta.shape != u.shape:
@@ -30,9 +32,10 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
     if A.dim() != 2 or A.shape[0] != dim:
         raise ValueError(f"selective_scan: A must be (dim={dim}, dstate), got {tuple(A.shape)}")
     dstate = A.shape[1]
+    checked = []
     for name, t in (("B", B), ("C", C)):
         if t.dim() == 4 and t.shape[1] == 1:
-            continue
+            t = t[:, 0]
         if t.dim() != 3:
             raise NotImplementedError(
                 f"selective_scan: {name} must be input-dependent, (batch, dstate, seqlen); got shape "
@@ -40,22 +43,26 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         if t.shape != (batch, dstate, seqlen):
             raise ValueError(f"selective_scan: {name} must be (batch={batch}, dstate={dstate}, "
                              f"seqlen={seqlen}), got {tuple(t.shape)}")
+        checked.append(t)
     if D is not None and D.shape != (dim,):
         raise ValueError(f"selective_scan: D must be (dim={dim},), got {tuple(D.shape)}")
     if delta_bias is not None and delta_bias.shape != (dim,):
         raise ValueError(f"selective_scan: delta_bias must be (dim={dim},), got {tuple(delta_bias.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    return checked[0], checked[1]
 
 
-def _check_state_inputs(name: str, u, delta, A, B, index, delta_bias) -> None:
-    """The checks of the state-only scans: the scan's own, and index (batch,) integers in [0, seqlen)."""
-    _check_inputs(u, delta, A, B, B, None, None, delta_bias)
+def _check_state_inputs(name: str, u, delta, A, B, index, delta_bias) -> Tensor:
+    """The checks of the state-only scans: the scan's own, and index (batch,) integers in [0, seqlen); returns B as
+    (batch, dstate, seqlen)."""
+    B, _ = _check_inputs(u, delta, A, B, B, None, None, delta_bias)
     batch, _, seqlen = u.shape
     if index.shape != (batch,) or index.dtype.is_floating_point:
         raise ValueError(f"{name}: index must be (batch={batch},) integers, got {tuple(index.shape)} {index.dtype}")
     if batch and (index.min() < 0 or index.max() >= seqlen):
         raise ValueError(f"{name}: index must lie in [0, {seqlen}), got [{int(index.min())}, {int(index.max())}]")
+    return B
 
 
 def _scan_dtype(u: Tensor) -> torch.dtype:
@@ -82,11 +89,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     Returns:
         y, (batch, dim, seqlen), in u's dtype.
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if B.dim() == 4:
-        B = B[:, 0]
-    if C.dim() == 4:
-        C = C[:, 0]
+    B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _scan_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
@@ -316,11 +319,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
         slab: batch rows processed together; None = as many as keep a chunk's work buffers near 4 MiB
             (on CUDA: the whole batch).
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if B.dim() == 4:
-        B = B[:, 0]
-    if C.dim() == 4:
-        C = C[:, 0]
+    B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _scan_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
         # (b, ·, L) -> (b, L, ·): free for the Mamba block, whose tensors are (b, L, ·) memory seen transposed
@@ -348,10 +347,8 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     Returns:
         (batch, dim, dstate) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
     """
-    _check_state_inputs("selective_scan_state", u, delta, A, B, index, delta_bias)
+    B = _check_state_inputs("selective_scan_state", u, delta, A, B, index, delta_bias)
     batch, dim, seqlen = u.shape
-    if B.dim() == 4:
-        B = B[:, 0]
     dtype = _scan_dtype(u)
     n = A.shape[1]
     with torch.autocast(u.device.type, enabled=False):

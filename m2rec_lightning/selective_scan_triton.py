@@ -289,11 +289,7 @@ def selective_scan_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           delta_softplus: bool = False) -> Tensor:
     """The selective scan in Triton kernels (forward and backward); same arguments, shapes and result as
     :func:`~m2rec_lightning.selective_scan.selective_scan_ref`. The recurrence runs in float32."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    if B.dim() == 4:
-        B = B[:, 0]
-    if C.dim() == 4:
-        C = C[:, 0]
+    B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if _scan_dtype(u) == torch.float64:
         raise NotImplementedError("selective_scan_triton runs in float32; use selective_scan for float64")
     dtype_in = u.dtype
@@ -310,10 +306,8 @@ def selective_scan_state_triton(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, 
                                 delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
     """:func:`~m2rec_lightning.selective_scan.selective_scan_state` in a Triton kernel: the state at step index[i]
     of each row, (batch, dim, dstate) float32; each program stops at its own row's index."""
-    _check_state_inputs("selective_scan_state_triton", u, delta, A, B, index, delta_bias)
+    B = _check_state_inputs("selective_scan_state_triton", u, delta, A, B, index, delta_bias)
     batch, dim, seqlen = u.shape
-    if B.dim() == 4:
-        B = B[:, 0]
     f = torch.float32
     u, delta, A, B, delta_bias = u.to(f), delta.to(f), A.to(f), B.to(f), _float(delta_bias, f)
     dstate = A.shape[1]

@@ -159,6 +159,8 @@ def test_rejects_unsupported_and_malformed_inputs():
         selective_scan(x["u"], x["delta"], x["A"], torch.randn(3, 4, dtype=torch.float64), x["C"])
     with pytest.raises(ValueError, match=r"C must be \(batch=2, dstate=4, seqlen=5\)"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"][..., :4])
+    with pytest.raises(ValueError, match=r"B must be \(batch=2, dstate=4, seqlen=5\), got \(2, 4, 4\)"):
+        selective_scan(x["u"], x["delta"], x["A"], x["B"][:, None, :, :4], x["C"])  # the one-group form is checked too
     with pytest.raises(ValueError, match="delta_bias"):
         selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], delta_bias=torch.zeros(4))
     with pytest.raises(ValueError, match="A must be"):
