@@ -488,6 +488,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def line_styles(names: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(colour, line style, marker) for each row name of a plot, distinct for up to 31 names: the headline models keep
+    their own colours, other rows take seven colours first as solid lines, then dashed, dotted and dash-dotted (past
+    that they repeat; a line never vanishes)."""
+    styles = {name: (colour, "-", "o") for name, colour in zip(HEADLINE, ("tab:red", "tab:blue", "tab:green"))}
+    colours = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+    others = itertools.cycle((colour, linestyle, marker) for (linestyle, marker), colour
+                             in itertools.product((("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")), colours))
+    return {name: styles[name] if name in styles else next(others) for name in names}
+
+
 def plot(results: dict, path: Path) -> None:
     """Validation NDCG@10 per epoch of the headline models and of the search winners (one line per seed, one colour
     per row name)."""
@@ -501,16 +512,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = dict(zip(HEADLINE, ("tab:red", "tab:blue", "tab:green")))
-    searched = [n for n in dict.fromkeys(label(r) for r in runs) if n not in colours]
-    # a record can hold more search winners than there are distinct colours; colours then repeat, lines never vanish
-    others = itertools.cycle(("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"))
-    colours |= dict(zip(searched, others))
+    styles = line_styles(list(dict.fromkeys(label(r) for r in runs)))
     labelled = set()
     for r in runs:
         epochs = [e["epoch"] + 1 for e in r["history"]]
-        ax.plot(epochs, [e["val"]["NDCG@10"] for e in r["history"]], color=colours[label(r)], alpha=0.8,
-                lw=1.2, marker="o", ms=3, label=None if label(r) in labelled else label(r))
+        colour, linestyle, marker = styles[label(r)]
+        ax.plot(epochs, [e["val"]["NDCG@10"] for e in r["history"]], color=colour, ls=linestyle, marker=marker,
+                alpha=0.8, lw=1.2, ms=3, label=None if label(r) in labelled else label(r))
         labelled.add(label(r))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")

@@ -215,6 +215,14 @@ def test_the_plot_draws_every_search_winner_even_past_the_palette(tmp_path, qual
     assert path.stat().st_size > 0
 
 
+def test_plot_rows_are_told_apart_by_colour_or_line_style(quality_table):
+    """The ML-1M record holds 11 row names; with colours alone, four pairs of rows drew the same line."""
+    names = ["m2rec", *[f"m2rec [lr={i}]" for i in range(28)]]  # the Beauty long record holds 23
+    styles = quality_table.line_styles(names)
+    assert len(set(styles.values())) == len(names) and styles["m2rec"][0] == "tab:red"
+    assert quality_table.line_styles(["x", "sasrec"]) == {"x": ("tab:purple", "-", "o"), "sasrec": ("tab:blue", "-", "o")}
+
+
 def test_a_failing_plot_does_not_lose_the_run_it_was_drawing(tmp_path, quality_table, monkeypatch):
     """The record is written before the Markdown and the plot are rendered from it."""
     def broken_plot(results, path):
