@@ -211,10 +211,11 @@ def ended_by(trainer, epochs_run: int) -> str:
     return "max_time" if timer is not None and timer.time_remaining() <= 0 else "interrupted"
 
 
-def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict]:
+def test_search_winner(search_json: Path, args: argparse.Namespace, overrides: list[str] = []) -> list[dict]:
     """Test, once, each seed's best checkpoint of the setting that ranks first on validation in a search record (among
     the settings fitted with at least `args.min_seeds` seeds; only the seeds in `args.search_seeds` when given); the rows
-    carry the setting and the search's fit record (history, config, timings)."""
+    carry the setting and the search's fit record (history, config, timings). `overrides` are CLI options applied to
+    the test only (an evaluation option such as exclude_seen)."""
     search = json.loads(search_json.read_text())
     if search["dataset"] != args.dataset:
         raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
@@ -236,7 +237,7 @@ def test_search_winner(search_json: Path, args: argparse.Namespace) -> list[dict
             config.write(point["config"])
             config.flush()
             cli = build_cli([Path(config.name)], [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false",
-                                                  "--trainer.enable_progress_bar=false"])
+                                                  "--trainer.enable_progress_bar=false", *overrides])
         start = time.perf_counter()
         (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
         rows.append({**point, "search": os.path.relpath(search_json, ROOT),
