@@ -2,12 +2,13 @@
 `model.init_args.exclude_seen` (a diagnostic, not the published protocol: RecBole's sequential evaluation ranks seen
 items too, and so do this project's defaults and quality tables).
 
-    python benchmarks/exclude_seen.py --dataset ml-1m --min-seeds 3 \\
-        --from-search benchmarks/results/search_ml-1m_m2rec_long.json benchmarks/results/search_ml-1m_sasrec.json \\
+    python benchmarks/exclude_seen.py --dataset ml-1m --min-seeds 1 --from-search \\
+        benchmarks/results/search_ml-1m_m2rec_long.json benchmarks/results/search_ml-1m_mamba4rec_refit.json \\
         --out benchmarks/results/exclude_seen_ml-1m
 
 Each record's validation winner (as `quality_table.py --from-search` picks it) is tested twice per seed, from the same
-checkpoint; nothing is trained. Writes OUT.json and OUT.md.
+checkpoint; nothing is trained. OUT.json and OUT.md are rewritten after each record, so a later record's missing
+checkpoint does not lose the rows measured before it.
 """
 from __future__ import annotations
 
@@ -64,12 +65,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.search_seeds = None
     searches, args.out = [p.resolve() for p in args.from_search], args.out.resolve()
     os.chdir(quality_table.ROOT)  # the dataset configs name their data files relative to the repository root
-    rows = [row for path in searches for row in measure(path, args)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"dataset": args.dataset, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, args.dataset)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    rows = []
+    for path in searches:
+        rows += measure(path, args)
+        args.out.with_suffix(".json").write_text(json.dumps({"dataset": args.dataset, "rows": rows}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(rows, args.dataset))
+    print(args.out.with_suffix(".md").read_text())
     return rows
 
 

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import load_benchmark
 
 
 def test_masking_seen_items_never_lowers_a_metric_and_leaves_the_default_ranking_alone(tmp_path,
                                                                                       synthetic_sequence_file):
     search, exclude_seen = load_benchmark("search"), load_benchmark("exclude_seen")
-    config, sequences = synthetic_sequence_file
+    config, _ = synthetic_sequence_file
     out = tmp_path / "search"
     search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--seeds", "42", "43",
                  "--max-epochs", "1", "--patience", "1", "--accelerator", "cpu", "--extra-config", str(config),
@@ -28,3 +29,14 @@ def test_masking_seen_items_never_lowers_a_metric_and_leaves_the_default_ranking
     # the synthetic users repeat items, so masking what they saw moves some target's rank
     assert any(r["test_exclude_seen"] != r["test"] for r in rows)
     assert "| sasrec [lr=0.01] | 42, 43 |" in table.with_suffix(".md").read_text()
+
+    # a later record whose checkpoint is gone fails the run, but the rows measured before it are kept
+    gone = json.loads(out.with_suffix(".json").read_text())
+    for point in gone["points"]:
+        point["best_checkpoint"] = str(tmp_path / "deleted.ckpt")
+    (tmp_path / "gone.json").write_text(json.dumps(gone))
+    with pytest.raises(FileNotFoundError, match="is gone"):
+        exclude_seen.main(["--dataset", "beauty", "--from-search", str(out.with_suffix(".json")),
+                           str(tmp_path / "gone.json"), "--min-seeds", "2", "--accelerator", "cpu", "--out",
+                           str(tmp_path / "partial")])
+    assert json.loads((tmp_path / "partial.json").read_text())["rows"] == rows

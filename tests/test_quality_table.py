@@ -220,7 +220,8 @@ def test_plot_rows_are_told_apart_by_colour_or_line_style(quality_table):
     names = ["m2rec", *[f"m2rec [lr={i}]" for i in range(28)]]  # the Beauty long record holds 23
     styles = quality_table.line_styles(names)
     assert len(set(styles.values())) == len(names) and styles["m2rec"][0] == "tab:red"
-    assert quality_table.line_styles(["x", "sasrec"]) == {"x": ("tab:purple", "-", "o"), "sasrec": ("tab:blue", "-", "o")}
+    assert quality_table.line_styles(["x", "sasrec"]) == {"x": ("tab:purple", "-", "o"),
+                                                          "sasrec": ("tab:blue", "-", "o")}
 
 
 def test_a_failing_plot_does_not_lose_the_run_it_was_drawing(tmp_path, quality_table, monkeypatch):
