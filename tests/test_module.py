@@ -63,7 +63,7 @@ def make_module(encoder=None, **kwargs) -> SequentialRecommender:
     encoder = encoder or partial(
         M2RecEncoder, hidden_size=32, d_state=8, dropout=0.1, max_len=MAX_LEN, scales=[1, 2], mamba_backend="torch"
     )
-    return SequentialRecommender(encoder=encoder, num_items=N_ITEMS, lr=3e-3, **kwargs)
+    return SequentialRecommender(encoder=encoder, num_items=N_ITEMS, **{"lr": 3e-3, **kwargs})
 
 
 def trainer(**kwargs) -> L.Trainer:
@@ -162,6 +162,56 @@ def test_item_bias_adds_a_learned_score_per_item_in_loss_and_ranking():
     assert module.item_bias.grad[1:].abs().sum() > 0 and module.item_bias.grad[0] == 0  # padding is never a target
     decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
     assert id(module.item_bias) not in decayed
+
+
+def test_seen_bias_scores_the_items_up_to_each_position_like_a_float64_loop():
+    torch.manual_seed(0)
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_bias=True,
+                         weight_decay=0.1)
+    module.eval()
+    with torch.no_grad():
+        module.seen_bias.fill_(-1.5)
+    ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])  # repeats, padding, a one-item row
+    targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
+    hidden = module.encoder(ids)  # (3, 5, d)
+    table = module.encoder.item_embeddings().double()  # (N+1, d)
+    terms = []
+    for b in range(3):
+        for t in range(5):
+            if targets[b, t] == 0:
+                continue
+            scores = hidden[b, t].double() @ table.T  # (N+1,)
+            for item in set(ids[b, : t + 1].tolist()) - {0}:
+                scores[item] -= 1.5
+            terms.append(-scores[1:].log_softmax(-1)[targets[b, t] - 1])
+    torch.testing.assert_close(module.loss(hidden, targets, ids).double(), torch.stack(terms).mean(),
+                               rtol=1e-5, atol=1e-6)
+    expected = []
+    for b, last in enumerate([3, 4, 0]):
+        scores = hidden[b, last].double() @ table.T
+        for item in set(ids[b].tolist()) - {0}:
+            scores[item] -= 1.5
+        expected.append(scores[1:])
+    torch.testing.assert_close(module(ids)[:, 1:].double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    # a repeated target (item 7 after 7) pulls the learned score up, first-time targets push it down
+    module.loss(hidden, targets, ids).backward()
+    assert module.seen_bias.grad is not None and module.seen_bias.grad != 0
+    decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
+    assert id(module.seen_bias) not in decayed
+    with pytest.raises(ValueError, match="input_ids"):
+        module.loss(hidden, targets)
+
+
+def test_seen_bias_learns_to_skip_what_the_user_already_has():
+    # every sequence is a random walk over distinct items, and the next item is drawn from all unseen ones, so only
+    # the seen-item score can lift ranking above chance: it must go strongly negative
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [(torch.randperm(N_ITEMS, generator=gen)[:MAX_LEN + 1] + 1).tolist() for _ in range(256)]
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN), seen_bias=True,
+                         lr=5e-2)
+    trainer(max_epochs=10).fit(module, train_dataloaders=train_batches(seqs))
+    assert module.seen_bias.item() < -1.0
 
 
 def test_nan_loss_stops_with_the_step():
