@@ -20,12 +20,9 @@ from .m2rec import M2RecEncoder
 from .metrics import RankingMetrics, mask_scores, pessimistic_rank
 
 
-def first_positions(input_ids: Tensor, size: int) -> Tensor:
-    """(B, L) item ids -> (B, size) position of each id's first occurrence in its row, L where it does not occur."""
-    batch, length = input_ids.shape
-    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    first = torch.full((batch, size), length, dtype=torch.long, device=input_ids.device)
-    return first.scatter_reduce_(1, input_ids, positions, "amin")
+def seen_items(ids: Tensor, num_ids: int) -> Tensor:
+    """(B, K) item ids, 0-padded -> (B, num_ids) bool, True at every id in the row (padding column 0 included)."""
+    return torch.zeros(ids.size(0), num_ids, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
 
 
 class SequentialRecommender(L.LightningModule):
@@ -174,8 +171,7 @@ class SequentialRecommender(L.LightningModule):
         scores = self.logits(self.encode_last(input_ids))  # (B, N+1)
         if self.seen_bias is None:
             return scores
-        seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)  # (B, N+1); column 0 unranked
-        return scores + self.seen_bias * seen
+        return scores + self.seen_bias * seen_items(input_ids, scores.size(1))  # column 0 is never ranked
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded ids -> (B, L, d) hidden states, in `length_groups` groups of similar length; positions
@@ -243,8 +239,9 @@ class SequentialRecommender(L.LightningModule):
                 raise ValueError("seen_bias needs the input_ids the hidden states encode: loss(hidden, target_ids, "
                                  "input_ids)")
             rows, positions = mask.nonzero(as_tuple=True)  # (M,) each, in hidden[mask]'s order
-            first = first_positions(input_ids, logits.size(1) + 1)[:, 1:]  # (B, N)
-            logits = logits + self.seen_bias * (first[rows] <= positions[:, None])  # seen at or before the position
+            upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
+            seen = seen_items(input_ids[rows] * upto, logits.size(1) + 1)[:, 1:]  # (M, N): items up to the position
+            logits = logits + self.seen_bias * seen
         return F.cross_entropy(logits.float(), target_ids[mask] - 1, label_smoothing=self.hparams.label_smoothing)
 
     def contrastive_loss(self, a: Tensor, b: Tensor) -> Tensor:
