@@ -203,8 +203,8 @@ def test_seen_bias_scores_the_items_up_to_each_position_like_a_float64_loop():
 
 
 def test_seen_bias_learns_to_skip_what_the_user_already_has():
-    # every sequence is a random walk over distinct items, and the next item is drawn from all unseen ones, so only
-    # the seen-item score can lift ranking above chance: it must go strongly negative
+    # every sequence is a random order of distinct items, so the next item is uniform over the unseen ones and the
+    # seen-item score is the only thing to learn: it must go clearly negative
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     seqs = [(torch.randperm(N_ITEMS, generator=gen)[:MAX_LEN + 1] + 1).tolist() for _ in range(256)]
