@@ -70,21 +70,35 @@ SASREC_TARGET = {"beauty": {"HR@10": 0.083, "NDCG@10": 0.0416}}
 
 
 class EpochHistory(Callback):
-    """Records every validation epoch's metrics and the wall time since fit start (sanity checks excluded)."""
+    """Records every validation epoch's metrics and the fit's wall time at its end (sanity checks excluded). Its state
+    rides in the checkpoints, so a fit resumed from one (`--resume`) keeps the epochs, seconds and hardware before it;
+    `seconds` counts fit time up to the last checkpoint of each earlier process, not the epoch a kill cut short."""
 
-    def __init__(self) -> None:
+    def __init__(self, hardware: str) -> None:
         self.epochs: list[dict] = []
+        self.segments = [{"after_epochs": 0, "hardware": hardware}]  # one per process that fitted part of the run
+        self.earlier_seconds = 0.0
         self.start = time.perf_counter()
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.start
+
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.epochs.append({"epoch": trainer.current_epoch, "seconds": round(time.perf_counter() - self.start, 2),
-                            "val": metrics})
+        self.epochs.append({"epoch": trainer.current_epoch, "seconds": round(self.seconds(), 2), "val": metrics})
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs, "segments": self.segments, "seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        hardware = self.segments[-1]["hardware"]
+        self.epochs, self.earlier_seconds = state["epochs"], state["seconds"]
+        self.segments = [*state["segments"], {"after_epochs": len(self.epochs), "hardware": hardware}]
 
 
 def dataset_configs(dataset: str) -> list[Path]:
@@ -129,6 +143,15 @@ def short_commit(commit: str | None) -> str:
     return "—" if commit is None else commit[:10] + ("+changes" if commit.endswith("+changes") else "")
 
 
+def check_resumable(last: Path, run_dir: Path) -> None:
+    """A fit resumes only from a checkpoint that carries its EpochHistory: the record needs every epoch since the
+    start, and Lightning would silently resume without it."""
+    callbacks = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
+    if EpochHistory.__qualname__ not in callbacks:
+        raise RuntimeError(f"--resume: {last} holds no epoch history (saved by an older benchmark?), so the record "
+                           f"would miss the epochs before it; delete {run_dir} to fit from the start")
+
+
 def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: list[str] = [],
               run_name: str | None = None, test: bool = True) -> dict:
     """Fit one model with one seed through the CLI; test the checkpoint with the best validation NDCG@10.
@@ -136,7 +159,11 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     `extra_overrides` are CLI arguments applied last (a hyper-parameter setting); `run_name` names the run folder
     (default: the model); `test=False` stops after the fit, so a search never sees test metrics."""
     run_dir = args.work_dir / args.dataset / run_folder(run_name or model, args.extra_config) / f"seed{seed}"
-    if run_dir.exists():  # a stale best checkpoint from an earlier run must not be picked up
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = args.resume and last.is_file()
+    if resume:
+        check_resumable(last, run_dir)
+    elif run_dir.exists():  # a stale best checkpoint from an earlier run must not be picked up
         shutil.rmtree(run_dir)
     configs = dataset_configs(args.dataset) + [ROOT / "configs" / "models" / f"{model}.yaml"] + args.extra_config
     overrides = [
@@ -155,13 +182,12 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     load_before = os.getloadavg()[0]
     commit = source_commit()  # before the fit: the code may be committed further while it runs
     cli = build_cli(configs, overrides)
-    history = EpochHistory()
+    history = EpochHistory(hardware(args.accelerator))
     cli.trainer.callbacks.append(history)
-    start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - start
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=last if resume else None)
+    fitted = history.state_dict()  # trainer.test below restores the best checkpoint's older copy
     # before testing: trainer.test restores the callbacks' state from the best checkpoint, saved before any stop
-    ended = ended_by(cli.trainer, len(history.epochs))
+    ended = ended_by(cli.trainer, len(fitted["epochs"]))
     best_path = cli.trainer.checkpoint_callback.best_model_path
     if not best_path:
         raise RuntimeError(f"{model} seed {seed}: fit saved no best checkpoint (no validation epoch completed?)")
@@ -176,7 +202,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         test_seconds = round(time.perf_counter() - start, 1)
         tested = {k.removeprefix("test/"): float(v) for k, v in logged.items() if k.startswith("test/")}
-    val_best = next(e["val"] for e in history.epochs if e["epoch"] == best_epoch)
+    val_best = next(e["val"] for e in fitted["epochs"] if e["epoch"] == best_epoch)
     return {
         "model": model,
         "seed": seed,
@@ -184,11 +210,12 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "val_at_best": val_best,
         "best_epoch": best_epoch,
         "best_checkpoint": os.path.relpath(best_path, ROOT),
-        "epochs_run": len(history.epochs),
+        "epochs_run": len(fitted["epochs"]),
         "ended_by": ended,
-        "fit_seconds": round(fit_seconds, 1),
+        "fit_seconds": round(fitted["seconds"], 1),
         "test_seconds": test_seconds,
-        "history": history.epochs,
+        "history": fitted["epochs"],
+        **({"fit_segments": fitted["segments"]} if len(fitted["segments"]) > 1 else {}),
         "parameters": sum(p.numel() for p in cli.model.parameters() if p.requires_grad),
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "monitor": MONITOR},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -198,6 +225,17 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "overrides": overrides,
         "config": cli.parser.dump(cli.config, skip_none=False),
     }
+
+
+def fit_hardware(run: dict) -> list[str]:
+    """The hardware of every process that fitted `run` (more than one when it was resumed)."""
+    return [segment["hardware"] for segment in run.get("fit_segments", [])] or [run["hardware"]]
+
+
+def epochs_cell(run: dict) -> str:
+    """Epochs run, and where a resumed fit picked up: "20 (resumed after 9)"."""
+    resumed = [str(segment["after_epochs"]) for segment in run.get("fit_segments", [])[1:]]
+    return f"{run['epochs_run']}" + (f" (resumed after {', '.join(resumed)})" if resumed else "")
 
 
 def ended_by(trainer, epochs_run: int) -> str:
@@ -425,7 +463,7 @@ def markdown(results: dict) -> str:
                   "config files named in the Runs table (those under benchmarks/configs/ set training hyper-parameters; "
                   "max_time files only bound the wall time).", ""]
     lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
-    hardware = sorted({r["hardware"] for r in runs})
+    hardware = sorted({h for r in runs for h in fit_hardware(r)})
     lines += ["Hardware: " + "; ".join(hardware) + ". Load averages at the start and end of each run are in the "
               "table below: on a shared machine they say how contended its wall time was.", ""]
     header = "| model | seeds | " + " | ".join(METRICS) + " | best epoch / epochs run | fit time (s) |"
@@ -476,7 +514,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {label(r)} | {r['seed'] if r['seed'] is not None else '—'} | "
             f"{r['best_epoch'] + 1 if trained_run else '—'} | {r['val_at_best']['NDCG@10']:.4f} | "
-            f"{r['test']['NDCG@10']:.4f} | {r['epochs_run']} | "
+            f"{r['test']['NDCG@10']:.4f} | {epochs_cell(r)} | "
             f"{('yes' if r['best_epoch'] + 1 == r['epochs_run'] else 'no') if trained_run else '—'} | "
             f"{r['fit_seconds']} | "
             f"{', '.join(str(x) for x in r.get('load_average', [])) or '—'} | "
@@ -544,6 +582,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, work_dir: Path) -> None:
                         help="a line recorded in the JSON and shown in the table (budget, contention, ...); repeatable")
     parser.add_argument("--extra-config", type=Path, action="append", default=[],
                         help="YAML applied after the dataset and model configs (e.g. another data file); repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a fit that was cut off from the last.ckpt in its run folder (its epochs stay in "
+                             "the record; a trainer.max_time cap counts the time before the cut too) instead of "
+                             "deleting the folder and fitting from the start")
 
 
 def resolve_run_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, default_out: Path) -> None:

@@ -106,10 +106,10 @@ def markdown(record: dict) -> str:
             f"| {rank} | " + " | ".join(values) + f" | {', '.join(str(p['seed']) for p in points)} | "
             + quality_table.mean_std([p["val_at_best"]["NDCG@10"] for p in points]) + " | "
             + quality_table.mean_std([p["val_at_best"]["HR@10"] for p in points]) + " | "
-            + ", ".join(f"{p['best_epoch'] + 1}/{p['epochs_run']}" for p in points) + " | "
+            + ", ".join(f"{p['best_epoch'] + 1}/{quality_table.epochs_cell(p)}" for p in points) + " | "
             + quality_table.mean_std([p["fit_seconds"] for p in points], 0) + " |"
         )
-    hardware = sorted({p["hardware"] for p in record["points"]})
+    hardware = sorted({h for p in record["points"] for h in quality_table.fit_hardware(p)})
     lines += ["", "Hardware: " + "; ".join(hardware) + ".", ""]
     commits = sorted({quality_table.short_commit(p.get("commit")) for p in record["points"]})
     lines += ["Code: " + ", ".join(commits) + " (the commit each point ran from; — for points from before commits "

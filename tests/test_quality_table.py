@@ -119,6 +119,44 @@ def test_a_tested_run_records_that_early_stopping_ended_it(tmp_path, quality_tab
     assert run["ended_by"] == "early stopping"
 
 
+def test_a_fit_cut_off_and_resumed_records_what_an_uninterrupted_fit_records(tmp_path, quality_table,
+                                                                           synthetic_sequence_file):
+    """--resume continues from last.ckpt: the record keeps the epochs before the cut (EpochHistory rides in the
+    checkpoint) and says where the fit resumed; Lightning restores the optimiser and loop, the module the RNG, the
+    loader each epoch's order, so the resumed epochs are the ones a fit that ran through would have had."""
+    config, _ = synthetic_sequence_file
+
+    def fit(work: str, epochs: int, *extra: str) -> dict:
+        (run,) = quality_table.main(["--dataset", "beauty", "--models", "mamba4rec", "--seeds", "1", "--max-epochs",
+                                     str(epochs), "--patience", "5", "--accelerator", "cpu", "--extra-config",
+                                     str(config), "--out", str(tmp_path / f"{work}-{epochs}"),
+                                     "--work-dir", str(tmp_path / work), *extra])["runs"]
+        return run
+
+    through = fit("through", 3)
+    cut = fit("cut", 1)
+    resumed = fit("cut", 3, "--resume")
+    assert [e["epoch"] for e in resumed["history"]] == [0, 1, 2] and resumed["epochs_run"] == 3
+    assert resumed["history"][0] == cut["history"][0]  # restored from the checkpoint, not re-measured
+    for ours, theirs in zip(resumed["history"], through["history"]):
+        assert ours["val"] == pytest.approx(theirs["val"], abs=1e-6)
+    assert resumed["test"] == pytest.approx(through["test"], abs=1e-6)
+    assert resumed["best_epoch"] == through["best_epoch"]
+    assert [s["after_epochs"] for s in resumed["fit_segments"]] == [0, 1] and "fit_segments" not in through
+    assert "| 3 (resumed after 1) |" in (tmp_path / "cut-3.md").read_text()
+    seconds = [e["seconds"] for e in resumed["history"]]
+    assert seconds == sorted(seconds) and resumed["fit_seconds"] >= seconds[-1] > cut["fit_seconds"] * 0.99
+
+    # a checkpoint without the history (an older benchmark's) is refused rather than resumed into a partial record
+    last = tmp_path / "cut" / "beauty" / "mamba4rec" / "seed1" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    del checkpoint["callbacks"]["EpochHistory"]
+    torch.save(checkpoint, last)
+    with pytest.raises(RuntimeError, match="holds no epoch history"):
+        fit("cut", 4, "--resume")
+    assert fit("cut", 1)["history"][0]["val"] == cut["history"][0]["val"]  # without --resume: from the start
+
+
 def test_every_model_config_builds_the_encoder_it_names(quality_table, synthetic_sequence_file):
     config, _ = synthetic_sequence_file
     configs = sorted((ROOT / "configs" / "models").glob("*.yaml"))
