@@ -7,13 +7,13 @@ items too, and so do this project's defaults and quality tables).
         --out benchmarks/results/exclude_seen_ml-1m
 
 Each record's validation winner (as `quality_table.py --from-search` picks it) is tested twice per seed, from the same
-checkpoint; nothing is trained. OUT.json and OUT.md are rewritten after each record, so a later record's missing
-checkpoint does not lose the rows measured before it.
+checkpoint; nothing is trained. Rows are merged into OUT.json after each record (a row measured again replaces its
+earlier copy; rows of records and seeds not measured this time stay), so results from several invocations add up and
+a later record's missing checkpoint does not lose the rows measured before it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -54,6 +54,25 @@ def markdown(rows: list[dict], dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Merge `rows` into OUT.json (replacing the same record, setting and seed), render OUT.md; returns every row."""
+    path = args.out.with_suffix(".json")
+
+    def key(row: dict) -> tuple:
+        return row["search"], row["label"], row["seed"]
+
+    def update(record: dict) -> None:
+        if record["dataset"] != args.dataset:
+            raise ValueError(f"{path} holds {record['dataset']} rows; use another --out")
+        measured = {key(r) for r in rows}
+        record["rows"] = [r for r in record["rows"] if key(r) not in measured] + rows
+
+    def render(record: dict) -> None:
+        args.out.with_suffix(".md").write_text(markdown(record["rows"], args.dataset))
+
+    return quality_table.update_json(path, {"dataset": args.dataset, "rows": []}, update, render)["rows"]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=quality_table.DATASETS, required=True)
@@ -65,12 +84,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.search_seeds = None
     searches, args.out = [p.resolve() for p in args.from_search], args.out.resolve()
     os.chdir(quality_table.ROOT)  # the dataset configs name their data files relative to the repository root
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in searches:
-        rows += measure(path, args)
-        args.out.with_suffix(".json").write_text(json.dumps({"dataset": args.dataset, "rows": rows}, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(rows, args.dataset))
+        rows = save(measure(path, args), args)
     print(args.out.with_suffix(".md").read_text())
     return rows
 

@@ -30,6 +30,21 @@ def test_masking_seen_items_never_lowers_a_metric_and_leaves_the_default_ranking
     assert any(r["test_exclude_seen"] != r["test"] for r in rows)
     assert "| sasrec [lr=0.01] | 42, 43 |" in table.with_suffix(".md").read_text()
 
+    # another invocation adds its rows to the record; a row measured again replaces its earlier copy
+    copy = tmp_path / "copy.json"
+    copy.write_text(out.with_suffix(".json").read_text())
+    args = ["--min-seeds", "2", "--accelerator", "cpu", "--out", str(table)]
+    both = exclude_seen.main(["--dataset", "beauty", "--from-search", str(copy), *args])
+    assert [(r["search"] == rows[0]["search"], r["seed"]) for r in both] == [(True, 42), (True, 43), (False, 42),
+                                                                               (False, 43)]
+    again = exclude_seen.main(["--dataset", "beauty", "--from-search", str(out.with_suffix(".json")), *args])
+    assert again == both[2:] + rows  # testing a checkpoint is deterministic
+    assert json.loads(table.with_suffix(".json").read_text())["rows"] == again
+    record = json.loads(table.with_suffix(".json").read_text())
+    table.with_suffix(".json").write_text(json.dumps(record | {"dataset": "ml-1m"}))
+    with pytest.raises(ValueError, match="holds ml-1m rows; use another --out"):
+        exclude_seen.main(["--dataset", "beauty", "--from-search", str(copy), *args])
+
     # a later record whose checkpoint is gone fails the run, but the rows measured before it are kept
     gone = json.loads(out.with_suffix(".json").read_text())
     for point in gone["points"]:
