@@ -184,9 +184,12 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
     cli = build_cli(configs, overrides)
     history = EpochHistory(hardware(args.accelerator))
     cli.trainer.callbacks.append(history)
+    start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=last if resume else None)
-    fitted = history.state_dict()  # trainer.test below restores the best checkpoint's older copy
-    # before testing: trainer.test restores the callbacks' state from the best checkpoint, saved before any stop
+    fit_seconds = history.earlier_seconds + time.perf_counter() - start
+    # before testing: trainer.test restores the callbacks' state (this history's too) from the best checkpoint, saved
+    # before any stop
+    fitted = history.state_dict()
     ended = ended_by(cli.trainer, len(fitted["epochs"]))
     best_path = cli.trainer.checkpoint_callback.best_model_path
     if not best_path:
@@ -212,7 +215,7 @@ def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: 
         "best_checkpoint": os.path.relpath(best_path, ROOT),
         "epochs_run": len(fitted["epochs"]),
         "ended_by": ended,
-        "fit_seconds": round(fitted["seconds"], 1),
+        "fit_seconds": round(fit_seconds, 1),
         "test_seconds": test_seconds,
         "history": fitted["epochs"],
         **({"fit_segments": fitted["segments"]} if len(fitted["segments"]) > 1 else {}),
