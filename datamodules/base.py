@@ -41,7 +41,8 @@ class SequentialDataModule(L.LightningDataModule):
     under a file lock, so concurrent processes and DDP ranks build once and the others load.
 
     Batches (dicts of LongTensors, 0 = padding, inputs right-padded to ``max_len`` columns):
-      * train, ``all_positions``: ``input_ids``, ``target_ids`` (B×L) — next-item targets at every position.
+      * train, ``all_positions``: ``input_ids``, ``target_ids`` (B×L) — next-item targets at every position —
+        and ``history`` (B×H, the user's train items older than the input).
       * train, ``prefix``: same keys, target only at the last input position, one sample per train position.
       * val / test: ``user`` (B), ``input_ids`` (B×L), ``target`` (B), ``seen`` (B×H, items before the target).
       * predict: ``user``, ``input_ids`` and ``seen`` from each user's full history.

@@ -52,7 +52,9 @@ class TrainSequences(_Batched):
     """``train_mode="all_positions"``: samples of up to ``max_len + 1`` consecutive train items of one user.
 
     A sample is a window ``s`` of train items: ``input_ids = s[:-1]``, ``target_ids = s[1:]``, both B×max_len,
-    right-padded, 0 = no target. Users whose train part has < 2 items give no sample. ``window`` picks the windows:
+    right-padded, 0 = no target; ``history`` (B×H, right-padded, H >= 1 the longest in the batch) holds the user's
+    train items older than the window, for a model that scores what the user has seen (``seen_scope="history"``).
+    Users whose train part has < 2 items give no sample. ``window`` picks the windows:
 
     - ``recent``: one per user, the most recent ``max_len + 1`` train items.
     - ``random``: one per user, a uniformly drawn contiguous window of that length, redrawn on every access.
@@ -107,6 +109,7 @@ class TrainSequences(_Batched):
         return {
             "input_ids": gather(self.items, first, n - 1, self.max_len),
             "target_ids": gather(self.items, first + 1, n - 1, self.max_len),
+            "history": gather(self.items, start, offset, max(int(offset.max()), 1)),
         }
 
     def _uniform(self, size: int) -> np.ndarray:
@@ -123,7 +126,8 @@ class PrefixSequences(_Batched):
     """``train_mode="prefix"`` (RecBole-style augmentation): one sample per train position t >= 1.
 
     ``input_ids`` = the most recent ``max_len`` train items before t; ``target_ids`` is zero except at the last
-    input position, which holds item t. Same keys as TrainSequences, so the loss code is shared.
+    input position, which holds item t; ``history`` = the train items older than the input. Same keys as
+    TrainSequences, so the loss code is shared.
 
     Args:
         items: (n,) internal item ids.
@@ -150,7 +154,9 @@ class PrefixSequences(_Batched):
         n = np.minimum(end - user_start, self.max_len)
         targets = np.zeros((len(idx), self.max_len), dtype=np.int64)
         targets[np.arange(len(idx)), n - 1] = self.items[end]
-        return {"input_ids": gather(self.items, end - n, n, self.max_len), "target_ids": targets}
+        older = end - n - user_start
+        return {"input_ids": gather(self.items, end - n, n, self.max_len), "target_ids": targets,
+                "history": gather(self.items, user_start, older, max(int(older.max()), 1))}
 
 
 class EvalSequences(_Batched):

@@ -70,7 +70,12 @@ class SequentialRecommender(L.LightningModule):
             It reads the model's own input only, never the evaluator's record of the user's history, so evaluation
             stays the unmasked full ranking: a strongly negative value is the model learning that users do not come
             back to an item (ML-1M rates each movie once), a positive one that they do. Unlike `exclude_seen` it
-            cannot see items older than the input window (max_len).
+            cannot see items older than the input window (max_len) unless `seen_scope` is "history".
+        seen_scope: which items `seen_bias` scores as seen. "input" (default): the items of the input window only, as
+            above. "history": the user's whole history before each position, the items older than the input window
+            included (training batches carry them as `history`, evaluation batches as `seen`); the model then reads
+            more than its max_len input, like a recommender that keeps each user's full record, so report such rows
+            apart from window-only models.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class SequentialRecommender(L.LightningModule):
         score_temperature: float | None = None,
         item_bias: bool = False,
         seen_bias: bool = False,
+        seen_scope: Literal["input", "history"] = "input",
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -107,6 +113,10 @@ class SequentialRecommender(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if score_temperature is not None and not score_temperature > 0:
             raise ValueError(f"score_temperature must be > 0 (or None for dot-product scores), got {score_temperature}")
+        if seen_scope not in ("input", "history"):
+            raise ValueError(f"seen_scope must be 'input' or 'history', got {seen_scope!r}")
+        if seen_scope == "history" and not seen_bias:
+            raise ValueError("seen_scope='history' only applies with seen_bias: true")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder(num_items, text_dim)
         self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None  # (N+1,)
@@ -166,12 +176,25 @@ class SequentialRecommender(L.LightningModule):
             )
 
     # ---- model -----------------------------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item."""
+    def forward(self, input_ids: Tensor, history: Tensor | None = None) -> Tensor:
+        """(B, L) right-padded item ids -> (B, N+1) scores of the next item after each sequence's last real item.
+
+        history (B, H), 0-padded: more items the user has had (any order, may overlap input_ids), which `seen_bias`
+        scores as seen when `seen_scope` is "history"; it is required then and ignored otherwise."""
         scores = self.logits(self.encode_last(input_ids))  # (B, N+1)
         if self.seen_bias is None:
             return scores
-        return scores + self.seen_bias * seen_items(input_ids, scores.size(1))  # column 0 is never ranked
+        seen = seen_items(input_ids, scores.size(1))  # (B, N+1); column 0 is never ranked
+        if self.hparams.seen_scope == "history":
+            seen |= seen_items(self._history(history), scores.size(1))
+        return scores + self.seen_bias * seen
+
+    @staticmethod
+    def _history(history: Tensor | None) -> Tensor:
+        if history is None:
+            raise ValueError("seen_scope='history' needs each sequence's earlier items: pass `history` (training "
+                             "batches and evaluation batches of the datamodules carry them as 'history' and 'seen')")
+        return history
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded ids -> (B, L, d) hidden states, in `length_groups` groups of similar length; positions
@@ -229,9 +252,11 @@ class SequentialRecommender(L.LightningModule):
 
     on_validation_epoch_start = on_test_epoch_start = on_predict_epoch_start = _drop_eval_table
 
-    def loss(self, hidden: Tensor, target_ids: Tensor, input_ids: Tensor | None = None) -> Tensor:
+    def loss(self, hidden: Tensor, target_ids: Tensor, input_ids: Tensor | None = None,
+             history: Tensor | None = None) -> Tensor:
         """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L);
-        input_ids (B, L), the sequences `hidden` encodes, are needed by `seen_bias` only."""
+        input_ids (B, L), the sequences `hidden` encodes, are needed by `seen_bias` only, and history (B, H), the
+        items before them, by `seen_scope` "history" only."""
         mask = target_ids > 0
         logits = self.logits(hidden[mask], first_item=1)  # (M, N): padding id is never a candidate
         if self.seen_bias is not None:
@@ -240,8 +265,10 @@ class SequentialRecommender(L.LightningModule):
                                  "input_ids)")
             rows, positions = mask.nonzero(as_tuple=True)  # (M,) each, in hidden[mask]'s order
             upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
-            seen = seen_items(input_ids[rows] * upto, logits.size(1) + 1)[:, 1:]  # (M, N): items up to the position
-            logits = logits + self.seen_bias * seen
+            seen = seen_items(input_ids[rows] * upto, logits.size(1) + 1)  # (M, N+1): items up to the position
+            if self.hparams.seen_scope == "history":
+                seen |= seen_items(self._history(history), logits.size(1) + 1)[rows]  # one set per sequence
+            logits = logits + self.seen_bias * seen[:, 1:]
         return F.cross_entropy(logits.float(), target_ids[mask] - 1, label_smoothing=self.hparams.label_smoothing)
 
     def contrastive_loss(self, a: Tensor, b: Tensor) -> Tensor:
@@ -253,14 +280,15 @@ class SequentialRecommender(L.LightningModule):
 
     def score(self, batch: dict[str, Tensor], target: Tensor | None) -> Tensor:
         """Masked (B, N+1) scores for an evaluation or prediction batch."""
-        scores = self(batch["input_ids"]).float()
+        history = batch.get("seen") if self.hparams.seen_scope == "history" else None
+        scores = self(batch["input_ids"], history).float()
         return mask_scores(scores, target, batch["seen"] if self.hparams.exclude_seen else None)
 
     # ---- steps -----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         input_ids = batch["input_ids"]
         hidden = self.encode(input_ids)  # (B, L, d)
-        loss = self.loss(hidden, batch["target_ids"], input_ids)
+        loss = self.loss(hidden, batch["target_ids"], input_ids, batch.get("history"))
         if self.hparams.contrastive_weight > 0:
             view = hidden[torch.arange(input_ids.size(0), device=hidden.device), last_positions(input_ids)]  # (B, d)
             contrastive = self.contrastive_loss(view, self.encode_last(input_ids))

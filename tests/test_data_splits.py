@@ -27,11 +27,17 @@ def batch(dataset, indices=None):
     return collate(dataset.__getitems__(list(range(len(dataset))) if indices is None else indices))
 
 
+def assert_history(got, expected):
+    """`history` holds each sample's older train items, right-padded to the batch's longest (at least one column)."""
+    width = max(1, max(map(len, expected)))
+    assert got["history"].tolist() == [pad(h, width) for h in expected]
+
+
 @pytest.mark.parametrize("max_len", [1, 4, 50])
 def test_all_positions_recent_window(max_len):
     flat, offsets = random_sequences(np.random.default_rng(0))
     dataset = TrainSequences(flat, offsets, max_len)
-    expected_inputs, expected_targets = [], []
+    expected_inputs, expected_targets, expected_history = [], [], []
     for seq in sequences(flat, offsets):
         train = seq[:-2]
         if len(train) < 2:
@@ -39,10 +45,12 @@ def test_all_positions_recent_window(max_len):
         window = train[-(max_len + 1):]
         expected_inputs.append(pad(window[:-1], max_len))
         expected_targets.append(pad(window[1:], max_len))
+        expected_history.append(train[:-(max_len + 1)])
     got = batch(dataset)
     assert got["input_ids"].dtype == torch.int64 and got["input_ids"].shape == (len(dataset), max_len)
     assert got["input_ids"].tolist() == expected_inputs
     assert got["target_ids"].tolist() == expected_targets
+    assert_history(got, expected_history)
     assert len(dataset) == sum(len(s) - 2 >= 2 for s in sequences(flat, offsets))
 
 
@@ -50,7 +58,7 @@ def test_all_positions_recent_window(max_len):
 def test_all_windows_tile_every_train_target_once(max_len):
     flat, offsets = random_sequences(np.random.default_rng(6))
     dataset = TrainSequences(flat, offsets, max_len, window="all")
-    expected_inputs, expected_targets, train_targets = [], [], 0
+    expected_inputs, expected_targets, expected_history, train_targets = [], [], [], 0
     for seq in sequences(flat, offsets):
         train = seq[:-2]
         if len(train) < 2:
@@ -61,10 +69,12 @@ def test_all_windows_tile_every_train_target_once(max_len):
             window = train[max(0, end - max_len - 1): end]
             expected_inputs.append(pad(window[:-1], max_len))
             expected_targets.append(pad(window[1:], max_len))
+            expected_history.append(train[: max(0, end - max_len - 1)])
             end -= len(window) - 1
     got = batch(dataset)
     assert got["input_ids"].tolist() == expected_inputs
     assert got["target_ids"].tolist() == expected_targets
+    assert_history(got, expected_history)
     assert (got["target_ids"] > 0).sum().item() == train_targets
     # the most recent window of each user is the "recent" sample
     recent = batch(TrainSequences(flat, offsets, max_len))
@@ -82,7 +92,7 @@ def test_prefix_mode():
     flat, offsets = random_sequences(np.random.default_rng(1))
     max_len = 5
     dataset = PrefixSequences(flat, offsets, max_len)
-    expected_inputs, expected_targets = [], []
+    expected_inputs, expected_targets, expected_history = [], [], []
     for seq in sequences(flat, offsets):
         train = seq[:-2]
         for t in range(1, len(train)):
@@ -91,9 +101,11 @@ def test_prefix_mode():
             targets[len(inputs) - 1] = train[t]
             expected_inputs.append(pad(inputs, max_len))
             expected_targets.append(targets)
+            expected_history.append(train[: max(0, t - max_len)])
     got = batch(dataset)
     assert got["input_ids"].tolist() == expected_inputs
     assert got["target_ids"].tolist() == expected_targets
+    assert_history(got, expected_history)
 
 
 @pytest.mark.parametrize("split", ["val", "test", "predict"])
@@ -138,12 +150,15 @@ def test_random_windows_are_contiguous_redrawn_and_reproducible():
         epochs = [batch(dataset) for _ in range(3)]
         draws.append(epochs)
         for got in epochs:
-            for seq, inputs, targets in zip(seqs, got["input_ids"].tolist(), got["target_ids"].tolist()):
+            for seq, inputs, targets, history in zip(seqs, got["input_ids"].tolist(), got["target_ids"].tolist(),
+                                                     got["history"].tolist()):
                 train = seq[:-2]
                 n = min(len(train), max_len + 1)
                 window = inputs[: n - 1] + [targets[n - 2]]
                 assert inputs[n - 1:] == [0] * (max_len - n + 1) and targets[: n - 1] == window[1:]
                 assert contains(train, window)
+                older = [i for i in history if i]  # ids are >= 1: the zeros are padding
+                assert train[: len(older) + n] == older + window  # the history is everything before the window
     # same seed -> same draws; successive epochs differ for users with room to move
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(draws[0], draws[1]))
     assert not torch.equal(draws[0][0]["input_ids"], draws[0][1]["input_ids"])

@@ -2,10 +2,12 @@
 from functools import partial
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from datamodules.splits import EvalSequences, TrainSequences, collate
 from m2rec_lightning.m2rec import M2RecEncoder
 from m2rec_lightning.module import SequentialRecommender
 from m2rec_lightning.sasrec import SASRecEncoder
@@ -202,15 +204,64 @@ def test_seen_bias_scores_the_items_up_to_each_position_like_a_float64_loop():
         module.loss(hidden, targets)
 
 
-def test_seen_bias_learns_to_skip_what_the_user_already_has():
+def test_seen_scope_history_also_scores_the_items_older_than_the_input_like_a_float64_loop():
+    torch.manual_seed(0)
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_bias=True,
+                         seen_scope="history")
+    module.eval()
+    with torch.no_grad():
+        module.seen_bias.fill_(-1.5)
+    ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])
+    targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
+    history = torch.tensor([[11, 12, 4], [0, 0, 0], [20, 0, 0]])  # older items; row 0 repeats an input item
+    hidden = module.encoder(ids)  # (3, 5, d)
+    table = module.encoder.item_embeddings().double()  # (N+1, d)
+    terms = []
+    for b in range(3):
+        for t in range(5):
+            if targets[b, t] == 0:
+                continue
+            scores = hidden[b, t].double() @ table.T  # (N+1,)
+            for item in (set(ids[b, : t + 1].tolist()) | set(history[b].tolist())) - {0}:
+                scores[item] -= 1.5
+            terms.append(-scores[1:].log_softmax(-1)[targets[b, t] - 1])
+    torch.testing.assert_close(module.loss(hidden, targets, ids, history).double(), torch.stack(terms).mean(),
+                               rtol=1e-5, atol=1e-6)
+    # ranking: the evaluator's `seen` (everything before the target) is the history
+    seen = torch.tensor([[11, 12, 3, 4, 3, 5], [7, 8, 7, 7, 9, 0], [20, 2, 0, 0, 0, 0]])
+    plain = module.logits(module.encode_last(ids)).double()  # (3, N+1) without the seen score
+    expected = plain - 1.5 * torch.zeros_like(plain).scatter_(1, seen, 1.0)
+    got = module.score({"input_ids": ids, "seen": seen}, None).double()
+    torch.testing.assert_close(got[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="history"):
+        module.loss(hidden, targets, ids)
+    with pytest.raises(ValueError, match="history"):
+        module(ids)
+
+
+def test_seen_scope_is_checked():
+    with pytest.raises(ValueError, match="only applies with seen_bias"):
+        make_module(seen_scope="history")
+    with pytest.raises(ValueError, match="'input' or 'history'"):
+        make_module(seen_bias=True, seen_scope="all")
+
+
+@pytest.mark.parametrize("scope", ["input", "history"])
+def test_seen_bias_learns_to_skip_what_the_user_already_has(scope):
     # every sequence is a random order of distinct items, so the next item is uniform over the unseen ones and the
-    # seen-item score is the only thing to learn: it must go clearly negative
+    # seen-item score is the only thing to learn: it must go clearly negative. Histories are three windows long and
+    # the batches come from the datamodules' own datasets, so "history" trains on `history` and validates on `seen`.
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    seqs = [(torch.randperm(N_ITEMS, generator=gen)[:MAX_LEN + 1] + 1).tolist() for _ in range(256)]
+    seqs = [torch.randperm(N_ITEMS, generator=gen)[:3 * MAX_LEN] + 1 for _ in range(128)]
+    flat = torch.cat(seqs).numpy()
+    offsets = np.arange(len(seqs) + 1) * 3 * MAX_LEN
+    train = DataLoader(TrainSequences(flat, offsets, MAX_LEN, window="all"), batch_size=64, shuffle=True,
+                       collate_fn=collate)
+    val = DataLoader(EvalSequences(flat, offsets, MAX_LEN, "val"), batch_size=64, collate_fn=collate)
     module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN), seen_bias=True,
-                         lr=5e-2)
-    trainer(max_epochs=10).fit(module, train_dataloaders=train_batches(seqs))
+                         seen_scope=scope, lr=5e-2)
+    trainer(max_epochs=5).fit(module, train_dataloaders=train, val_dataloaders=val)
     assert module.seen_bias.item() < -1.0
 
 
