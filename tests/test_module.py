@@ -166,15 +166,18 @@ def test_item_bias_adds_a_learned_score_per_item_in_loss_and_ranking():
     assert id(module.item_bias) not in decayed
 
 
-def test_seen_bias_scores_the_items_up_to_each_position_like_a_float64_loop():
+@pytest.mark.parametrize("scope", ["input", "history"])
+def test_seen_bias_scores_the_items_seen_before_each_position_like_a_float64_loop(scope):
     torch.manual_seed(0)
     module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_bias=True,
-                         weight_decay=0.1)
+                         seen_scope=scope, weight_decay=0.1)
     module.eval()
     with torch.no_grad():
         module.seen_bias.fill_(-1.5)
     ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])  # repeats, padding, a one-item row
     targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
+    history = torch.tensor([[11, 12, 4], [0, 0, 0], [20, 0, 0]])  # items older than the input; 4 is also an input
+    older = history if scope == "history" else torch.zeros_like(history)  # the "input" scope must not read them
     hidden = module.encoder(ids)  # (3, 5, d)
     table = module.encoder.item_embeddings().double()  # (N+1, d)
     terms = []
@@ -183,60 +186,35 @@ def test_seen_bias_scores_the_items_up_to_each_position_like_a_float64_loop():
             if targets[b, t] == 0:
                 continue
             scores = hidden[b, t].double() @ table.T  # (N+1,)
-            for item in set(ids[b, : t + 1].tolist()) - {0}:
+            for item in (set(ids[b, : t + 1].tolist()) | set(older[b].tolist())) - {0}:
                 scores[item] -= 1.5
             terms.append(-scores[1:].log_softmax(-1)[targets[b, t] - 1])
-    torch.testing.assert_close(module.loss(hidden, targets, ids).double(), torch.stack(terms).mean(),
+    torch.testing.assert_close(module.loss(hidden, targets, ids, history).double(), torch.stack(terms).mean(),
                                rtol=1e-5, atol=1e-6)
+    # ranking reads the evaluator's `seen` (the whole history before the target) as the history
+    seen = torch.tensor([[11, 12, 3, 4, 3, 5], [7, 8, 7, 7, 9, 0], [20, 2, 0, 0, 0, 0]])
     expected = []
     for b, last in enumerate([3, 4, 0]):
         scores = hidden[b, last].double() @ table.T
-        for item in set(ids[b].tolist()) - {0}:
+        for item in (set(ids[b].tolist()) | set(older[b].tolist())) - {0}:
             scores[item] -= 1.5
         expected.append(scores[1:])
-    torch.testing.assert_close(module(ids)[:, 1:].double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    got = module.score({"input_ids": ids, "seen": seen}, None)
+    torch.testing.assert_close(got[:, 1:].double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
     # a repeated target (item 7 after 7) pulls the learned score up, first-time targets push it down
-    module.loss(hidden, targets, ids).backward()
+    module.loss(hidden, targets, ids, history).backward()
     assert module.seen_bias.grad is not None and module.seen_bias.grad != 0
     decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
     assert id(module.seen_bias) not in decayed
     with pytest.raises(ValueError, match="input_ids"):
         module.loss(hidden, targets)
-
-
-def test_seen_scope_history_also_scores_the_items_older_than_the_input_like_a_float64_loop():
-    torch.manual_seed(0)
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_bias=True,
-                         seen_scope="history")
-    module.eval()
-    with torch.no_grad():
-        module.seen_bias.fill_(-1.5)
-    ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])
-    targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
-    history = torch.tensor([[11, 12, 4], [0, 0, 0], [20, 0, 0]])  # older items; row 0 repeats an input item
-    hidden = module.encoder(ids)  # (3, 5, d)
-    table = module.encoder.item_embeddings().double()  # (N+1, d)
-    terms = []
-    for b in range(3):
-        for t in range(5):
-            if targets[b, t] == 0:
-                continue
-            scores = hidden[b, t].double() @ table.T  # (N+1,)
-            for item in (set(ids[b, : t + 1].tolist()) | set(history[b].tolist())) - {0}:
-                scores[item] -= 1.5
-            terms.append(-scores[1:].log_softmax(-1)[targets[b, t] - 1])
-    torch.testing.assert_close(module.loss(hidden, targets, ids, history).double(), torch.stack(terms).mean(),
-                               rtol=1e-5, atol=1e-6)
-    # ranking: the evaluator's `seen` (everything before the target) is the history
-    seen = torch.tensor([[11, 12, 3, 4, 3, 5], [7, 8, 7, 7, 9, 0], [20, 2, 0, 0, 0, 0]])
-    plain = module.logits(module.encode_last(ids)).double()  # (3, N+1) without the seen score
-    expected = plain - 1.5 * torch.zeros_like(plain).scatter_(1, seen, 1.0)
-    got = module.score({"input_ids": ids, "seen": seen}, None).double()
-    torch.testing.assert_close(got[:, 1:], expected[:, 1:], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="history"):
-        module.loss(hidden, targets, ids)
-    with pytest.raises(ValueError, match="history"):
-        module(ids)
+    if scope == "input":
+        torch.testing.assert_close(module(ids)[:, 1:].double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="history"):
+            module.loss(hidden, targets, ids)
+        with pytest.raises(ValueError, match="history"):
+            module(ids)
 
 
 def test_seen_scope_is_checked():
