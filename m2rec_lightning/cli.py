@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import SequentialDataModule
 
+from .checkpoint import ModelCheckpoint
 from .module import SequentialRecommender
 from .predictions import TopKWriter
 

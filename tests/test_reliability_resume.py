@@ -18,10 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.resume import EpochRandomSampler, ResumableDataLoader, epoch_seed
+from m2rec_lightning.checkpoint import ModelCheckpoint
 from test_reliability_support import REPO, TESTS, read_metrics, run_cli, tiny_model_args, write_sequences
 
 STEPS_PER_EPOCH = 10  # 301 users with training pairs / batch size 32
@@ -142,3 +146,36 @@ def test_adjacent_run_seeds_share_no_epoch_order():
     assert len(set(orders.values())) == len(orders)
     assert len({epoch_seed(s, e) for s in range(100) for e in range(100)}) == 100 * 100
     assert epoch_seed(-1, 0) != epoch_seed(1, 0) and 0 <= epoch_seed(-1, 0) < 2**63  # negative seeds are valid
+
+
+class ScriptedScore(L.LightningModule):
+    """Logs a given validation score per epoch, so which epochs set a new best is known in advance."""
+
+    def __init__(self, scores: list[float]):
+        super().__init__()
+        self.scores = scores
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/score", self.scores[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_follows_every_epoch_not_only_new_bests(tmp_path):
+    # Lightning's own ModelCheckpoint leaves last.ckpt at epoch 1 here, the last new best
+    scores = [0.5, 0.9, 0.3, 0.2]
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    callback = ModelCheckpoint(dirpath=tmp_path, monitor="val/score", mode="max", save_last=True)
+    L.Trainer(max_epochs=len(scores), callbacks=[callback], accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(ScriptedScore(scores), data, data)
+    last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert torch.load(callback.best_model_path, map_location="cpu", weights_only=False)["epoch"] == 1
+    # a fit resumed from last.ckpt continues after epoch 3, knows the best, and Lightning's class reads its state
+    assert last["epoch"] == len(scores) - 1
+    assert last["callbacks"][callback.state_key]["best_model_path"] == callback.best_model_path
+    assert callback.state_key == LightningModelCheckpoint(monitor="val/score", mode="max").state_key
