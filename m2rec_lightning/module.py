@@ -67,10 +67,11 @@ class SequentialRecommender(L.LightningModule):
             validation 0.0578 against 0.0577, test NDCG@10 0.0448 against 0.0447).
         seen_bias: add one learned score (zero at the start, never weight-decayed) to every item that occurs in the
             sequence being scored, in training (the items up to each position) and in ranking (the whole input) alike.
-            It reads the model's own input only, never the evaluator's record of the user's history, so evaluation
-            stays the unmasked full ranking: a strongly negative value is the model learning that users do not come
-            back to an item (ML-1M rates each movie once), a positive one that they do. Unlike `exclude_seen` it
-            cannot see items older than the input window (max_len) unless `seen_scope` is "history".
+            It is a score, not a mask: evaluation stays the unmasked full ranking, and with the default `seen_scope`
+            it reads the model's own input only, not the evaluator's record of the user's history. A strongly
+            negative value is the model learning that users do not come back to an item (ML-1M rates each movie
+            once), a positive one that they do. Unlike `exclude_seen` it cannot see items older than the input window
+            (max_len) unless `seen_scope` is "history".
         seen_scope: which items `seen_bias` scores as seen. "input" (default): the items of the input window only, as
             above. "history": the user's whole history before each position, the items older than the input window
             included (training batches carry them as `history`, evaluation batches as `seen`); the model then reads
