@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dataset", choices=quality_table.DATASETS, required=True)
     parser.add_argument("--from-search", type=Path, nargs="+", required=True, metavar="SEARCH.json")
     parser.add_argument("--min-seeds", type=int, default=1, help="as in quality_table.py: the winner's fewest seeds")
+    parser.add_argument("--search-seeds", nargs="+", type=int, default=None,
+                        help="as in quality_table.py: test only these seeds of the winner (the rows of its other seeds "
+                             "already in OUT.json stay), e.g. when an earlier seed's checkpoint is gone")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.md")
     args = parser.parse_args(argv)

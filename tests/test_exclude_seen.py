@@ -45,6 +45,12 @@ def test_masking_seen_items_never_lowers_a_metric_and_leaves_the_default_ranking
     with pytest.raises(ValueError, match="holds ml-1m rows; use another --out"):
         exclude_seen.main(["--dataset", "beauty", "--from-search", str(copy), *args])
 
+    # --search-seeds measures only the seeds named, so a seed whose checkpoint is gone can be left out
+    only = exclude_seen.main(["--dataset", "beauty", "--from-search", str(out.with_suffix(".json")),
+                              "--search-seeds", "43", "--min-seeds", "2", "--accelerator", "cpu",
+                              "--out", str(tmp_path / "only43")])
+    assert only == rows[1:]
+
     # a later record whose checkpoint is gone fails the run, but the rows measured before it are kept
     gone = json.loads(out.with_suffix(".json").read_text())
     for point in gone["points"]:
