@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.md")
     args = parser.parse_args(argv)
-    args.search_seeds = None
     searches, args.out = [p.resolve() for p in args.from_search], args.out.resolve()
     os.chdir(quality_table.ROOT)  # the dataset configs name their data files relative to the repository root
     rows = []
