@@ -10,7 +10,9 @@ with quality_table.py.
 A grid key is a CLI key with three short forms: `encoder.X` = model.init_args.encoder.init_args.X, `data.X` =
 data.init_args.X, and a bare `X` = model.init_args.X (lr, weight_decay, ...); `trainer.X` and keys that already say
 `init_args` pass unchanged. Values are split at commas outside brackets, so `encoder.scales=[1,2],[1,2,4]` is two
-values. Points already recorded in OUT.json (same setting and seed) are skipped, so a cut-off search resumes.
+values. Points already recorded in OUT.json (same setting and seed) are skipped, so a cut-off search resumes;
+`--refit-missing` refits, from the start, the recorded points whose best checkpoint is gone (a new checkout has no
+runs/), replacing them, so that quality_table.py --from-search can test them.
 """
 from __future__ import annotations
 
@@ -126,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one axis of the grid; repeat for more axes (the search runs their product)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output stem: OUT.json and OUT.md (default benchmarks/results/search_<dataset>_<model>)")
+    parser.add_argument("--refit-missing", action="store_true",
+                        help="refit the recorded points of the grid whose best checkpoint file is gone, replacing "
+                             "their record (without it every recorded point is skipped)")
     args = parser.parse_args(argv)
     try:
         args.points = parse_grid(args.grid)
@@ -134,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(e))
     quality_table.resolve_run_arguments(parser, args, ROOT / "results" / f"search_{args.dataset}_{args.model}")
     return args
+
+
+def identity(point: dict) -> tuple[str, int]:
+    """What makes two recorded points the same fit: the setting with its config files, and the seed."""
+    return quality_table.setting_key(point["setting"], point["config_files"]), point["seed"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
             if (record["dataset"], record["model"]) != (args.dataset, args.model):
                 raise ValueError(f"{path} holds a {record['model']} search on {record['dataset']}; use another --out")
             record["notes"].extend(n for n in notes if n not in record["notes"])
-            if point is not None:
+            if point is not None:  # a refitted point replaces its earlier record
+                record["points"] = [p for p in record["points"] if identity(p) != identity(point)]
                 record["points"].append(point)
 
         def render(record: dict) -> None:
@@ -159,13 +170,18 @@ def main(argv: list[str] | None = None) -> dict:
     # Notes describe the runs, so they land with the first point saved (or alone when every point was already
     # there): a search killed before it saved anything leaves no note about runs the record does not hold.
     record = save(None, [])
-    done = {(quality_table.setting_key(p["setting"], p["config_files"]), p["seed"]) for p in record["points"]}
+    gone = {identity(p) for p in record["points"]
+            if "best_checkpoint" not in p or not (quality_table.ROOT / p["best_checkpoint"]).is_file()}
+    done = {identity(p) for p in record["points"]} - (gone if args.refit_missing else set())
     for setting in args.points:
         key = quality_table.setting_key(setting, args.extra_config)
         for seed in args.seeds:
             if (key, seed) in done:
-                print(f"== {setting} seed {seed}: already in {path}, skipped", flush=True)
+                hint = " (its best checkpoint is gone: --refit-missing refits it)" if (key, seed) in gone else ""
+                print(f"== {setting} seed {seed}: already in {path}, skipped{hint}", flush=True)
                 continue
+            if (key, seed) in gone:
+                print(f"== {setting} seed {seed}: its best checkpoint is gone, refitting it", flush=True)
             print(f"== {args.dataset} {args.model} {setting} seed {seed}", flush=True)
             overrides = [f"--{args.full_keys[k]}={v}" for k, v in setting.items()]
             run = quality_table.run_model(args.model, seed, args, overrides, point_name(args.model, setting), test=False)

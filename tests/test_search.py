@@ -94,6 +94,22 @@ def test_search_runs_each_point_on_validation_only_and_resumes(tmp_path, search,
     assert "already in" in printed and printed.count("best val NDCG@10") == 1
     assert [p["setting"]["encoder.dropout"] for p in record["points"]] == ["0.0", "0.3", "0.5"]
 
+    # a point whose checkpoint is gone is skipped, with a hint, unless --refit-missing refits it in place
+    lost = record["points"][0]
+    (search.quality_table.ROOT / lost["best_checkpoint"]).unlink()
+    only_lost = [*argv[:4], "--grid", "encoder.dropout=0.0", *argv[6:]]
+    capsys.readouterr()
+    assert search.main(only_lost) == record and "--refit-missing refits it" in capsys.readouterr().out
+    record = search.main([*only_lost, "--refit-missing"])
+    assert "is gone, refitting it" in capsys.readouterr().out
+    assert [p["setting"]["encoder.dropout"] for p in record["points"]] == ["0.3", "0.5", "0.0"]
+    refit = record["points"][-1]
+    assert (search.quality_table.ROOT / refit["best_checkpoint"]).is_file()
+    assert refit["val_at_best"] == pytest.approx(lost["val_at_best"])  # seeded: the same fit again
+    capsys.readouterr()
+    assert search.main([*only_lost, "--refit-missing"]) == record  # nothing left to refit
+    assert "already in" in capsys.readouterr().out
+
     with pytest.raises(ValueError, match="holds a sasrec search"):
         search.main([*argv[:2], "--model", "mamba4rec", *argv[4:]])
 
