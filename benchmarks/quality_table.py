@@ -269,7 +269,8 @@ def test_search_winner(search_json: Path, args: argparse.Namespace, overrides: l
             raise ValueError(f"{search_json}: the point {setting} seed {point['seed']} records no best_checkpoint")
         checkpoint = ROOT / point["best_checkpoint"]
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"{search_json}: checkpoint {checkpoint} of {setting} seed {point['seed']} is gone")
+            raise FileNotFoundError(f"{search_json}: checkpoint {checkpoint} of {setting} seed {point['seed']} is gone "
+                                    "(benchmarks/search.py --refit-missing with the same grid refits it)")
         epoch = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"])
         if epoch != point["best_epoch"]:
             raise ValueError(f"{checkpoint} is from epoch {epoch}, but the search recorded its best at "
