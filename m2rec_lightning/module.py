@@ -77,11 +77,6 @@ class SequentialRecommender(L.LightningModule):
             included (training batches carry them as `history`, evaluation batches as `seen`); the model then reads
             more than its max_len input, like a recommender that keeps each user's full record, so report such rows
             apart from window-only models.
-        smooth_seen: True (the usual label smoothing): the smoothed share reaches every item. False: it is spread over
-            the items not seen up to each position only (the items `seen_bias` scores, `seen_scope` included; the
-            target always keeps its share). Smoothing then no longer rewards scoring a seen item at the level of an
-            unseen one, which holds `seen_bias` at -0.55 on Beauty where no user ever comes back to an item (masking
-            the seen items at test time is worth +25 % NDCG@10 there, benchmarks/results/exclude_seen_beauty.md).
     """
 
     def __init__(
@@ -106,7 +101,6 @@ class SequentialRecommender(L.LightningModule):
         item_bias: bool = False,
         seen_bias: bool = False,
         seen_scope: Literal["input", "history"] = "input",
-        smooth_seen: bool = True,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -124,8 +118,6 @@ class SequentialRecommender(L.LightningModule):
             raise ValueError(f"seen_scope must be 'input' or 'history', got {seen_scope!r}")
         if seen_scope == "history" and not seen_bias:
             raise ValueError("seen_scope='history' only applies with seen_bias: true")
-        if not smooth_seen and label_smoothing == 0:
-            raise ValueError("smooth_seen=False only changes where label smoothing goes; set label_smoothing > 0")
         self.save_hyperparameters(ignore=["encoder"])
         self.encoder = encoder(num_items, text_dim)
         self.item_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None  # (N+1,)
@@ -268,28 +260,17 @@ class SequentialRecommender(L.LightningModule):
         items before them, by `seen_scope` "history" only."""
         mask = target_ids > 0
         logits = self.logits(hidden[mask], first_item=1)  # (M, N): padding id is never a candidate
-        targets = target_ids[mask] - 1  # (M,)
-        smoothing = self.hparams.label_smoothing
-        if self.seen_bias is None and self.hparams.smooth_seen:
-            return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        if input_ids is None:
-            raise ValueError("seen_bias and smooth_seen=False need the input_ids the hidden states encode: "
-                             "loss(hidden, target_ids, input_ids)")
-        rows, positions = mask.nonzero(as_tuple=True)  # (M,) each, in hidden[mask]'s order
-        upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
-        seen = seen_items(input_ids[rows] * upto, logits.size(1) + 1)  # (M, N+1): items up to the position
-        if self.hparams.seen_scope == "history":
-            seen |= seen_items(self._history(history), logits.size(1) + 1)[rows]  # one set per sequence
-        seen = seen[:, 1:]  # (M, N)
         if self.seen_bias is not None:
-            logits = logits + self.seen_bias * seen
-        if self.hparams.smooth_seen:
-            return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
-        log_probs = logits.float().log_softmax(dim=-1)  # (M, N)
-        nll = -log_probs.gather(1, targets[:, None]).squeeze(1)  # (M,)
-        unseen = ~seen.scatter(1, targets[:, None], False)  # (M, N): the smoothing's support, target included
-        spread = -log_probs.masked_fill(~unseen, 0.0).sum(dim=1) / unseen.sum(dim=1)  # (M,)
-        return ((1 - smoothing) * nll + smoothing * spread).mean()
+            if input_ids is None:
+                raise ValueError("seen_bias needs the input_ids the hidden states encode: loss(hidden, target_ids, "
+                                 "input_ids)")
+            rows, positions = mask.nonzero(as_tuple=True)  # (M,) each, in hidden[mask]'s order
+            upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
+            seen = seen_items(input_ids[rows] * upto, logits.size(1) + 1)  # (M, N+1): items up to the position
+            if self.hparams.seen_scope == "history":
+                seen |= seen_items(self._history(history), logits.size(1) + 1)[rows]  # one set per sequence
+            logits = logits + self.seen_bias * seen[:, 1:]
+        return F.cross_entropy(logits.float(), target_ids[mask] - 1, label_smoothing=self.hparams.label_smoothing)
 
     def contrastive_loss(self, a: Tensor, b: Tensor) -> Tensor:
         """Symmetric InfoNCE between two views (B, d) of the same B sequences: row i of `a` must rank row i of `b`

@@ -217,66 +217,11 @@ def test_seen_bias_scores_the_items_seen_before_each_position_like_a_float64_loo
             module(ids)
 
 
-@pytest.mark.parametrize("seen_bias", [False, True])
-def test_smooth_seen_false_spreads_the_smoothing_over_the_unseen_items_like_a_float64_loop(seen_bias):
-    torch.manual_seed(0)
-    eps = 0.2
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN),
-                         seen_bias=seen_bias, label_smoothing=eps, smooth_seen=False)
-    module.eval()
-    bias = -1.5 if seen_bias else 0.0
-    if seen_bias:
-        with torch.no_grad():
-            module.seen_bias.fill_(bias)
-    ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])  # repeats, padding, a one-item row
-    targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])  # repeated targets keep their share
-    hidden = module.encoder(ids)  # (3, 5, d)
-    table = module.encoder.item_embeddings().double()  # (N+1, d)
-    terms = []
-    for b in range(3):
-        for t in range(5):
-            if targets[b, t] == 0:
-                continue
-            seen = set(ids[b, : t + 1].tolist()) - {0}
-            scores = hidden[b, t].double() @ table.T  # (N+1,)
-            for item in seen:
-                scores[item] += bias
-            logp = scores[1:].log_softmax(-1)  # (N,)
-            target = targets[b, t].item()
-            support = [i for i in range(1, N_ITEMS + 1) if i not in seen or i == target]
-            spread = -sum(logp[i - 1] for i in support) / len(support)
-            terms.append(-(1 - eps) * logp[target - 1] + eps * spread)
-    torch.testing.assert_close(module.loss(hidden, targets, ids).double(), torch.stack(terms).mean(),
-                               rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="input_ids"):
-        module.loss(hidden, targets)
-
-
-def test_smooth_seen_false_stops_the_smoothing_holding_the_seen_score_up():
-    # first-time targets only and a seen score already far below every other: the usual smoothing still wants the seen
-    # items' share eps/N back and pulls the score up, the unseen-only smoothing keeps pushing it down
-    torch.manual_seed(0)
-    ids = torch.tensor([[3, 4, 5, 6, 0], [7, 8, 9, 0, 0]])
-    targets = torch.tensor([[4, 5, 6, 10, 0], [8, 9, 11, 0, 0]])
-    grads = {}
-    for smooth_seen in (True, False):
-        torch.manual_seed(0)
-        module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN),
-                             seen_bias=True, label_smoothing=0.2, smooth_seen=smooth_seen)
-        with torch.no_grad():
-            module.seen_bias.fill_(-8.0)
-        module.loss(module.encoder(ids), targets, ids).backward()
-        grads[smooth_seen] = module.seen_bias.grad.item()
-    assert grads[True] < 0 < grads[False]  # descent raises the score with the usual smoothing, lowers it without
-
-
 def test_seen_scope_is_checked():
     with pytest.raises(ValueError, match="only applies with seen_bias"):
         make_module(seen_scope="history")
     with pytest.raises(ValueError, match="'input' or 'history'"):
         make_module(seen_bias=True, seen_scope="all")
-    with pytest.raises(ValueError, match="label_smoothing > 0"):
-        make_module(smooth_seen=False)
 
 
 @pytest.mark.parametrize("scope", ["input", "history"])
