@@ -243,6 +243,40 @@ def test_seen_bias_learns_to_skip_what_the_user_already_has(scope):
     assert module.seen_bias.item() < -1.0
 
 
+def test_seen_bias_lr_lets_the_seen_score_move_faster_than_the_rest():
+    # the same distinct-item sequences as above at a small lr: Adam moves the scalar by about lr per step, so it stays
+    # near zero unless it has its own, larger rate (cosine-scheduled like every other group)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randperm(N_ITEMS, generator=gen)[:3 * MAX_LEN] + 1 for _ in range(128)]
+    flat = torch.cat(seqs).numpy()
+    offsets = np.arange(len(seqs) + 1) * 3 * MAX_LEN
+    learned = {}
+    for seen_bias_lr in (None, 0.2):
+        torch.manual_seed(0)
+        train = DataLoader(TrainSequences(flat, offsets, MAX_LEN, window="all"), batch_size=64, shuffle=True,
+                           collate_fn=collate)
+        module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN),
+                             seen_bias=True, seen_bias_lr=seen_bias_lr, lr=1e-3, scheduler="cosine",
+                             weight_decay=0.1, optimizer="adamw")
+        fit = trainer(max_epochs=3)
+        fit.fit(module, train_dataloaders=train)
+        learned[seen_bias_lr] = module.seen_bias.item()
+        groups = fit.optimizers[0].param_groups
+        assert sum(any(p is module.seen_bias for p in g["params"]) for g in groups) == 1
+        own = [g for g in groups if any(p is module.seen_bias for p in g["params"])][0]
+        assert own["weight_decay"] == 0.0
+        if seen_bias_lr is not None:
+            assert own["params"] == [module.seen_bias] and own["initial_lr"] == seen_bias_lr
+            assert own["lr"] < seen_bias_lr  # the cosine decays it too
+    steps = 3 * len(train)
+    assert -steps * 1e-3 * 1.5 < learned[None] < 0
+    assert learned[0.2] < -1.0
+    with pytest.raises(ValueError, match="seen_bias_lr"):
+        make_module(seen_bias_lr=0.1)
+    with pytest.raises(ValueError, match="seen_bias_lr"):
+        make_module(seen_bias=True, seen_bias_lr=0.0)
+
+
 def test_nan_loss_stops_with_the_step():
     module = make_module()
     with torch.no_grad():
