@@ -431,7 +431,9 @@ def update_json(path: Path, empty: dict, update, render=None) -> dict:
         record = json.loads(path.read_text()) if path.exists() else empty
         update(record)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
+        # one field per line for readable diffs, without indentation: the long Beauty record's nested configs and
+        # histories would otherwise pass 1 MiB
+        tmp.write_text(json.dumps(record, indent=0))
         tmp.replace(path)
         if render is not None:
             render(record)
