@@ -12,7 +12,9 @@ data.init_args.X, and a bare `X` = model.init_args.X (lr, weight_decay, ...); `t
 `init_args` pass unchanged. Values are split at commas outside brackets, so `encoder.scales=[1,2],[1,2,4]` is two
 values. Points already recorded in OUT.json (same setting and seed) are skipped, so a cut-off search resumes;
 `--refit-missing` refits, from the start, the recorded points whose best checkpoint is gone (a new checkout has no
-runs/), replacing them, so that quality_table.py --from-search can test them.
+runs/), replacing them, so that quality_table.py --from-search can test them. `--resume` continues the recorded points
+that a trainer.max_time cap (or a kill) cut off from their last.ckpt, replacing them, e.g. a short screen taken to its
+full schedule under a longer cap.
 """
 from __future__ import annotations
 
@@ -172,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     record = save(None, [])
     gone = {identity(p) for p in record["points"]
             if "best_checkpoint" not in p or not (quality_table.ROOT / p["best_checkpoint"]).is_file()}
-    done = {identity(p) for p in record["points"]} - (gone if args.refit_missing else set())
+    cut = {identity(p) for p in record["points"] if args.resume and p.get("ended_by") in ("max_time", "interrupted")
+           and (quality_table.ROOT / p["best_checkpoint"]).with_name("last.ckpt").is_file()}
+    done = {identity(p) for p in record["points"]} - (gone if args.refit_missing else set()) - cut
     for setting in args.points:
         key = quality_table.setting_key(setting, args.extra_config)
         for seed in args.seeds:
@@ -180,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
                 hint = " (its best checkpoint is gone: --refit-missing refits it)" if (key, seed) in gone else ""
                 print(f"== {setting} seed {seed}: already in {path}, skipped{hint}", flush=True)
                 continue
-            if (key, seed) in gone:
+            if (key, seed) in cut:
+                print(f"== {setting} seed {seed}: cut off before its last epoch, resuming it", flush=True)
+            elif (key, seed) in gone:
                 print(f"== {setting} seed {seed}: its best checkpoint is gone, refitting it", flush=True)
             print(f"== {args.dataset} {args.model} {setting} seed {seed}", flush=True)
             overrides = [f"--{args.full_keys[k]}={v}" for k, v in setting.items()]

@@ -226,3 +226,25 @@ def test_notes_land_with_the_runs_they_describe(tmp_path, search, synthetic_sequ
     again = search.main([*argv, "--note", "the run", "--note", "read later"])
     assert again["notes"] == ["the run", "read later"] and again["points"] == record["points"]
     assert "- read later" in out.with_suffix(".md").read_text()
+
+
+def test_resume_takes_a_cut_off_point_to_its_full_schedule(tmp_path, search, synthetic_sequence_file, capsys):
+    """A screen cut by trainer.max_time is recorded like a finished point; --resume (and only it) continues it from
+    last.ckpt, keeping its earlier epochs, and replaces its record."""
+    config, _ = synthetic_sequence_file
+    out = tmp_path / "search"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--patience", "5", "--accelerator", "cpu",
+            "--extra-config", str(config), "--out", str(out), "--work-dir", str(tmp_path / "runs")]
+    (screen,) = search.main([*argv, "--max-epochs", "1"])["points"]
+    # a fit that ran through its budget is never resumed
+    assert search.main([*argv, "--max-epochs", "2", "--resume"])["points"] == [screen]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    saved["points"][0]["ended_by"] = "max_time"  # what the record says when the Timer cut the fit after epoch 1
+    out.with_suffix(".json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert search.main([*argv, "--max-epochs", "2"])["points"] == saved["points"]  # without --resume: skipped
+    (point,) = search.main([*argv, "--max-epochs", "2", "--resume"])["points"]
+    assert "cut off before its last epoch, resuming it" in capsys.readouterr().out
+    assert point["epochs_run"] == 2 and [e["epoch"] for e in point["history"]] == [0, 1]
+    assert point["history"][0] == screen["history"][0] and point["ended_by"] == "max_epochs"
+    assert [s["after_epochs"] for s in point["fit_segments"]] == [0, 1]
