@@ -90,9 +90,10 @@ def ids_from_strings(values) -> np.ndarray:
     return (strings.astype(np.int64) if canonical.all() else strings)[codes]
 
 
-def split_lines(text: str) -> list[tuple[int, str]]:
-    """(1-based line number, line) for every non-blank line."""
-    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+def split_lines(text: str, sep: str | None = None) -> list[tuple[int, str]]:
+    """(1-based line number, line) for every non-blank line; with `sep`, a line of whitespace that holds the separator
+    counts too, since pandas reads it as a row of empty fields."""
+    return [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip() or (sep and sep in line)]
 
 
 def parse_delimited(
@@ -165,7 +166,7 @@ def parse_delimited(
 
 def _raise_first_bad_line(text, path, sep, columns, int_columns, header, quoting, shown_sep) -> None:
     """Slow path: scan lines with the csv module and raise at the first one the fast reader choked on."""
-    lines = split_lines(text)
+    lines = split_lines(text, sep)
     if header:
         names = [n.strip() for n in next(csv.reader([lines[0][1]], delimiter=sep, quoting=quoting))]
         lines = lines[1:]

@@ -73,6 +73,15 @@ def test_table_errors_name_file_and_line(tmp_path, content, message):
         make(path, tmp_path).num_items
 
 
+def test_a_tsv_line_of_bare_tabs_is_an_error_at_its_line(tmp_path):
+    """pandas reads a line of tabs as a row of empty fields (a blank line it skips): the error must name that line,
+    not let the empty row through (found by test_custom_tables)."""
+    path = tmp_path / "log.tsv"
+    path.write_text("user_id\titem_id\ttimestamp\n1\ta\t1\n\t\t\n \n1\tb\t2\n")
+    with pytest.raises(DataFormatError, match=r"log.tsv:3: field 'user_id' is empty"):
+        make(path, tmp_path).num_items
+
+
 def test_documented_subclass_example_runs(tmp_path):
     # Execute the example from the module docstring verbatim, so the documentation cannot rot.
     code = re.search(r"::\n\n(.*?)\n\nUse it like", custom.__doc__, re.S).group(1)
