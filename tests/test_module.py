@@ -224,6 +224,42 @@ def test_seen_scope_is_checked():
         make_module(seen_bias=True, seen_scope="all")
 
 
+def test_seen_bias_detach_trains_the_encoder_as_without_the_score_and_the_score_on_detached_scores():
+    # the encoder's gradients must be those of the plain label-smoothed loss (seen items kept as negatives), and the
+    # score's gradient that of an unsmoothed cross-entropy over the detached scores plus the score (float64 loop)
+    ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])
+    targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
+    kwargs = dict(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN),
+                  label_smoothing=0.2)
+    torch.manual_seed(0)
+    plain = make_module(**kwargs)
+    detached = make_module(**kwargs, seen_bias=True, seen_bias_detach=True)
+    detached.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        detached.seen_bias.fill_(-1.5)
+    plain.eval(), detached.eval()  # no dropout: both losses see the same hidden states
+    plain.loss(plain.encoder(ids), targets).backward()
+    hidden = detached.encoder(ids)  # (3, 5, d)
+    detached.loss(hidden, targets, ids).backward()
+    for (name, a), b in zip(plain.encoder.named_parameters(), detached.encoder.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    bias = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
+    table = detached.encoder.item_embeddings().detach().double()  # (N+1, d)
+    terms = []
+    for b in range(3):
+        for t in range(5):
+            if targets[b, t] == 0:
+                continue
+            scores = hidden[b, t].detach().double() @ table.T  # (N+1,)
+            seen = torch.zeros_like(scores)
+            seen[list(set(ids[b, : t + 1].tolist()) - {0})] = 1.0
+            terms.append(-(scores + bias * seen)[1:].log_softmax(-1)[targets[b, t] - 1])
+    torch.stack(terms).mean().backward()
+    torch.testing.assert_close(detached.seen_bias.grad.double(), bias.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="seen_bias_detach"):
+        make_module(seen_bias_detach=True)
+
+
 @pytest.mark.parametrize("scope", ["input", "history"])
 def test_seen_bias_learns_to_skip_what_the_user_already_has(scope):
     # every sequence is a random order of distinct items, so the next item is uniform over the unseen ones and the
