@@ -202,7 +202,8 @@ def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
     ("beauty", ["search_beauty_m2rec_sum_gate.json", "search_beauty_m2rec_sum_gate_gated_residual.json",
                 "search_beauty_m2rec_sum_gate_gated_10ep.json",
                 "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias.json",
-                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias_lr.json"]),
+                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias_lr.json",
+                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias_detach.json"]),
     ("ml-1m", ["search_ml-1m_m2rec_long.json"])])
 def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_sequence_file, dataset, search_files):
     """configs/tuned/DATASET.yaml must build exactly the model whose test numbers it quotes: the 3-seed validation
