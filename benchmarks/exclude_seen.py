@@ -54,8 +54,9 @@ def markdown(rows: list[dict], dataset: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[dict], args: argparse.Namespace) -> list[dict]:
-    """Merge `rows` into OUT.json (replacing the same record, setting and seed), render OUT.md; returns every row."""
+def save(rows: list[dict], args: argparse.Namespace, to_markdown=markdown) -> list[dict]:
+    """Merge `rows` into OUT.json (replacing the same record, setting and seed), render OUT.md with
+    `to_markdown(rows, dataset)`; returns every row."""
     path = args.out.with_suffix(".json")
 
     def key(row: dict) -> tuple:
@@ -68,7 +69,7 @@ def save(rows: list[dict], args: argparse.Namespace) -> list[dict]:
         record["rows"] = [r for r in record["rows"] if key(r) not in measured] + rows
 
     def render(record: dict) -> None:
-        args.out.with_suffix(".md").write_text(markdown(record["rows"], args.dataset))
+        args.out.with_suffix(".md").write_text(to_markdown(record["rows"], args.dataset))
 
     return quality_table.update_json(path, {"dataset": args.dataset, "rows": []}, update, render)["rows"]
 
