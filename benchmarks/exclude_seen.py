@@ -74,24 +74,31 @@ def save(rows: list[dict], args: argparse.Namespace, to_markdown=markdown) -> li
     return quality_table.update_json(path, {"dataset": args.dataset, "rows": []}, update, render)["rows"]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(argv: list[str] | None, doc: str, measure_record, to_markdown, accelerator: bool = True) -> list[dict]:
+    """The command line this script and seen_in_top.py share: `measure_record(search_json, args)` rows for each
+    --from-search record in turn, merged into OUT.json and rendered by `to_markdown` after each (see `save`)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--dataset", choices=quality_table.DATASETS, required=True)
     parser.add_argument("--from-search", type=Path, nargs="+", required=True, metavar="SEARCH.json")
     parser.add_argument("--min-seeds", type=int, default=1, help="as in quality_table.py: the winner's fewest seeds")
     parser.add_argument("--search-seeds", nargs="+", type=int, default=None,
-                        help="as in quality_table.py: test only these seeds of the winner (the rows of its other seeds "
-                             "already in OUT.json stay), e.g. when an earlier seed's checkpoint is gone")
-    parser.add_argument("--accelerator", default="auto")
+                        help="as in quality_table.py: measure only these seeds of the winner (the rows of its other "
+                             "seeds already in OUT.json stay), e.g. when an earlier seed's checkpoint is gone")
+    if accelerator:
+        parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.md")
     args = parser.parse_args(argv)
     searches, args.out = [p.resolve() for p in args.from_search], args.out.resolve()
     os.chdir(quality_table.ROOT)  # the dataset configs name their data files relative to the repository root
     rows = []
     for path in searches:
-        rows = save(measure(path, args), args)
+        rows = save(measure_record(path, args), args, to_markdown)
     print(args.out.with_suffix(".md").read_text())
     return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    return run(argv, __doc__, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import exclude_seen  # noqa: E402
 import quality_table  # noqa: E402
-from exclude_seen import save as save_rows  # noqa: E402
 
 from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank  # noqa: E402
 from m2rec_lightning.module import seen_items  # noqa: E402
@@ -111,22 +111,7 @@ def markdown(rows: list[dict], dataset: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=quality_table.DATASETS, required=True)
-    parser.add_argument("--from-search", type=Path, nargs="+", required=True, metavar="SEARCH.json")
-    parser.add_argument("--min-seeds", type=int, default=1, help="as in quality_table.py: the winner's fewest seeds")
-    parser.add_argument("--search-seeds", nargs="+", type=int, default=None,
-                        help="as in quality_table.py: measure only these seeds of the winner (the rows of its other "
-                             "seeds already in OUT.json stay), e.g. when an earlier seed's checkpoint is gone")
-    parser.add_argument("--out", type=Path, required=True, help="output stem: OUT.json and OUT.md")
-    args = parser.parse_args(argv)
-    searches, args.out = [p.resolve() for p in args.from_search], args.out.resolve()
-    os.chdir(quality_table.ROOT)  # the dataset configs name their data files relative to the repository root
-    rows = []
-    for path in searches:
-        rows = save_rows(measure(path, args), args, markdown)
-    print(args.out.with_suffix(".md").read_text())
-    return rows
+    return exclude_seen.run(argv, __doc__, measure, markdown, accelerator=False)  # the model runs here, on the CPU
 
 
 if __name__ == "__main__":
