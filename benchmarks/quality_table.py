@@ -23,6 +23,7 @@ Run it from anywhere; config paths resolve against the repository root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -41,7 +42,7 @@ TRAINING_CONFIGS = ROOT / "benchmarks" / "configs"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from filelock import FileLock  # noqa: E402
+from filelock import FileLock, Timeout  # noqa: E402
 from lightning.pytorch.callbacks import Callback, Timer, WeightAveraging  # noqa: E402
 
 from datamodules.base import SequentialDataModule  # noqa: E402
@@ -152,13 +153,46 @@ def check_resumable(last: Path, run_dir: Path) -> None:
                            f"would miss the epochs before it; delete {run_dir} to fit from the start")
 
 
+class RunFolderBusy(RuntimeError):
+    """Another process is fitting into the run folder."""
+
+
+def lock_path(path: Path) -> Path:
+    """A lock file for `path`, outside it (the lock must outlive deleting the folder) and outside the results."""
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"quality_table-{digest}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path):
+    """Hold `run_dir` for one fit: a second process given the same model, setting and seed would otherwise delete or
+    resume the folder under the first one's feet."""
+    lock = FileLock(str(lock_path(run_dir)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunFolderBusy(f"{run_dir} is being fitted by another process (lock {lock.lock_file}); give each "
+                            "process its own seeds or settings") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_model(model: str, seed: int, args: argparse.Namespace, extra_overrides: list[str] = [],
               run_name: str | None = None, test: bool = True) -> dict:
     """Fit one model with one seed through the CLI; test the checkpoint with the best validation NDCG@10.
 
     `extra_overrides` are CLI arguments applied last (a hyper-parameter setting); `run_name` names the run folder
-    (default: the model); `test=False` stops after the fit, so a search never sees test metrics."""
+    (default: the model); `test=False` stops after the fit, so a search never sees test metrics. Raises RunFolderBusy
+    when another process is fitting into the same run folder."""
     run_dir = args.work_dir / args.dataset / run_folder(run_name or model, args.extra_config) / f"seed{seed}"
+    with exclusive(run_dir):
+        return fit_and_test(model, seed, args, run_dir, extra_overrides, test)
+
+
+def fit_and_test(model: str, seed: int, args: argparse.Namespace, run_dir: Path, extra_overrides: list[str],
+                 test: bool) -> dict:
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = args.resume and last.is_file()
     if resume:
@@ -425,9 +459,7 @@ def update_json(path: Path, empty: dict, update, render=None) -> dict:
     then let `render(record)` write the files shown from it, all under a file lock so that concurrent invocations never
     lose each other's results; returns the record. Rendering comes after the write, so it cannot lose the record."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # the lock lives outside the results folder so that it is never committed with them
-    lock = Path(tempfile.gettempdir()) / f"quality_table-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock"
-    with FileLock(str(lock)):
+    with FileLock(str(lock_path(path))):
         record = json.loads(path.read_text()) if path.exists() else empty
         update(record)
         tmp = path.with_suffix(".json.tmp")

@@ -14,7 +14,9 @@ values. Points already recorded in OUT.json (same setting and seed) are skipped,
 `--refit-missing` refits, from the start, the recorded points whose best checkpoint is gone (a new checkout has no
 runs/), replacing them, so that quality_table.py --from-search can test them. `--resume` continues the recorded points
 that a trainer.max_time cap (or a kill) cut off from their last.ckpt, replacing them, e.g. a short screen taken to its
-full schedule under a longer cap.
+full schedule under a longer cap. Several processes may share one OUT.json (each with its own seeds, say): a point
+another process is fitting is skipped (its run folder is locked), and so is one another process recorded after this
+one started.
 """
 from __future__ import annotations
 
@@ -177,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     cut = {identity(p) for p in record["points"] if args.resume and p.get("ended_by") in ("max_time", "interrupted")
            and (quality_table.ROOT / p["best_checkpoint"]).with_name("last.ckpt").is_file()}
     done = {identity(p) for p in record["points"]} - (gone if args.refit_missing else set()) - cut
+    before = record["points"]  # a point not among these was recorded by a process running beside this one
     for setting in args.points:
         key = quality_table.setting_key(setting, args.extra_config)
         for seed in args.seeds:
@@ -188,9 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"== {setting} seed {seed}: cut off before its last epoch, resuming it", flush=True)
             elif (key, seed) in gone:
                 print(f"== {setting} seed {seed}: its best checkpoint is gone, refitting it", flush=True)
+            record = save(None, [])
+            if any(identity(p) == (key, seed) and p not in before for p in record["points"]):
+                print(f"== {setting} seed {seed}: recorded by another process meanwhile, skipped", flush=True)
+                continue
             print(f"== {args.dataset} {args.model} {setting} seed {seed}", flush=True)
             overrides = [f"--{args.full_keys[k]}={v}" for k, v in setting.items()]
-            run = quality_table.run_model(args.model, seed, args, overrides, point_name(args.model, setting), test=False)
+            try:
+                run = quality_table.run_model(args.model, seed, args, overrides, point_name(args.model, setting),
+                                              test=False)
+            except quality_table.RunFolderBusy as busy:
+                print(f"== {setting} seed {seed}: skipped, {busy}", flush=True)
+                continue
             point = {"setting": setting, **{k: v for k, v in run.items() if k not in ("test", "test_seconds")}}
             record = save(point, args.note)
             print(f"== {setting} seed {seed}: best val NDCG@10 {run['val_at_best']['NDCG@10']:.4f} "

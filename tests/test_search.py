@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from conftest import load_benchmark
 
 
@@ -248,3 +249,41 @@ def test_resume_takes_a_cut_off_point_to_its_full_schedule(tmp_path, search, syn
     assert point["epochs_run"] == 2 and [e["epoch"] for e in point["history"]] == [0, 1]
     assert point["history"][0] == screen["history"][0] and point["ended_by"] == "max_epochs"
     assert [s["after_epochs"] for s in point["fit_segments"]] == [0, 1]
+
+
+def test_processes_sharing_a_record_skip_the_points_the_other_fits_or_recorded(tmp_path, search, synthetic_sequence_file,
+                                                                              capsys, monkeypatch):
+    """Two searches on one OUT.json with overlapping seeds: the second must neither delete nor resume a run folder the
+    first is fitting, nor refit a point the first recorded after the second started."""
+    config, _ = synthetic_sequence_file
+    out = tmp_path / "search"
+    argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--max-epochs", "1", "--patience", "1",
+            "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out), "--work-dir", str(tmp_path / "r")]
+    (first,) = search.main([*argv, "--seeds", "42"])["points"]
+    busy_dir = (search.quality_table.ROOT / first["best_checkpoint"]).parents[1].with_name("seed43")
+    busy_dir.mkdir()
+    (busy_dir / "marker").touch()
+    with FileLock(str(search.quality_table.lock_path(busy_dir))):  # what a process fitting seed 43 holds
+        record = search.main([*argv, "--seeds", "42", "43"])
+    assert [p["seed"] for p in record["points"]] == [42]
+    assert (busy_dir / "marker").is_file()
+    printed = capsys.readouterr().out
+    assert "seed 43: skipped" in printed and "is being fitted by another process" in printed
+
+    fitted = []
+    run_model = search.quality_table.run_model
+
+    def fit_while_another_records(model, seed, *rest, **kwargs):
+        fitted.append(seed)
+        run = run_model(model, seed, *rest, **kwargs)
+
+        def add_other(record):  # the other process finishes seed 45 while this one fits 44
+            record["points"].append({**record["points"][0], "seed": 45})
+
+        search.quality_table.update_json(out.with_suffix(".json"), None, add_other)
+        return run
+
+    monkeypatch.setattr(search.quality_table, "run_model", fit_while_another_records)
+    record = search.main([*argv, "--seeds", "44", "45"])
+    assert fitted == [44] and sorted(p["seed"] for p in record["points"]) == [42, 44, 45]
+    assert "seed 45: recorded by another process meanwhile, skipped" in capsys.readouterr().out
