@@ -84,6 +84,9 @@ def measure(search_json: Path, args: argparse.Namespace) -> list[dict]:
             config.flush()
             cli = quality_table.build_cli([Path(config.name)], ["--trainer.logger=false"])
         model, dm = cli.model, cli.datamodule
+        if model.hparams.seen_scope != "input":
+            raise ValueError(f"{search_json}: {setting} scores the user's whole history as seen (seen_scope: "
+                             f"{model.hparams.seen_scope}); this diagnostic counts the input window's items only")
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
         model.eval()
         dm.prepare_data()
