@@ -90,8 +90,10 @@ class SequentialRecommender(L.LightningModule):
             and on Beauty (where no user reviews an item twice) the ranking of the rest got worse: with the seen items
             masked, the models trained with a weak score (-0.55) rank test at NDCG@10 0.0569, those trained with the
             strong one (-10) at 0.0552 (benchmarks/results/exclude_seen_beauty.md). Detached, on the tuned recipe
-            (seeds 42-44): validation NDCG@10 0.0720 against 0.0672, test 0.0555 against 0.0531. The logged training
-            loss is then the sum of the two cross-entropies.
+            (seeds 42-44): validation NDCG@10 0.0720 against 0.0672, test 0.0555 against 0.0531. The encoder trains as
+            without the score, which only reranks; it helps encoders that score their last input item high (tied
+            embeddings plus a residual path), and SASRec with it tests at 0.0555 too (seen_in_top_beauty.md in
+            benchmarks/results says why). The logged training loss is then the sum of the two cross-entropies.
     """
 
     def __init__(
