@@ -286,18 +286,17 @@ def ended_by(trainer, epochs_run: int) -> str:
     return "max_time" if timer is not None and timer.time_remaining() <= 0 else "interrupted"
 
 
-def test_search_winner(search_json: Path, args: argparse.Namespace, overrides: list[str] = []) -> list[dict]:
-    """Test, once, each seed's best checkpoint of the setting that ranks first on validation in a search record (among
-    the settings fitted with at least `args.min_seeds` seeds; only the seeds in `args.search_seeds` when given); the rows
-    carry the setting and the search's fit record (history, config, timings). `overrides` are CLI options applied to
-    the test only (an evaluation option such as exclude_seen)."""
+def search_winner_clis(search_json: Path, args: argparse.Namespace, cli_options: list[str]):
+    """For each seed of the setting that ranks first on validation in a search record (among the settings fitted with
+    at least `args.min_seeds` seeds; only the seeds in `args.search_seeds` when given): its point, its best checkpoint
+    (checked to be there and from the recorded epoch) and the CLI built from the point's saved config plus
+    `cli_options`."""
     search = json.loads(search_json.read_text())
     if search["dataset"] != args.dataset:
         raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
     if not search["points"]:
         raise ValueError(f"{search_json} records no finished point")
     setting, points = search_winner(search["points"], args.min_seeds, search_json, args.search_seeds)
-    rows = []
     for point in points:
         if "best_checkpoint" not in point:
             raise ValueError(f"{search_json}: the point {setting} seed {point['seed']} records no best_checkpoint")
@@ -312,8 +311,18 @@ def test_search_winner(search_json: Path, args: argparse.Namespace, overrides: l
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
             config.write(point["config"])
             config.flush()
-            cli = build_cli([Path(config.name)], [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false",
-                                                  "--trainer.enable_progress_bar=false", *overrides])
+            cli = build_cli([Path(config.name)], cli_options)
+        yield point, checkpoint, cli
+
+
+def test_search_winner(search_json: Path, args: argparse.Namespace, overrides: list[str] = []) -> list[dict]:
+    """Test, once, each seed's best checkpoint of a search record's validation winner (`search_winner_clis`); the rows
+    carry the setting and the search's fit record (history, config, timings). `overrides` are CLI options applied to
+    the test only (an evaluation option such as exclude_seen)."""
+    rows = []
+    options = [f"--trainer.accelerator={args.accelerator}", "--trainer.logger=false",
+               "--trainer.enable_progress_bar=false", *overrides]
+    for point, checkpoint, cli in search_winner_clis(search_json, args, options):
         start = time.perf_counter()
         (logged,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
         rows.append({**point, "search": os.path.relpath(search_json, ROOT),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import json
 import os
 import sys
 from pathlib import Path
@@ -191,8 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"== {setting} seed {seed}: cut off before its last epoch, resuming it", flush=True)
             elif (key, seed) in gone:
                 print(f"== {setting} seed {seed}: its best checkpoint is gone, refitting it", flush=True)
-            record = save(None, [])
-            if any(identity(p) == (key, seed) and p not in before for p in record["points"]):
+            now = json.loads(path.read_text())["points"]  # written whole by an atomic replace: no lock to read it
+            if any(identity(p) == (key, seed) and p not in before for p in now):
                 print(f"== {setting} seed {seed}: recorded by another process meanwhile, skipped", flush=True)
                 continue
             print(f"== {args.dataset} {args.model} {setting} seed {seed}", flush=True)

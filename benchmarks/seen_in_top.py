@@ -19,10 +19,8 @@ test split; nothing is trained. Rows are merged into OUT.json as in `exclude_see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -70,23 +68,13 @@ def top_k_stats(model, loader) -> dict[str, dict[str, float]]:
 
 
 def measure(search_json: Path, args: argparse.Namespace) -> list[dict]:
-    search = json.loads(search_json.read_text())
-    if search["dataset"] != args.dataset:
-        raise ValueError(f"{search_json} is a search on {search['dataset']}, not {args.dataset}")
-    setting, points = quality_table.search_winner(search["points"], args.min_seeds, search_json, args.search_seeds)
     rows = []
-    for point in points:
-        checkpoint = quality_table.ROOT / point["best_checkpoint"]
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{search_json}: checkpoint {checkpoint} of {setting} seed {point['seed']} is gone")
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
-            config.write(point["config"])
-            config.flush()
-            cli = quality_table.build_cli([Path(config.name)], ["--trainer.logger=false"])
+    for point, checkpoint, cli in quality_table.search_winner_clis(search_json, args, ["--trainer.logger=false"]):
         model, dm = cli.model, cli.datamodule
         if model.hparams.seen_scope != "input":
-            raise ValueError(f"{search_json}: {setting} scores the user's whole history as seen (seen_scope: "
-                             f"{model.hparams.seen_scope}); this diagnostic counts the input window's items only")
+            raise ValueError(f"{search_json}: {quality_table.label(point)} scores the user's whole history as seen "
+                             f"(seen_scope: {model.hparams.seen_scope}); this diagnostic counts the input window's "
+                             "items only")
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
         model.eval()
         dm.prepare_data()
