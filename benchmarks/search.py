@@ -105,6 +105,8 @@ def markdown(record: dict) -> str:
            "none); the same values with and without one are two settings." if trained_with else ""),
         "",
     ] + [f"- {note}" for note in record["notes"]] + ([""] if record["notes"] else [])
+    if not ranked:  # a search writes its record when it starts, before its first point is fitted
+        return "\n".join(lines + ["No point has been fitted yet.", ""])
     header = "| rank | " + " | ".join([f"`{k}`" for k in keys] + ["benchmarks/configs/"] * trained_with) + \
         " | seeds | val NDCG@10 | val HR@10 | best epoch / epochs run | fit time (s) |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]

@@ -155,6 +155,12 @@ def test_a_grid_point_that_caps_the_epochs_is_recorded_as_ended_by_that_cap(tmp_
     assert yaml.safe_load(point["config"])["trainer"]["max_epochs"] == 1
 
 
+def test_an_empty_record_renders_without_a_table(search):
+    text = search.markdown({"dataset": "ml-1m", "model": "m2rec", "notes": ["why"], "points": []})
+    assert text.splitlines()[-1] == "No point has been fitted yet."
+    assert "- why" in text and "| rank |" not in text and "Hardware" not in text
+
+
 def test_a_rendering_error_does_not_lose_the_fitted_point(tmp_path, search, synthetic_sequence_file, monkeypatch):
     """The point is on disk before its Markdown is rendered, as in quality_table.record."""
     config, _ = synthetic_sequence_file
