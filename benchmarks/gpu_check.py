@@ -210,9 +210,9 @@ def scan_inputs(batch: int, dim: int, length: int, state: int, device: str) -> l
 
 def triton_check(device: str, small: bool) -> list[tuple[str, str, str, str]]:
     """Rows: the Triton scan and the Mamba block on it against the PyTorch path (fp32; block also bf16 autocast)."""
-    from m2rec_lightning.mamba import Mamba
-    from m2rec_lightning.selective_scan import selective_scan
-    from m2rec_lightning.selective_scan_triton import selective_scan_triton
+    from m2rec_lightning.ops.mamba import Mamba
+    from m2rec_lightning.ops.selective_scan import selective_scan
+    from m2rec_lightning.ops.selective_scan_triton import selective_scan_triton
 
     batch, dim, length, state = (2, 8, 20, 4) if small else (16, 128, 200, 32)
     leaves = scan_inputs(batch, dim, length, state, device)
@@ -236,7 +236,7 @@ def block_rows(fast, label: str, batch: int, length: int, device: str, stand_in=
     """The Mamba block `fast` against a backend="torch" copy with its weights, fp32 and bf16 autocast: rows of the
     relative errors of the output, the input gradient and in_proj's weight gradient. `stand_in` replaces the scan of
     `fast` (the dry run's stand-in for a kernel)."""
-    import m2rec_lightning.mamba as mamba_module
+    import m2rec_lightning.ops.mamba as mamba_module
 
     slow = mamba_module.Mamba(fast.d_model, d_state=fast.d_state, backend="torch").to(device)
     slow.load_state_dict(fast.state_dict())
@@ -268,8 +268,8 @@ def block_rows(fast, label: str, batch: int, length: int, device: str, stand_in=
 def kernel_check(device: str, dry_run: bool) -> list[tuple[str, str, str, str]]:
     """Rows (check, value, goal, verdict): CUDA kernels against the PyTorch path. In a dry run the 'kernel' side
     is selective_scan_ref (the per-step reference), so the comparison code runs on CPU."""
-    from m2rec_lightning.mamba import Mamba, _mamba_ssm_kernels
-    from m2rec_lightning.selective_scan import selective_scan, selective_scan_ref
+    from m2rec_lightning.ops.mamba import Mamba, _mamba_ssm_kernels
+    from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_ref
 
     rows = []
     if dry_run:

@@ -23,7 +23,6 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
-
 from prefix_vs_all_positions import datamodule, epoch_counts  # noqa: E402
 from throughput import MODELS, build_model, machine, timed_train_step  # noqa: E402
 

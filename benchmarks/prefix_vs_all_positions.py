@@ -16,7 +16,7 @@ draws a different window each epoch instead, and `train_window=all` tiles the wh
 
 Time to quality (`--time-to-quality TARGET`): fits the model on Beauty in both modes, validating every
 `--val-every` training steps, and records the training wall time (validation excluded) at which validation NDCG@10
-first reaches TARGET (use SASRec's converged validation NDCG@10 from benchmarks/results/quality_beauty.md), or the
+first reaches TARGET (use SASRec's converged validation NDCG@10 from experiments/results/beauty/quality_beauty.md), or the
 best value reached when `--budget-s` runs out first.
 """
 from __future__ import annotations
@@ -31,11 +31,10 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-import numpy as np  # noqa: E402
 import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
-
 from throughput import MODELS, build_model, machine, timed_train_step  # noqa: E402
 
 from datamodules import SequenceFile  # noqa: E402

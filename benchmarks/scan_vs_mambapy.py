@@ -38,8 +38,8 @@ def worker(impl: str, part: str, batch: int, seqlen: int, d_model: int, d_state:
         torch.set_num_threads(threads)
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import m2rec_lightning.mamba as ours_mamba
-    from m2rec_lightning.selective_scan import selective_scan, selective_scan_ref
+    import m2rec_lightning.ops.mamba as ours_mamba
+    from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_ref
 
     torch.manual_seed(0)
     d_inner = expand * d_model

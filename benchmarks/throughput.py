@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from m2rec_lightning.m2rec import M2RecEncoder  # noqa: E402
 from m2rec_lightning.metrics import pessimistic_rank  # noqa: E402
+from m2rec_lightning.models.m2rec import M2RecEncoder  # noqa: E402
+from m2rec_lightning.models.sasrec import SASRecEncoder  # noqa: E402
 from m2rec_lightning.module import SequentialRecommender  # noqa: E402
-from m2rec_lightning.sasrec import SASRecEncoder  # noqa: E402
 
 MODELS = ("m2rec", "mamba4rec", "sasrec")
 BEAUTY_ITEMS = 12101

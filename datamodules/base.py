@@ -48,7 +48,7 @@ class SequentialDataModule(L.LightningDataModule):
       * predict: ``user``, ``input_ids`` and ``seen`` from each user's full history.
 
     Subclass it for a new dataset: set ``name``, implement ``raw_files`` and ``read_interactions`` (and optionally
-    ``download`` and ``read_item_text``); see ``datamodules.custom`` for a worked example.
+    ``download`` and ``read_item_text``); see ``datamodules.sources.custom`` for a worked example.
 
     Args:
         data_dir: root folder for downloads and caches; this dataset uses ``data_dir/<name>/``.
@@ -69,7 +69,7 @@ class SequentialDataModule(L.LightningDataModule):
             they are counted in ``stats`` either way). Without timestamps a repeated (user, item) pair counts.
         tie_order: one user's interactions sharing a timestamp stay in ``file`` order (RecBole's rule) or take a
             fixed ``shuffle``d order; see ``preprocess.preprocess``. ML-1M's file order inside a second is largely the
-            same for every user, so the published ML-1M numbers partly rest on it (``benchmarks/results/tie_order.md``).
+            same for every user, so the published ML-1M numbers partly rest on it (``experiments/results/ml-1m/tie_order.md``).
         text: embed item texts with a language model for the semantic branch (None = no text features). The table
             is cached under the processed data, keyed by items, texts, model, pooling, template and length.
     """

@@ -84,7 +84,7 @@ def read_item_table(
     """
     format = table_format(path, format)
     if format == "movielens":
-        from .movielens import read_movies_dat
+        from .sources.movielens import read_movies_dat
 
         return read_movies_dat(path, encoding or "latin-1")
     if format not in ("tsv", "csv", "parquet"):

@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-
 _CORRUPT_GZIP = "truncated or corrupt gzip data (an interrupted download?); delete the file and fetch it again"
 
 

@@ -76,7 +76,7 @@ def preprocess(
             duplicate is a repeated (user, item) pair. Duplicates are counted either way.
         tie_order: the order of one user's interactions sharing a timestamp. ``file``: as in the file (RecBole's
             rule, behind the published numbers). ``shuffle``: a fixed pseudo-random order (the same in every run),
-            for files whose own order inside a timestamp is informative (ML-1M's; ``benchmarks/tie_order.py``).
+            for files whose own order inside a timestamp is informative (ML-1M's; ``experiments/tie_order.py``).
 
     Returns:
         Processed sequences. Users are numbered by first appearance in the file; items by first appearance when

@@ -1,9 +1,7 @@
 """M2Rec for PyTorch Lightning: encoders (plain nn.Modules), the LightningModule and the `m2rec` CLI."""
-from .averaging import EMAWeightAveraging
-from .m2rec import M2RecEncoder
-from .mamba import Mamba
 from .metrics import RankingMetrics
+from .models.m2rec import M2RecEncoder
+from .models.sasrec import SASRecEncoder
 from .module import SequentialRecommender
-from .sasrec import SASRecEncoder
+from .ops.mamba import Mamba
 
-__all__ = ["EMAWeightAveraging", "M2RecEncoder", "Mamba", "RankingMetrics", "SASRecEncoder", "SequentialRecommender"]

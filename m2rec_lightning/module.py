@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import SequenceEncoder, last_positions
-from .m2rec import M2RecEncoder
 from .metrics import RankingMetrics, mask_scores, pessimistic_rank
+from .models.encoder import SequenceEncoder, last_positions
+from .models.m2rec import M2RecEncoder
 
 
 def seen_items(ids: Tensor, num_ids: int) -> Tensor:
@@ -52,7 +52,7 @@ class SequentialRecommender(L.LightningModule):
             encoded a second time under fresh dropout, and the two last-position states of a sequence must pick each
             other out of the batch (symmetric InfoNCE on dot products; the unsupervised augmentation of DuoRec,
             Qiu et al. 2022, who weight it 0.1). Costs one more last-position forward pass per step. On Beauty at 0.1 it
-            lowered validation NDCG@10 (benchmarks/results/search_beauty_m2rec.md).
+            lowered validation NDCG@10 (experiments/results/beauty/search_beauty_m2rec.md).
         contrastive_temperature: divides the dot products of the contrastive regulariser.
         label_smoothing: share of each target's probability mass spread evenly over all N items in the training
             cross-entropy (0 = the published one-hot target); validation and test metrics are unaffected.
@@ -89,7 +89,7 @@ class SequentialRecommender(L.LightningModule):
             before. With the joint loss a strongly negative score takes the seen items out of the encoder's softmax,
             and on Beauty (where no user reviews an item twice) the ranking of the rest got worse: with the seen items
             masked, the models trained with a weak score (-0.55) rank test at NDCG@10 0.0569, those trained with the
-            strong one (-10) at 0.0552 (benchmarks/results/exclude_seen_beauty.md). Detached, on the tuned recipe
+            strong one (-10) at 0.0552 (experiments/results/beauty/exclude_seen_beauty.md). Detached, on the tuned recipe
             (seeds 42-44): validation NDCG@10 0.0720 against 0.0672, test 0.0555 against 0.0531. The encoder trains as
             without the score, which only reranks; it helps encoders that score their last input item high (tied
             embeddings plus a residual path), and SASRec with it tests at 0.0555 too (seen_in_top_beauty.md in

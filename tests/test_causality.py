@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from m2rec_lightning.fourier import CausalFourierFilter
-from m2rec_lightning.m2rec import M2RecEncoder
-from m2rec_lightning.multiscale import MultiScaleMamba, pool_windows
-from m2rec_lightning.sasrec import SASRecEncoder
-import m2rec_lightning.sasrec as sasrec_module
+import m2rec_lightning.models.sasrec as sasrec_module
+from m2rec_lightning.models.fourier import CausalFourierFilter
+from m2rec_lightning.models.m2rec import M2RecEncoder
+from m2rec_lightning.models.multiscale import MultiScaleMamba, pool_windows
+from m2rec_lightning.models.sasrec import SASRecEncoder
 
 N_ITEMS, TEXT_DIM, D, L, B = 40, 12, 16, 16, 4
 ATOL = {torch.float64: 1e-10, torch.float32: 1e-6}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import Amazon2014, Amazon2018, Amazon2023, DataFormatError
-from datamodules.amazon import read_review_lines
+from datamodules.sources.amazon import read_review_lines
 
 
 def write_gz(path: Path, lines: list[str]) -> Path:

@@ -5,7 +5,8 @@ import re
 import pandas as pd
 import pytest
 
-from datamodules import DataFormatError, InteractionTable, custom
+from datamodules import DataFormatError, InteractionTable
+from datamodules.sources import custom
 
 
 def make(path, tmp_path, **kwargs):

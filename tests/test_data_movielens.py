@@ -6,9 +6,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from datamodules import DataFormatError, DownloadError, MovieLens1M, movielens
+from datamodules import DataFormatError, DownloadError, MovieLens1M
 from datamodules.download import git_blob_sha1
-from datamodules.movielens import read_movies_dat, read_ratings_dat
+from datamodules.sources import movielens
+from datamodules.sources.movielens import read_movies_dat, read_ratings_dat
 from datamodules.stats import format_stats
 
 # UserID::MovieID::Rating::Timestamp, as in ratings.dat (user 2 rates 3 movies in the same second)

@@ -4,7 +4,7 @@ import pytest
 
 from datamodules import DataFormatError, SequenceFile
 from datamodules.item_tables import read_item_table
-from datamodules.sequence_files import read_user_item_pairs, read_user_items
+from datamodules.sources.sequence_files import read_user_item_pairs, read_user_items
 
 
 def make(path, tmp_path, **kwargs):

@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.encoder import SequenceEncoder
-from m2rec_lightning.fourier import CausalFourierFilter
-from m2rec_lightning.gate import StreamGate
-from m2rec_lightning.m2rec import M2RecEncoder
-from m2rec_lightning.mamba import Mamba
-from m2rec_lightning.multiscale import MultiScaleMamba, broadcast_windows, pool_windows
-from m2rec_lightning.sasrec import SASRecEncoder, attention_bias
-from m2rec_lightning.semantic import SemanticProjection
+from m2rec_lightning.models.encoder import SequenceEncoder
+from m2rec_lightning.models.fourier import CausalFourierFilter
+from m2rec_lightning.models.gate import StreamGate
+from m2rec_lightning.models.m2rec import M2RecEncoder
+from m2rec_lightning.models.multiscale import MultiScaleMamba, broadcast_windows, pool_windows
+from m2rec_lightning.models.sasrec import SASRecEncoder, attention_bias
+from m2rec_lightning.models.semantic import SemanticProjection
+from m2rec_lightning.ops.mamba import Mamba
 
 N_ITEMS, TEXT_DIM, D, L = 30, 10, 16, 12
 
@@ -467,7 +467,7 @@ def assert_last_matches_forward(enc: SequenceEncoder, ids: Tensor) -> None:
     {"scales": [2, 4], "n_layers": 3, "semantic": False},
 ])
 def test_m2rec_forward_last_equals_forward_at_the_last_item(options, monkeypatch):
-    import m2rec_lightning.mamba as mamba_module
+    import m2rec_lightning.ops.mamba as mamba_module
 
     state_calls = []
     state_fn = mamba_module.selective_scan_state

@@ -1,15 +1,15 @@
-"""benchmarks/exclude_seen.py on a one-epoch search over a synthetic sequence file."""
+"""experiments/exclude_seen.py on a one-epoch search over a synthetic sequence file."""
 from __future__ import annotations
 
 import json
+from importlib import import_module
 
 import pytest
-from conftest import load_benchmark
 
 
 def test_masking_seen_items_never_lowers_a_metric_and_leaves_the_default_ranking_alone(tmp_path,
                                                                                       synthetic_sequence_file):
-    search, exclude_seen = load_benchmark("search"), load_benchmark("exclude_seen")
+    search, exclude_seen = import_module("experiments.search"), import_module("experiments.exclude_seen")
     config, _ = synthetic_sequence_file
     out = tmp_path / "search"
     search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--seeds", "42", "43",

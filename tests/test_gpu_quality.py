@@ -1,4 +1,4 @@
-"""benchmarks/gpu_quality.py: the text-encoder identity recorded here finds the item-text table built here on a
+"""experiments/gpu_quality.py: the text-encoder identity recorded here finds the item-text table built here on a
 machine without the model (a miss fails instead of silently re-embedding); progress lines from a child's CSV log; the
 children a plan launches."""
 import argparse
@@ -9,9 +9,7 @@ import pytest
 import torch
 
 import datamodules.text_embeddings as te
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import gpu_quality  # noqa: E402
+from experiments import gpu_quality
 
 IDS, TEXTS = ["a", "b", "c"], ["red matte lipstick", "green tea face mask", ""]
 
@@ -79,9 +77,9 @@ def test_plan_runs_one_child_per_model_and_seed():
 
 
 def test_plan_keys_name_the_folder_the_child_fits_in_with_a_training_config():
-    """The progress lines read the run folder: with a benchmarks/configs/ file among the configs (the default
+    """The progress lines read the run folder: with a experiments/configs/ file among the configs (the default
     ml-1m_batch16_lr2e-3.yaml is one), that folder carries the file's name."""
-    tuned = gpu_quality.BENCH / "configs" / "ml-1m_batch16_lr2e-3.yaml"
+    tuned = gpu_quality.HERE / "configs" / "ml-1m_batch16_lr2e-3.yaml"
     plan = gpu_quality.fits(_args(seeds=[42]), lambda model: [tuned])
     assert list(plan) == [("m2rec+ml-1m_batch16_lr2e-3", 42)]
     grid = gpu_quality.fits(_args(seeds=[42], grid=["lr=0.002"]), lambda model: [tuned])

@@ -1,14 +1,14 @@
 import logging
-import os
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import m2rec_lightning.mamba as mamba_module
-from m2rec_lightning.mamba import Mamba
-from m2rec_lightning.selective_scan import selective_scan_ref
+import m2rec_lightning.ops.mamba as mamba_module
+from m2rec_lightning.ops.mamba import Mamba
+from m2rec_lightning.ops.selective_scan import selective_scan_ref
 
 # mamba_ssm.modules.mamba_simple.Mamba(d_model=16, d_state=8, d_conv=4, expand=2): dt_rank = ceil(16/16) = 1,
 # d_inner = 32; keys and shapes as in its source

@@ -8,9 +8,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.splits import EvalSequences, TrainSequences, collate
-from m2rec_lightning.m2rec import M2RecEncoder
+from m2rec_lightning.models.m2rec import M2RecEncoder
+from m2rec_lightning.models.sasrec import SASRecEncoder
 from m2rec_lightning.module import SequentialRecommender
-from m2rec_lightning.sasrec import SASRecEncoder
 
 N_ITEMS, MAX_LEN = 60, 12
 

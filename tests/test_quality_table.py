@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/quality_table.py on a synthetic sequence file: 1 epoch, tiny models."""
+"""Smoke test of experiments/quality_table.py on a synthetic sequence file: 1 epoch, tiny models."""
 from __future__ import annotations
 
 import importlib
@@ -8,19 +8,19 @@ import math
 import os
 import subprocess
 from collections import Counter
+from importlib import import_module
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quality_table():
-    return load_benchmark("quality_table")
+    return import_module("experiments.quality_table")
 
 
 def hand_popularity(sequences: dict[int, list[int]], k: int) -> tuple[float, float]:
@@ -44,16 +44,16 @@ def test_source_commit_names_the_checkout_and_flags_code_changes(tmp_path, quali
 
     monkeypatch.setattr(quality_table, "ROOT", tmp_path)
     assert quality_table.source_commit() is None  # not a checkout
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
     (tmp_path / "code.py").write_text("a = 1\n")
-    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    (tmp_path / "experiments" / "results" / "r.json").write_text("{}\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "c")
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
     assert quality_table.source_commit() == head
-    (tmp_path / "benchmarks" / "results" / "r.json").write_text('{"runs": []}\n')  # results written by a run
+    (tmp_path / "experiments" / "results" / "r.json").write_text('{"runs": []}\n')  # results written by a run
     (tmp_path / "new.py").write_text("untracked\n")
     assert quality_table.source_commit() == head
     (tmp_path / "code.py").write_text("a = 2\n")
@@ -209,10 +209,10 @@ def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_seq
     """configs/tuned/DATASET.yaml must build exactly the model whose test numbers it quotes: the 3-seed validation
     winner of its searches taken together, with every searched option (encoder, module, data, trainer) at the
     winning value."""
-    search_module = load_benchmark("search")
+    search_module = import_module("experiments.search")
     config, _ = synthetic_sequence_file
     points = [point for name in search_files
-              for point in json.loads((ROOT / "benchmarks" / "results" / name).read_text())["points"]]
+              for point in json.loads((ROOT / "experiments" / "results" / dataset / name).read_text())["points"]]
     setting, points = quality_table.search_winner(points, 3, ", ".join(search_files))
     measured_config = yaml.safe_load(points[0]["config"])
     offline = ["--trainer.logger=false", "--model.init_args.encoder.init_args.semantic=false"]
@@ -311,7 +311,7 @@ def test_a_run_with_weight_averaging_is_tested_on_the_averaged_weights(tmp_path,
 
 def test_a_run_with_a_training_config_is_its_own_row(tmp_path, quality_table, monkeypatch):
     """Recording an EMA fit of m2rec seed 42 must not replace the plain m2rec seed 42 already in the record (the row
-    key once ignored benchmarks/configs/ files), and the two must not share a row or a run folder. A max_time or data
+    key once ignored experiments/configs/ files), and the two must not share a row or a run folder. A max_time or data
     file elsewhere changes none of that."""
     monkeypatch.setattr(quality_table, "plot", lambda results, path: None)
 
@@ -321,18 +321,18 @@ def test_a_run_with_a_training_config_is_its_own_row(tmp_path, quality_table, mo
                 "fit_seconds": 1.0, "budget": {"max_epochs": 8, "patience": 5}, "hardware": "cpu", "history": [],
                 "config_files": ["configs/beauty.yaml", "configs/models/m2rec.yaml", *extra]}
 
-    ema = "benchmarks/configs/ema.yaml"
+    ema = "experiments/configs/ml-1m_batch64.yaml"
     quality_table.record(tmp_path / "q", "beauty", run("/tmp/max_time.yaml"))
     results = quality_table.record(tmp_path / "q", "beauty", run(ema, "/tmp/max_time.yaml"))
-    assert [quality_table.label(r) for r in results["runs"]] == ["m2rec", "m2rec + ema"]
+    assert [quality_table.label(r) for r in results["runs"]] == ["m2rec", "m2rec + ml-1m_batch64"]
     table = (tmp_path / "q.md").read_text()
-    assert "| **m2rec** | 42 |" in table and "| **m2rec + ema** | 42 |" in table
-    assert quality_table.run_folder("m2rec", [quality_table.ROOT / ema, tmp_path / "data.yaml"]) == "m2rec+ema"
+    assert "| **m2rec** | 42 |" in table and "| **m2rec + ml-1m_batch64** | 42 |" in table
+    assert quality_table.run_folder("m2rec", [quality_table.ROOT / ema, tmp_path / "data.yaml"]) == "m2rec+ml-1m_batch64"
     assert quality_table.run_folder("m2rec", [tmp_path / "ema.yaml"]) == "m2rec"  # same name, outside the folder
 
 
 def test_the_recbole_check_counts_only_runs_at_the_default_settings(quality_table):
-    """A tuned SASRec (a search winner, or one trained with a benchmarks/configs/ file) is not RecBole's SASRec: it
+    """A tuned SASRec (a search winner, or one trained with a experiments/configs/ file) is not RecBole's SASRec: it
     must not move the reproduction line, which reads the default runs' mean."""
     def run(seed: int, ndcg: float, **extra) -> dict:
         metrics = {m: ndcg for m in quality_table.METRICS}
@@ -342,6 +342,6 @@ def test_the_recbole_check_counts_only_runs_at_the_default_settings(quality_tabl
 
     tuned = run(42, 0.9, setting={"encoder.hidden_size": "512"}, search="s.json")
     averaged = run(42, 0.8)
-    averaged["config_files"] = averaged["config_files"] + ["benchmarks/configs/ema.yaml"]
+    averaged["config_files"] = averaged["config_files"] + ["experiments/configs/ml-1m_batch64.yaml"]
     text = quality_table.markdown({"dataset": "beauty", "runs": [run(42, 0.0412), run(43, 0.0420), tuned, averaged]})
     assert "- sasrec: HR@10 0.0416 vs 0.083 (-49.9 %), NDCG@10 0.0416 vs 0.0416 (+0.0 %)" in text

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_reliability_support import (CountingSequenceFile, read_metrics, run_cli, tiny_model_args, write_item_titles,
-                                      write_sequences)
+from test_reliability_support import (
+    CountingSequenceFile,
+    read_metrics,
+    run_cli,
+    tiny_model_args,
+    write_item_titles,
+    write_sequences,
+)
 
 N_USERS = 301  # odd: a padding DistributedSampler would evaluate one user twice
 

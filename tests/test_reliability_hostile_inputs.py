@@ -13,14 +13,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from datamodules.amazon import amazon2014_fields, amazon2018_fields, read_metadata_lines, read_review_lines
-from datamodules.amazon2023 import amazon2023_fields
-from datamodules.custom import read_interaction_table
 from datamodules.item_tables import read_item_table
-from datamodules.movielens import read_movies_dat, read_ratings_dat
 from datamodules.parsing import DataFormatError
 from datamodules.preprocess import Interactions, preprocess
-from datamodules.sequence_files import read_user_item_pairs, read_user_items
+from datamodules.sources.amazon import amazon2014_fields, amazon2018_fields, read_metadata_lines, read_review_lines
+from datamodules.sources.amazon2023 import amazon2023_fields
+from datamodules.sources.custom import read_interaction_table
+from datamodules.sources.movielens import read_movies_dat, read_ratings_dat
+from datamodules.sources.sequence_files import read_user_item_pairs, read_user_items
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

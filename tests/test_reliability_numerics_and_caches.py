@@ -9,12 +9,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from test_reliability_support import write_sequences
 
 from datamodules import SequenceFile
 from datamodules.cache import load_cache
-from m2rec_lightning.m2rec import M2RecEncoder
+from m2rec_lightning.models.m2rec import M2RecEncoder
 from m2rec_lightning.module import SequentialRecommender
-from test_reliability_support import write_sequences
 
 
 def tiny(tmp_path: Path, **kwargs) -> SequenceFile:

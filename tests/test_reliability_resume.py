@@ -22,11 +22,11 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from test_reliability_support import REPO, TESTS, read_metrics, run_cli, tiny_model_args, write_sequences
 from torch.utils.data import DataLoader, TensorDataset
 
 from datamodules.resume import EpochRandomSampler, ResumableDataLoader, epoch_seed
 from m2rec_lightning.checkpoint import ModelCheckpoint
-from test_reliability_support import REPO, TESTS, read_metrics, run_cli, tiny_model_args, write_sequences
 
 STEPS_PER_EPOCH = 10  # 301 users with training pairs / batch size 32
 EPOCHS = 3

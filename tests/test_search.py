@@ -1,18 +1,18 @@
-"""benchmarks/search.py: grid parsing, and a two-point search on a synthetic sequence file (1 epoch, tiny models)."""
+"""experiments/search.py: grid parsing, and a two-point search on a synthetic sequence file (1 epoch, tiny models)."""
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
 
 import pytest
 import yaml
 from filelock import FileLock
-from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def search():
-    return load_benchmark("search")
+    return import_module("experiments.search")
 
 
 def test_grid_values_split_outside_brackets(search):
@@ -184,31 +184,31 @@ def test_a_rendering_error_does_not_lose_the_fitted_point(tmp_path, search, synt
 
 def test_a_point_fitted_with_a_training_config_is_its_own_setting_and_run_folder(tmp_path, search,
                                                                                  synthetic_sequence_file):
-    """The same grid values with benchmarks/configs/ema.yaml are another setting: the search must fit them (not skip
+    """The same grid values with experiments/configs/ema.yaml are another setting: the search must fit them (not skip
     them as done), in their own run folder (the first fit's checkpoints must survive for --from-search), and rank and
     show them apart; the quality table must give them their own row."""
     config, _ = synthetic_sequence_file
     out, runs = tmp_path / "search", tmp_path / "runs"
     argv = ["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--max-epochs", "1", "--patience", "1",
             "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out), "--work-dir", str(runs)]
-    ema = search.quality_table.ROOT / "benchmarks" / "configs" / "ema.yaml"
+    ema = search.quality_table.ROOT / "experiments" / "configs" / "ml-1m_batch64.yaml"
     plain = search.main(argv)["points"][0]
     record = search.main([*argv, "--extra-config", str(ema)])
     assert len(record["points"]) == 2
     averaged = record["points"][1]
-    assert averaged["config_files"][-1] == "benchmarks/configs/ema.yaml"
+    assert averaged["config_files"][-1] == "experiments/configs/ml-1m_batch64.yaml"
     folders = {Path(p["best_checkpoint"]).parents[2].name for p in record["points"]}
     name = search.point_name("sasrec", {"lr": "0.01"})
-    assert folders == {name, name + "+ema"}
+    assert folders == {name, name + "+ml-1m_batch64"}
     assert (search.quality_table.ROOT / plain["best_checkpoint"]).is_file()
     assert [len(group) for _, group in search.quality_table.rank_settings(record["points"])] == [1, 1]
     rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
-    assert "benchmarks/configs/" in rows[0] and {row.split(" | ")[2] for row in rows[1:]} == {"ema", "—"}
+    assert "experiments/configs/" in rows[0] and {row.split(" | ")[2] for row in rows[1:]} == {"ml-1m_batch64", "—"}
 
     again = search.main([*argv, "--extra-config", str(ema)])  # now both are done
     assert len(again["points"]) == 2
     assert [search.quality_table.label(p) for p in again["points"]] == [
-        "sasrec [lr=0.01]", "sasrec [lr=0.01] + ema"]
+        "sasrec [lr=0.01]", "sasrec [lr=0.01] + ml-1m_batch64"]
 
 
 def test_notes_land_with_the_runs_they_describe(tmp_path, search, synthetic_sequence_file, monkeypatch):

@@ -1,11 +1,11 @@
-"""benchmarks/seen_in_top.py: top-10 contents on hand-made scores, and its ranking against the trainer's test."""
+"""experiments/seen_in_top.py: top-10 contents on hand-made scores, and its ranking against the trainer's test."""
 from __future__ import annotations
 
 import math
+from importlib import import_module
 
 import pytest
 import torch
-from conftest import load_benchmark
 from torch import nn
 
 
@@ -29,7 +29,7 @@ class CopyingModel(nn.Module):
 
 
 def test_top_k_stats_counts_input_items_and_ranks_with_and_without_the_score():
-    seen_in_top = load_benchmark("seen_in_top")
+    seen_in_top = import_module("experiments.seen_in_top")
     batch = {"input_ids": torch.tensor([[3, 7, 0], [19, 5, 0]]), "target": torch.tensor([15, 2])}
     stats = seen_in_top.top_k_stats(CopyingModel(20, -5.0), [batch])
 
@@ -48,7 +48,7 @@ def test_top_k_stats_counts_input_items_and_ranks_with_and_without_the_score():
 
 
 def test_a_model_without_the_score_has_the_encoder_row_only():
-    seen_in_top = load_benchmark("seen_in_top")
+    seen_in_top = import_module("experiments.seen_in_top")
     batch = {"input_ids": torch.tensor([[3, 7, 0]]), "target": torch.tensor([15])}
     stats = seen_in_top.top_k_stats(CopyingModel(20, None), [batch])
     assert stats["seen_bias"] is None and "with score" not in stats
@@ -56,7 +56,7 @@ def test_a_model_without_the_score_has_the_encoder_row_only():
 
 
 def test_with_score_ranking_is_the_trainers_test(tmp_path, synthetic_sequence_file):
-    search, seen_in_top = load_benchmark("search"), load_benchmark("seen_in_top")
+    search, seen_in_top = import_module("experiments.search"), import_module("experiments.seen_in_top")
     config, _ = synthetic_sequence_file
     out = tmp_path / "search"
     search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--grid", "seen_bias=true",

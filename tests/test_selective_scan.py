@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from m2rec_lightning.selective_scan import selective_scan, selective_scan_ref, selective_scan_state
+from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_ref, selective_scan_state
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from m2rec_lightning.selective_scan import selective_scan_ref, selective_scan_state  # noqa: E402
-from m2rec_lightning.selective_scan_triton import selective_scan_state_triton, selective_scan_triton  # noqa: E402
 from test_selective_scan import NAMES, make_inputs, rel_err  # noqa: E402
+
+from m2rec_lightning.ops.selective_scan import selective_scan_ref, selective_scan_state  # noqa: E402
+from m2rec_lightning.ops.selective_scan_triton import selective_scan_state_triton, selective_scan_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,7 +71,7 @@ def test_triton_scan_refuses_float64():
 
 
 def test_mamba_block_on_the_triton_backend_matches_the_torch_backend():
-    from m2rec_lightning.mamba import Mamba
+    from m2rec_lightning.ops.mamba import Mamba
 
     torch.manual_seed(0)
     ref = Mamba(16, d_state=4, backend="torch").to(DEVICE)

@@ -1,17 +1,18 @@
-"""benchmarks/tie_order.py on synthetic ratings.dat / sequence files whose tie structure is known by construction."""
+"""experiments/tie_order.py on synthetic ratings.dat / sequence files whose tie structure is known by construction."""
 from __future__ import annotations
+
+from importlib import import_module
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
 
-from datamodules.movielens import read_ratings_dat
-from datamodules.sequence_files import read_user_items
+from datamodules.sources.movielens import read_ratings_dat
+from datamodules.sources.sequence_files import read_user_items
 
 
 @pytest.fixture(scope="module")
 def tie_order():
-    return load_benchmark("tie_order")
+    return import_module("experiments.tie_order")
 
 
 def write_ratings(path, rows):

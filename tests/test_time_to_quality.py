@@ -1,9 +1,8 @@
-"""benchmarks/time_to_quality.py on hand-made quality-table records."""
+"""experiments/time_to_quality.py on hand-made quality-table records."""
 from __future__ import annotations
 
 import json
-
-from conftest import load_benchmark
+from importlib import import_module
 
 
 def run(model: str, curve: list[float], prefix: bool = False) -> dict:
@@ -23,7 +22,7 @@ def test_target_is_the_reference_best_and_first_crossing_is_reported(tmp_path, c
         run("m2rec", [0.01, 0.02, 0.05]) | {"setting": {"encoder.dropout": "0.5"}},  # a search winner's row
     ]}))
     out = tmp_path / "ttq.md"
-    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
+    import_module("experiments.time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     text = out.read_text()
     assert "NDCG@10 >= 0.0500 (best validation NDCG@10 of sasrec (seed 1, best at epoch 3 of 4))" in text
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -37,7 +36,7 @@ def test_fixed_targets_each_get_a_table(tmp_path):
     results = tmp_path / "runs.json"
     results.write_text(json.dumps({"dataset": "beauty", "runs": [run("sasrec", [0.01, 0.03, 0.05])]}))
     out = tmp_path / "ttq.md"
-    load_benchmark("time_to_quality").main([str(results), "--target", "0.02", "--also", "0.04", "0.07", "--out", str(out)])
+    import_module("experiments.time_to_quality").main([str(results), "--target", "0.02", "--also", "0.04", "0.07", "--out", str(out)])
     tables = out.read_text().split("Target: ")[1:]
     assert [t.split(" ")[3] for t in tables] == ["0.0200", "0.0400", "0.0700"]
     assert "| 2 | 20 |" in tables[0] and "| 3 | 30 |" in tables[1] and "not reached" in tables[2]
@@ -49,7 +48,7 @@ def test_a_tuned_reference_is_named_with_its_setting(tmp_path):
     results.write_text(json.dumps({"dataset": "beauty", "runs": [
         run("sasrec", [0.01, 0.04]), run("sasrec", [0.02, 0.06, 0.05]) | {"setting": {"encoder.hidden_size": "512"}}]}))
     out = tmp_path / "ttq.md"
-    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
+    import_module("experiments.time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     assert "NDCG@10 >= 0.0600 (best validation NDCG@10 of sasrec [encoder.hidden_size=512] (seed 1" in out.read_text()
 
 
@@ -60,6 +59,6 @@ def test_the_target_line_says_what_ended_the_reference_run(tmp_path):
     results.write_text(json.dumps({"dataset": "beauty", "runs": [
         run("sasrec", [0.01, 0.06, 0.05]) | {"ended_by": "max_epochs"}]}))
     out = tmp_path / "ttq.md"
-    load_benchmark("time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
+    import_module("experiments.time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     text = out.read_text()
     assert "(seed 1, best at epoch 2 of 3, ended by max_epochs))" in text and "stopped early" not in text

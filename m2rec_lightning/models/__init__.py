@@ -1,0 +1,1 @@
+"""Encoders as plain nn.Modules and the layers they are built from."""

@@ -1,0 +1,111 @@
+"""Multi-scale Mamba: one Mamba per time scale s, run on the sequence averaged over non-overlapping windows of s steps.
+
+Causal alignment (windows start at position 0): window k covers positions k·s .. k·s+s-1, so its coarse output is
+known only once position k·s+s-1 has been seen. Position t therefore reads the output of the last complete window
+ending at or before t, window (t+1)//s - 1; positions t < s-1 read zeros. For s = 2, L = 5:
+    position   0    1    2    3    4
+    reads      0    w0   w0   w1   w1       (w0 = positions 0-1, w1 = positions 2-3; position 4 opens no window)
+A trailing incomplete window is never read, so it is not computed. With right padding, a window that holds padding
+ends after the last real item and is only read at padding positions.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.mamba import Mamba
+
+
+def pool_windows(h: Tensor, scale: int) -> Tensor:
+    """Mean over the complete windows of `scale` steps: (B, L, d) -> (B, L // scale, d)."""
+    batch, length, d = h.shape
+    n = length // scale
+    return h[:, : n * scale].reshape(batch, n, scale, d).mean(dim=2)
+
+
+def broadcast_windows(z: Tensor, scale: int, length: int) -> Tensor:
+    """Position t gets window (t+1)//scale - 1 of z, zeros before the first complete window: (B, n, d) -> (B, L, d)."""
+    padded = torch.cat([z.new_zeros(z.size(0), 1, z.size(2)), z], dim=1)  # (B, n+1, d); index 0 = "no window yet"
+    index = torch.arange(1, length + 1, device=z.device) // scale  # (L,) in [0, n]
+    return padded[:, index]
+
+
+class MultiScaleMamba(nn.Module):
+    """T = sum_s w_s · Up_s(Mamba_s(Pool_s(h))), with w = softmax over learned per-scale logits.
+
+    With a single scale 1 this is exactly one Mamba (no pooling, no weights), the Mamba4Rec mixer.
+
+    Args:
+        hidden_size: model width d.
+        scales: window lengths, e.g. [1, 2, 4]; distinct positive integers.
+        d_state: Mamba SSM state size.
+        d_conv: Mamba causal convolution width.
+        expand: Mamba inner width factor.
+        mamba_backend: Mamba implementation ("auto" picks the CUDA kernels when available).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        scales: list[int],
+        d_state: int = 32,
+        d_conv: int = 4,
+        expand: int = 2,
+        mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
+    ) -> None:
+        super().__init__()
+        if not scales or any(s < 1 for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"scales must be distinct positive integers, got {scales}")
+        self.scales = list(scales)
+        self.mambas = nn.ModuleList(
+            Mamba(hidden_size, d_state=d_state, d_conv=d_conv, expand=expand, backend=mamba_backend) for _ in scales
+        )
+        self.scale_logits = None
+        if len(scales) > 1:
+            self.scale_logits = nn.Parameter(torch.zeros(len(scales)))  # equal weights at init
+            self.scale_logits._no_weight_decay = True  # decay would pull the mix towards uniform, not towards 0
+
+    def scale_weights(self) -> Tensor:
+        """The mixing weights w_s, (n_scales,), summing to 1."""
+        if self.scale_logits is None:
+            return torch.ones(1, device=next(self.parameters()).device)
+        return self.scale_logits.softmax(dim=0)
+
+    def paths(self, h: Tensor) -> list[Tensor]:
+        """Each scale's causal output Up_s(Mamba_s(Pool_s(h))), each (B, L, d)."""
+        out = []
+        for scale, mamba in zip(self.scales, self.mambas):
+            if scale == 1:
+                out.append(mamba(h))
+            elif h.size(1) < scale:  # no complete window yet anywhere
+                out.append(torch.zeros_like(h))
+            else:
+                out.append(broadcast_windows(mamba(pool_windows(h, scale)), scale, h.size(1)))
+        return out
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
+        return self.mix(self.paths(h))
+
+    def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
+        """The output at position index[i] of each row i, each scale's Mamba run only as far as that needs."""
+        paths = []
+        for scale, mamba in zip(self.scales, self.mambas):
+            if scale == 1:
+                paths.append(mamba.forward_last(h, index))
+                continue
+            window = (index + 1) // scale - 1  # (B,) the last complete window at index; -1 = none yet
+            if h.size(1) < scale:
+                paths.append(h.new_zeros(h.size(0), h.size(2)))
+                continue
+            out = mamba.forward_last(pool_windows(h, scale), window.clamp(min=0))  # (B, d)
+            paths.append(torch.where((window >= 0)[:, None], out, 0.0))
+        return self.mix(paths)
+
+    def mix(self, paths: list[Tensor]) -> Tensor:
+        """sum_s w_s · path_s (the single path itself with one scale)."""
+        if self.scale_logits is None:
+            return paths[0]
+        w = self.scale_weights().to(paths[0].dtype)
+        return sum(w_s * p for w_s, p in zip(w, paths))

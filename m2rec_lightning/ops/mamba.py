@@ -1,0 +1,235 @@
+"""Mamba-1 block with the parameter names, shapes and initialisation of ``mamba_ssm.modules.mamba_simple.Mamba``.
+
+A state dict moves unchanged between this block and mamba_ssm's. The scan runs either in mamba_ssm's CUDA
+kernels (``backend="cuda"``) or in the pure-PyTorch scan of :mod:`m2rec_lightning.ops.selective_scan`.
+"""
+
+import functools
+import logging
+import math
+import os
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_state
+
+log = logging.getLogger("m2rec")
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """At least float32 (half/bfloat16 parameters are upcast; a float64 model stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    log.info(message)
+
+
+@functools.cache
+def _triton_scan() -> tuple[object | None, object | None, str | None]:
+    """(selective_scan_triton, selective_scan_state_triton, why unavailable)."""
+    try:
+        from m2rec_lightning.ops.selective_scan_triton import selective_scan_state_triton, selective_scan_triton
+    except (ImportError, OSError, RuntimeError) as e:
+        return None, None, f"triton is not importable ({e!r}); pip install triton"
+    return selective_scan_triton, selective_scan_state_triton, None
+
+
+@functools.cache
+def _mamba_ssm_kernels() -> tuple[object | None, object | None, str | None]:
+    """(selective_scan_fn, mamba_inner_fn or None, why unavailable). mamba_inner_fn needs causal_conv1d."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    except (ImportError, OSError, RuntimeError) as e:  # a CUDA build mismatch surfaces as OSError/RuntimeError
+        return None, None, f"mamba_ssm is not importable ({e!r}); install the extra: pip install 'm2rec[cuda]'"
+    try:
+        import causal_conv1d  # noqa: F401  (mamba_inner_fn calls its CUDA kernels)
+    except (ImportError, OSError, RuntimeError):
+        return selective_scan_fn, None, None
+    return selective_scan_fn, mamba_inner_fn, None
+
+
+class Mamba(nn.Module):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | Literal["auto"] = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: Literal["random", "constant"] = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
+        layer_idx: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Mamba-1 selective state-space block, (batch, seqlen, d_model) -> (batch, seqlen, d_model), causal.
+
+        Args:
+            d_model: model width D.
+            d_state: SSM state size N per channel.
+            d_conv: width of the causal depthwise convolution.
+            expand: inner width E·D = expand · d_model.
+            dt_rank: rank of the Δ projection; "auto" = ceil(d_model / 16).
+            dt_min: smallest initial Δ (after softplus).
+            dt_max: largest initial Δ (after softplus).
+            dt_init: "random" (uniform ±dt_rank^-0.5·dt_scale) or "constant" initialisation of dt_proj.weight.
+            dt_scale: scale of the dt_proj.weight initialisation.
+            dt_init_floor: lower clamp of the initial Δ.
+            conv_bias: give the depthwise convolution a bias.
+            bias: give in_proj and out_proj a bias.
+            backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
+                conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
+                CUDA tensors, no compiled extension; opt-in until it has been timed on a GPU); "torch" = the
+                pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input is on CUDA, else torch.
+            layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
+            device: device of the parameters.
+            dtype: dtype of the parameters (A_log and D stay float32, as in mamba_ssm).
+        """
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        if backend not in ("auto", "torch", "cuda", "triton"):
+            raise ValueError(f"Mamba: backend must be 'auto', 'torch', 'cuda' or 'triton', got {backend!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.backend = backend
+        self.layer_idx = layer_idx
+
+        self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory_kwargs)
+        # Depthwise; padding d_conv-1 on both sides, the right part is cropped in forward to stay causal.
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory_kwargs)
+        self.act = nn.SiLU()
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory_kwargs)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory_kwargs)
+
+        # Keep Δ's variance at initialisation independent of dt_rank.
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        if dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        # Bias = softplus^-1(Δ0) with Δ0 log-uniform in [dt_min, dt_max], so softplus(bias) starts in that range.
+        dt = torch.exp(
+            torch.rand(self.d_inner, **factory_kwargs) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        ).clamp(min=dt_init_floor)
+        inv_dt = dt + torch.log(-torch.expm1(-dt))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(inv_dt)
+        self.dt_proj.bias._no_reinit = True  # model-level init that zeroes Linear biases must skip this one
+
+        # S4D-real initialisation A = -(1..N) per channel, stored as log, float32 whatever dtype is.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = nn.Parameter(torch.log(A))  # (E·D, N)
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.d_inner, device=device))  # (E·D,)
+        self.D._no_weight_decay = True
+
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
+
+    def _resolve_backend(self, hidden_states: Tensor) -> str:
+        """'torch', 'triton', 'cuda' (mamba_ssm scan, PyTorch conv) or 'cuda-fused' (mamba_inner_fn)."""
+        if self.backend == "torch":
+            _log_once("Mamba backend: torch (requested)")
+            return "torch"
+        if self.backend == "triton":
+            why = _triton_scan()[2]
+            if why:
+                raise ImportError(f"Mamba(backend='triton'): {why}")
+            if not hidden_states.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError(f"Mamba(backend='triton') needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+                                 f"in Triton's interpreter), got input on {hidden_states.device}")
+            _log_once("Mamba backend: triton (requested)")
+            return "triton"
+        scan_fn, inner_fn, why = _mamba_ssm_kernels()
+        if self.backend == "cuda":
+            if scan_fn is None:
+                raise ImportError(f"Mamba(backend='cuda'): {why}")
+            if not hidden_states.is_cuda:
+                raise ValueError(f"Mamba(backend='cuda') needs CUDA tensors, got input on {hidden_states.device}")
+        elif scan_fn is None or not hidden_states.is_cuda:
+            _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device}"
+                      + (f", {why})" if why else ")"))
+            return "torch"
+        if inner_fn is None:
+            _log_once("Mamba backend: cuda (mamba_ssm selective_scan_fn; causal_conv1d missing, so PyTorch conv)")
+            return "cuda"
+        _log_once("Mamba backend: cuda (mamba_ssm mamba_inner_fn with causal_conv1d)")
+        return "cuda-fused"
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        """hidden_states (batch, seqlen, d_model) -> (batch, seqlen, d_model); output t sees inputs 0..t only."""
+        batch, seqlen, _ = hidden_states.shape
+        backend = self._resolve_backend(hidden_states)
+        A = -torch.exp(_fp32(self.A_log))  # (E·D, N)
+
+        if backend == "cuda-fused":
+            inner_fn = _mamba_ssm_kernels()[1]
+            # One matmul gives xz already in the (batch, 2·E·D, seqlen) layout with unit stride in time.
+            xz = (self.in_proj.weight @ hidden_states.reshape(batch * seqlen, -1).t())  # (2·E·D, batch·seqlen)
+            xz = xz.view(-1, batch, seqlen).transpose(0, 1)  # (batch, 2·E·D, seqlen)
+            if self.in_proj.bias is not None:
+                xz = xz + self.in_proj.bias.to(dtype=xz.dtype)[:, None]
+            return inner_fn(
+                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.out_proj.weight, self.out_proj.bias, A, None, None, _fp32(self.D),
+                delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+            )
+
+        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        scan = {"torch": selective_scan, "triton": _triton_scan()[0]}.get(backend) or _mamba_ssm_kernels()[0]
+        y = scan(
+            x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+            _fp32(self.D), z=z.transpose(1, 2), delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+        )  # (batch, E·D, seqlen)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _scan_inputs(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (batch, E·D, seqlen) after the causal conv; z, dt (batch, seqlen, E·D), dt without its bias (the scan adds
+        it); B, C (batch, seqlen, N)."""
+        seqlen = hidden_states.size(1)
+        xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
+        x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
+        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen])  # (batch, E·D, seqlen)
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2N)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
+        """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
+
+        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch and triton backends it
+        runs the recurrence only up to each row's index (selective_scan_state / its Triton kernel) and forms C·h + D·u,
+        the gate and out_proj at the index alone; otherwise it is that expression.
+        """
+        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
+        backend = self._resolve_backend(hidden_states)
+        if torch.is_grad_enabled() or backend not in ("torch", "triton"):
+            return self(hidden_states)[rows, index]
+        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        state_fn = selective_scan_state if backend == "torch" else _triton_scan()[1]
+        h = state_fn(
+            x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+        )  # (batch, E·D, N), float32
+        u = x[rows, :, index]  # (batch, E·D)
+        y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
+        y = y * F.silu(z[rows, index].to(h.dtype))
+        return self.out_proj(y.to(hidden_states.dtype))
