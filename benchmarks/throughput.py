@@ -62,10 +62,10 @@ def encoder_factory(name: str, max_len: int, mamba_backend: str = "auto"):
     if name == "m2rec":
         return functools.partial(M2RecEncoder, hidden_size=64, n_layers=1, d_state=32, d_conv=4, expand=2,
                                  dropout=0.2, scales=[1, 2, 4], fourier=True, semantic=True, gate="softmax",
-                                 text_output=True, residual=True, max_len=max_len, mamba_backend=mamba_backend)
+                                 residual=True, max_len=max_len, mamba_backend=mamba_backend)
     if name == "mamba4rec":
         return functools.partial(M2RecEncoder, hidden_size=64, n_layers=1, d_state=32, d_conv=4, expand=2,
-                                 dropout=0.2, scales=[1], fourier=False, semantic=False, text_output=False,
+                                 dropout=0.2, scales=[1], fourier=False, semantic=False,
                                  residual=False, max_len=max_len, mamba_backend=mamba_backend)
     if name == "sasrec":
         return functools.partial(SASRecEncoder, hidden_size=64, n_layers=2, n_heads=2, inner_size=256, dropout=0.5,

@@ -37,16 +37,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINING_CONFIGS = ROOT / "experiments" / "configs"
-
 import torch
+import yaml
 from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback, Timer, WeightAveraging
 
 from datamodules.base import SequentialDataModule
+from experiments.upgrade import upgrade_config
 from m2rec_lightning.cli import MONITOR, M2RecCLI, make_cli
 from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_CONFIGS = ROOT / "experiments" / "configs"
 
 MODELS = ("popularity", "sasrec", "sasrec_recbole", "mamba4rec", "mamba4rec_residual", "m2rec", "m2rec_no_multiscale",
           "m2rec_no_fourier", "m2rec_no_semantic", "m2rec_sum_gate", "m2rec_no_residual")
@@ -308,7 +310,7 @@ def search_winner_clis(search_json: Path, args: argparse.Namespace, cli_options:
             raise ValueError(f"{checkpoint} is from epoch {epoch}, but the search recorded its best at "
                              f"{point['best_epoch']}: the run folder was reused after the search")
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as config:
-            config.write(point["config"])
+            config.write(yaml.safe_dump(upgrade_config(yaml.safe_load(point["config"]))))
             config.flush()
             cli = build_cli([Path(config.name)], cli_options)
         yield point, checkpoint, cli

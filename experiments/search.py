@@ -7,8 +7,9 @@ with quality_table.py.
         --grid encoder.dropout=0.2,0.35,0.5 --grid weight_decay=0,1e-4 \
         --max-epochs 200 --patience 5 --out experiments/results/beauty/search_beauty_m2rec
 
-A grid key is a CLI key with three short forms: `encoder.X` = model.init_args.encoder.init_args.X, `data.X` =
-data.init_args.X, and a bare `X` = model.init_args.X (lr, weight_decay, ...); `trainer.X` and keys that already say
+A grid key is a CLI key with four short forms: `encoder.X` = model.init_args.encoder.init_args.X, `data.X` =
+data.init_args.X, `seen_score.X` = model.init_args.seen_score.init_args.X, and a bare `X` = model.init_args.X (lr,
+seen_score=m2rec_lightning.SeenItemScore, ...); `trainer.X` and keys that already say
 `init_args` pass unchanged. Values are split at commas outside brackets, so `encoder.scales=[1,2],[1,2,4]` is two
 values. Points already recorded in OUT.json (same setting and seed) are skipped, so a cut-off search resumes;
 `--refit-missing` refits, from the start, the recorded points whose best checkpoint is gone (a new checkout has no
@@ -53,11 +54,13 @@ def cli_key(key: str) -> str:
     """The full CLI key of a grid key (see the module docstring)."""
     if "init_args" in key or key.startswith("trainer."):
         return key
-    for short, full in (("encoder.", "model.init_args.encoder.init_args."), ("data.", "data.init_args.")):
+    for short, full in (("encoder.", "model.init_args.encoder.init_args."), ("data.", "data.init_args."),
+                        ("seen_score.", "model.init_args.seen_score.init_args.")):
         if key.startswith(short):
             return full + key.removeprefix(short)
     if "." in key:
-        raise ValueError(f"grid key {key!r}: use encoder.X, data.X, trainer.X, a bare module option or a full CLI key")
+        raise ValueError(f"grid key {key!r}: use encoder.X, data.X, seen_score.X, trainer.X, a bare module option or "
+                         "a full CLI key")
     return "model.init_args." + key
 
 

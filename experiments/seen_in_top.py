@@ -1,11 +1,11 @@
 """How much of an encoder's top 10 its own input fills: the input's items among the top-10 test recommendations of
-search winners' checkpoints, ranked by the encoder's scores alone and with the learned seen-item score (`seen_bias`)
+search winners' checkpoints, ranked by the encoder's scores alone and with the learned seen-item score (`seen_score`)
 added, as the model ranks by default.
 
 Neither Beauty nor ML-1M has a user with an item twice, so every input item in a top 10 is a slot lost. An encoder
 with tied item embeddings whose output keeps the last input item's embedding (a residual path) scores that item high
 by construction; the learned score can only help as much as the encoder wastes slots this way. With
-`seen_bias_detach` the encoder's loss is the one without the score, so "encoder alone" is the encoder such a model
+a detached score (`seen_score.detach`) the encoder's loss is the one without the score, so "encoder alone" is the encoder such a model
 trains.
 
     python -m experiments.seen_in_top --dataset beauty --min-seeds 1 --from-search \\
@@ -27,7 +27,7 @@ import torch
 
 from experiments import exclude_seen, quality_table
 from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank
-from m2rec_lightning.module import seen_items
+from m2rec_lightning.seen_score import seen_items
 
 K = 10
 COLUMNS = ("NDCG@10", "HR@10", "input items in top 10", "last input item in top 10")
@@ -37,8 +37,9 @@ COLUMNS = ("NDCG@10", "HR@10", "input items in top 10", "last input item in top 
 def top_k_stats(model, loader) -> dict[str, dict[str, float]]:
     """Test metrics and top-K contents, ranked by the encoder's scores alone ("encoder") and, when the model has a
     seen score, with it added ("with score")."""
-    bias = 0.0 if model.seen_bias is None else float(model.seen_bias)
-    ways = ["encoder"] + ([] if model.seen_bias is None else ["with score"])
+    score = getattr(model, "seen_score", None)
+    bias = 0.0 if score is None else float(score.weight)
+    ways = ["encoder"] + ([] if score is None else ["with score"])
     metrics = {way: RankingMetrics((K,)) for way in ways}
     counts = {way: torch.zeros(2, dtype=torch.float64) for way in ways}  # input items in top K, last item in top K
     users = 0
@@ -60,17 +61,17 @@ def top_k_stats(model, loader) -> dict[str, dict[str, float]]:
         out[way] = {"NDCG@10": float(values["NDCG@10"]), "HR@10": float(values["HR@10"]),
                     "input items in top 10": float(counts[way][0] / users),
                     "last input item in top 10": float(counts[way][1] / users)}
-    return {"seen_bias": bias if model.seen_bias is not None else None, **out}
+    return {"seen_bias": bias if score is not None else None, **out}
 
 
 def measure(search_json: Path, args: argparse.Namespace) -> list[dict]:
     rows = []
     for point, checkpoint, cli in quality_table.search_winner_clis(search_json, args, ["--trainer.logger=false"]):
         model, dm = cli.model, cli.datamodule
-        if model.hparams.seen_scope != "input":
+        if model.seen_score is not None and model.seen_score.scope != "input":
             raise ValueError(f"{search_json}: {quality_table.label(point)} scores the user's whole history as seen "
-                             f"(seen_scope: {model.hparams.seen_scope}); this diagnostic counts the input window's "
-                             "items only")
+                             f"(seen_score scope: {model.seen_score.scope}); this diagnostic counts the input "
+                             "window's items only")
         model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
         model.eval()
         dm.prepare_data()

@@ -4,4 +4,6 @@ from .models.m2rec import M2RecEncoder
 from .models.sasrec import SASRecEncoder
 from .module import SequentialRecommender
 from .ops.mamba import Mamba
+from .seen_score import SeenItemScore
 
+__all__ = ["M2RecEncoder", "Mamba", "RankingMetrics", "SASRecEncoder", "SeenItemScore", "SequentialRecommender"]

@@ -148,14 +148,6 @@ def test_softmax_gate_is_a_convex_combination(n):
     torch.testing.assert_close(gate(s), sum(alpha[:, :, i] * s[i] for i in range(n)), atol=1e-12, rtol=0)
 
 
-def test_sigmoid_gate_is_per_channel():
-    gate = StreamGate(D, 3, "sigmoid").double()
-    s = streams(3)
-    g = gate.weights(s)
-    assert g.shape == (2, L, 3, D) and ((g > 0) & (g < 1)).all()
-    torch.testing.assert_close(gate(s), g[:, :, 0] * s[0] + g[:, :, 1] * s[1] + g[:, :, 2] * s[2], atol=1e-12, rtol=0)
-
-
 def test_sum_gate_is_exactly_the_sum():
     gate = StreamGate(D, 3, "sum")
     s = streams(3)
@@ -183,7 +175,7 @@ def test_m2rec_shapes_and_text_buffer():
 
 
 def test_gradient_reaches_every_parameter():
-    enc = m2rec(n_layers=2, dropout=0.1, gate="sigmoid")
+    enc = m2rec(n_layers=2, dropout=0.1)
     enc.set_text_table(text_table())
     ids = right_padded([L, 7, 3])
     loss = (enc(ids) @ enc.item_embeddings().T).logsumexp(-1).mean()
@@ -193,12 +185,12 @@ def test_gradient_reaches_every_parameter():
     assert enc.text_table.grad is None and not enc.text_table.requires_grad
 
 
-def test_text_output_adds_projected_text():
+def test_item_table_adds_projected_text():
     enc = m2rec().eval()
     enc.set_text_table(text_table())
     expected = enc.item_embedding.weight + enc.semantic(text_table())
     torch.testing.assert_close(enc.item_embeddings(), expected)
-    plain = m2rec(text_output=False)
+    plain = m2rec(semantic=False)
     assert plain.item_embeddings() is plain.item_embedding.weight
 
 
@@ -326,60 +318,6 @@ def test_train_mode_uses_dropout():
     assert torch.equal(enc(ids), enc(ids))
 
 
-def seeded_keep(seed: int, shape: tuple[int, int], p: float) -> Tensor:
-    """The item-dropout mask an encoder in training draws first after torch.manual_seed(seed)."""
-    torch.manual_seed(seed)
-    return F.dropout(torch.ones(*shape, 1, dtype=torch.float64), p)
-
-
-def test_item_dropout_hides_whole_items():
-    enc = m2rec(text_dim=0, dropout=0.0, item_dropout=0.3).double().train()
-    ids = right_padded([L, L, 9, 7])
-    keep = seeded_keep(5, ids.shape, 0.3)
-    dropped = (keep[..., 0] == 0) & (ids > 0)
-    assert dropped.any() and (~dropped & (ids > 0)).any()
-    with torch.no_grad():
-        enc.item_embedding.weight[0] = 0  # the RecBole init leaves it random; zeroed, it is what a hidden item reads
-        # a hidden item becomes this bias; at its init of 0 a block's input there is FFT round-off, which the
-        # LayerNorm (eps 1e-12) blows up
-        enc.norm.bias.normal_()
-    torch.manual_seed(5)
-    out = enc(ids)
-    enc.item_dropout = 0.0
-    # scaling the kept items by 1 / (1 - p) changes nothing under the LayerNorm that follows but its eps (~1e-9 here)
-    torch.testing.assert_close(out, enc(ids.masked_fill(keep[..., 0] == 0, 0)), rtol=1e-6, atol=1e-7)
-    assert not torch.allclose(out, enc(ids))
-    enc.item_dropout = 0.3
-    torch.manual_seed(5)
-    last = enc.forward_last(ids)
-    torch.testing.assert_close(last, out[torch.arange(ids.size(0)), (ids > 0).sum(1) - 1], rtol=1e-9, atol=1e-10)
-    eval_out = enc.eval()(ids)
-    enc.item_dropout = 0.0
-    assert torch.equal(eval_out, enc(ids))  # evaluation sees every item
-    with pytest.raises(ValueError, match="item_dropout"):
-        m2rec(item_dropout=1.0)
-
-
-def test_item_dropout_hides_the_text_of_hidden_items():
-    enc = m2rec(dropout=0.0, item_dropout=0.4, gate="sum").double().train()
-    table = text_table().double()
-    ids = torch.randperm(N_ITEMS, generator=torch.Generator().manual_seed(3))[: 2 * L].view(2, L) + 1  # distinct
-    keep = seeded_keep(7, ids.shape, 0.4)[..., 0]
-    hidden_item, kept_item = ids[keep == 0][0], ids[keep > 0][0]
-
-    def run(changed_item: Tensor | None) -> Tensor:
-        t = table.clone()
-        if changed_item is not None:
-            t[changed_item] += 1.0
-        enc.set_text_table(t)
-        torch.manual_seed(7)
-        return enc(ids)
-
-    base = run(None)
-    torch.testing.assert_close(run(hidden_item), base, rtol=0, atol=0)
-    assert not torch.allclose(run(kept_item), base)
-
-
 # ---- SASRec --------------------------------------------------------------------------------------------------------
 def sasrec(**overrides) -> SASRecEncoder:
     torch.manual_seed(0)
@@ -459,8 +397,7 @@ def assert_last_matches_forward(enc: SequenceEncoder, ids: Tensor) -> None:
 @pytest.mark.parametrize("options", [
     {},
     {"n_layers": 2},
-    {"gate": "sigmoid", "scales": [3, 5]},
-    {"gate": "sum", "text_output": False},
+    {"gate": "sum", "scales": [3, 5]},
     {"fourier": False, "text_dim": 0},
     {"scales": [1], "fourier": False, "text_dim": 0, "residual": False},  # Mamba4Rec
     {"residual": "gated", "n_layers": 2},

@@ -11,6 +11,7 @@ from datamodules.splits import EvalSequences, TrainSequences, collate
 from m2rec_lightning.models.m2rec import M2RecEncoder
 from m2rec_lightning.models.sasrec import SASRecEncoder
 from m2rec_lightning.module import SequentialRecommender
+from m2rec_lightning.seen_score import SeenItemScore
 
 N_ITEMS, MAX_LEN = 60, 12
 
@@ -114,66 +115,14 @@ def test_label_smoothing_matches_a_float64_reference():
         make_module(label_smoothing=1.0)
 
 
-def test_cosine_scores_match_a_float64_reference_in_loss_and_ranking():
-    torch.manual_seed(0)
-    tau = 0.07
-    encoder = partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN)
-    module = make_module(encoder=encoder, score_temperature=tau, label_smoothing=0.1)
-    module.eval()
-    ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
-    targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
-    hidden = module.encoder(ids)  # (2, 5, d)
-    table = module.encoder.item_embeddings().double()  # (N+1, d)
-
-    def cosine(h):  # (M, d) -> (M, N+1)
-        return (h.double() @ table.T) / h.double().norm(dim=-1, keepdim=True) / table.norm(dim=-1) / tau
-
-    logp = cosine(hidden[targets > 0])[:, 1:].log_softmax(-1)  # (M, N)
-    target_logp = logp.gather(1, (targets[targets > 0] - 1)[:, None]).squeeze(1)
-    expected = -(0.9 * target_logp + 0.1 * logp.mean(1)).mean()
-    torch.testing.assert_close(module.loss(hidden, targets).double(), expected, rtol=1e-5, atol=1e-6)
-    last = hidden[torch.arange(2), torch.tensor([2, 1])]  # (2, d)
-    torch.testing.assert_close(module(ids).double(), cosine(last), rtol=1e-5, atol=1e-5)
-    # item norms no longer count: a 10x longer output embedding leaves every score where it was
-    before = module(ids)
-    with torch.no_grad():
-        module.encoder.item_embedding.weight[9] *= 10
-    torch.testing.assert_close(module(ids), before)
-    with pytest.raises(ValueError, match="score_temperature"):
-        make_module(score_temperature=0.0)
-
-
-def test_item_bias_adds_a_learned_score_per_item_in_loss_and_ranking():
-    torch.manual_seed(0)
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), item_bias=True,
-                         weight_decay=0.1, optimizer="adamw")
-    module.eval()
-    with torch.no_grad():
-        module.item_bias.normal_()
-    ids = torch.tensor([[3, 4, 5, 0, 0], [7, 8, 0, 0, 0]])
-    targets = torch.tensor([[4, 5, 6, 0, 0], [8, 9, 0, 0, 0]])
-    hidden = module.encoder(ids)  # (2, 5, d)
-    table = module.encoder.item_embeddings().double()  # (N+1, d)
-    bias = module.item_bias.double()  # (N+1,)
-    logp = (hidden[targets > 0].double() @ table[1:].T + bias[1:]).log_softmax(-1)  # (M, N)
-    expected = -logp.gather(1, (targets[targets > 0] - 1)[:, None]).mean()
-    torch.testing.assert_close(module.loss(hidden, targets).double(), expected, rtol=1e-5, atol=1e-6)
-    last = hidden[torch.arange(2), torch.tensor([2, 1])].double()  # (2, d)
-    torch.testing.assert_close(module(ids).double(), last @ table.T + bias, rtol=1e-5, atol=1e-5)
-    module.loss(hidden, targets).backward()
-    assert module.item_bias.grad[1:].abs().sum() > 0 and module.item_bias.grad[0] == 0  # padding is never a target
-    decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
-    assert id(module.item_bias) not in decayed
-
-
 @pytest.mark.parametrize("scope", ["input", "history"])
-def test_seen_bias_scores_the_items_seen_before_each_position_like_a_float64_loop(scope):
+def test_seen_score_scores_the_items_seen_before_each_position_like_a_float64_loop(scope):
     torch.manual_seed(0)
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_bias=True,
-                         seen_scope=scope, weight_decay=0.1)
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=16, n_heads=2, max_len=MAX_LEN), seen_score=SeenItemScore(scope),
+                         weight_decay=0.1)
     module.eval()
     with torch.no_grad():
-        module.seen_bias.fill_(-1.5)
+        module.seen_score.weight.fill_(-1.5)
     ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])  # repeats, padding, a one-item row
     targets = torch.tensor([[4, 3, 5, 4, 0], [8, 7, 7, 9, 7], [3, 0, 0, 0, 0]])
     history = torch.tensor([[11, 12, 4], [0, 0, 0], [20, 0, 0]])  # items older than the input; 4 is also an input
@@ -203,9 +152,9 @@ def test_seen_bias_scores_the_items_seen_before_each_position_like_a_float64_loo
     torch.testing.assert_close(got[:, 1:].double(), torch.stack(expected), rtol=1e-5, atol=1e-5)
     # a repeated target (item 7 after 7) pulls the learned score up, first-time targets push it down
     module.loss(hidden, targets, ids, history).backward()
-    assert module.seen_bias.grad is not None and module.seen_bias.grad != 0
+    assert module.seen_score.weight.grad is not None and module.seen_score.weight.grad != 0
     decayed = {id(p) for p in module.configure_optimizers().param_groups[0]["params"]}
-    assert id(module.seen_bias) not in decayed
+    assert id(module.seen_score.weight) not in decayed
     with pytest.raises(ValueError, match="input_ids"):
         module.loss(hidden, targets)
     if scope == "input":
@@ -217,14 +166,14 @@ def test_seen_bias_scores_the_items_seen_before_each_position_like_a_float64_loo
             module(ids)
 
 
-def test_seen_scope_is_checked():
-    with pytest.raises(ValueError, match="only applies with seen_bias"):
-        make_module(seen_scope="history")
+def test_seen_score_options_are_checked():
     with pytest.raises(ValueError, match="'input' or 'history'"):
-        make_module(seen_bias=True, seen_scope="all")
+        SeenItemScore(scope="all")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        SeenItemScore(lr=0.0)
 
 
-def test_seen_bias_detach_trains_the_encoder_as_without_the_score_and_the_score_on_detached_scores():
+def test_seen_score_detach_trains_the_encoder_as_without_the_score_and_the_score_on_detached_scores():
     # the encoder's gradients must be those of the plain label-smoothed loss (seen items kept as negatives), and the
     # score's gradient that of an unsmoothed cross-entropy over the detached scores plus the score (float64 loop)
     ids = torch.tensor([[3, 4, 3, 5, 0], [7, 8, 7, 7, 9], [2, 0, 0, 0, 0]])
@@ -233,10 +182,10 @@ def test_seen_bias_detach_trains_the_encoder_as_without_the_score_and_the_score_
                   label_smoothing=0.2)
     torch.manual_seed(0)
     plain = make_module(**kwargs)
-    detached = make_module(**kwargs, seen_bias=True, seen_bias_detach=True)
+    detached = make_module(**kwargs, seen_score=SeenItemScore(detach=True))
     detached.load_state_dict(plain.state_dict(), strict=False)
     with torch.no_grad():
-        detached.seen_bias.fill_(-1.5)
+        detached.seen_score.weight.fill_(-1.5)
     plain.eval(), detached.eval()  # no dropout: both losses see the same hidden states
     plain.loss(plain.encoder(ids), targets).backward()
     hidden = detached.encoder(ids)  # (3, 5, d)
@@ -255,13 +204,11 @@ def test_seen_bias_detach_trains_the_encoder_as_without_the_score_and_the_score_
             seen[list(set(ids[b, : t + 1].tolist()) - {0})] = 1.0
             terms.append(-(scores + bias * seen)[1:].log_softmax(-1)[targets[b, t] - 1])
     torch.stack(terms).mean().backward()
-    torch.testing.assert_close(detached.seen_bias.grad.double(), bias.grad, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="seen_bias_detach"):
-        make_module(seen_bias_detach=True)
+    torch.testing.assert_close(detached.seen_score.weight.grad.double(), bias.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("scope", ["input", "history"])
-def test_seen_bias_learns_to_skip_what_the_user_already_has(scope):
+def test_seen_score_learns_to_skip_what_the_user_already_has(scope):
     # every sequence is a random order of distinct items, so the next item is uniform over the unseen ones and the
     # seen-item score is the only thing to learn: it must go clearly negative. Histories are three windows long and
     # the batches come from the datamodules' own datasets, so "history" trains on `history` and validates on `seen`.
@@ -273,13 +220,13 @@ def test_seen_bias_learns_to_skip_what_the_user_already_has(scope):
     train = DataLoader(TrainSequences(flat, offsets, MAX_LEN, window="all"), batch_size=64, shuffle=True,
                        collate_fn=collate)
     val = DataLoader(EvalSequences(flat, offsets, MAX_LEN, "val"), batch_size=64, collate_fn=collate)
-    module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN), seen_bias=True,
-                         seen_scope=scope, lr=5e-2)
+    module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN), seen_score=SeenItemScore(scope),
+                         lr=5e-2)
     trainer(max_epochs=5).fit(module, train_dataloaders=train, val_dataloaders=val)
-    assert module.seen_bias.item() < -1.0
+    assert module.seen_score.weight.item() < -1.0
 
 
-def test_seen_bias_lr_lets_the_seen_score_move_faster_than_the_rest():
+def test_seen_score_lr_lets_the_score_move_faster_than_the_rest():
     # the same distinct-item sequences as above at a small lr: Adam moves the scalar by about lr per step, so it stays
     # near zero unless it has its own, larger rate (cosine-scheduled like every other group)
     gen = torch.Generator().manual_seed(1)
@@ -287,30 +234,26 @@ def test_seen_bias_lr_lets_the_seen_score_move_faster_than_the_rest():
     flat = torch.cat(seqs).numpy()
     offsets = np.arange(len(seqs) + 1) * 3 * MAX_LEN
     learned = {}
-    for seen_bias_lr in (None, 0.2):
+    for score_lr in (None, 0.2):
         torch.manual_seed(0)
         train = DataLoader(TrainSequences(flat, offsets, MAX_LEN, window="all"), batch_size=64, shuffle=True,
                            collate_fn=collate)
         module = make_module(encoder=partial(SASRecEncoder, hidden_size=8, n_heads=1, max_len=MAX_LEN),
-                             seen_bias=True, seen_bias_lr=seen_bias_lr, lr=1e-3, scheduler="cosine",
+                             seen_score=SeenItemScore(lr=score_lr), lr=1e-3, scheduler="cosine",
                              weight_decay=0.1, optimizer="adamw")
         fit = trainer(max_epochs=3)
         fit.fit(module, train_dataloaders=train)
-        learned[seen_bias_lr] = module.seen_bias.item()
+        learned[score_lr] = module.seen_score.weight.item()
         groups = fit.optimizers[0].param_groups
-        assert sum(any(p is module.seen_bias for p in g["params"]) for g in groups) == 1
-        own = [g for g in groups if any(p is module.seen_bias for p in g["params"])][0]
+        assert sum(any(p is module.seen_score.weight for p in g["params"]) for g in groups) == 1
+        own = [g for g in groups if any(p is module.seen_score.weight for p in g["params"])][0]
         assert own["weight_decay"] == 0.0
-        if seen_bias_lr is not None:
-            assert own["params"] == [module.seen_bias] and own["initial_lr"] == seen_bias_lr
-            assert own["lr"] < seen_bias_lr  # the cosine decays it too
+        if score_lr is not None:
+            assert own["params"] == [module.seen_score.weight] and own["initial_lr"] == score_lr
+            assert own["lr"] < score_lr  # the cosine decays it too
     steps = 3 * len(train)
     assert -steps * 1e-3 * 1.5 < learned[None] < 0
     assert learned[0.2] < -1.0
-    with pytest.raises(ValueError, match="seen_bias_lr"):
-        make_module(seen_bias_lr=0.1)
-    with pytest.raises(ValueError, match="seen_bias_lr"):
-        make_module(seen_bias=True, seen_bias_lr=0.0)
 
 
 def test_nan_loss_stops_with_the_step():
@@ -401,60 +344,3 @@ def test_length_groups_give_the_same_loss_gradients_and_scores(name):
 def test_length_groups_must_be_positive():
     with pytest.raises(ValueError, match="length_groups must be >= 1"):
         make_module(length_groups=0)
-
-
-def test_contrastive_loss_matches_a_float64_reference():
-    torch.manual_seed(0)
-    module = make_module(contrastive_weight=0.1, contrastive_temperature=0.7)
-    a, b = torch.randn(5, 8), torch.randn(5, 8)
-    a64, b64 = a.double(), b.double()
-    terms = []
-    for x, y in ((a64, b64), (b64, a64)):  # each view must pick its partner out of the other view
-        for i in range(5):
-            sims = torch.stack([x[i] @ y[j] for j in range(5)]) / 0.7
-            terms.append(torch.logsumexp(sims, 0) - sims[i])
-    expected = torch.stack(terms).mean()
-    torch.testing.assert_close(module.contrastive_loss(a, b).double(), expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_contrastive_views_are_last_states_under_independent_dropout(dropout, monkeypatch):
-    torch.manual_seed(0)
-    encoder = partial(M2RecEncoder, hidden_size=16, d_state=4, dropout=dropout, max_len=MAX_LEN, scales=[1, 2],
-                      mamba_backend="torch")
-    module = make_module(encoder=encoder, contrastive_weight=0.25)
-    module.train()
-    batch = next(iter(train_batches(synthetic_sequences(16, seed=5))))
-    seen = {}
-
-    def capture(a, b):
-        seen["a"], seen["b"] = a, b
-        return SequentialRecommender.contrastive_loss(module, a, b)
-
-    monkeypatch.setattr(module, "contrastive_loss", capture)
-    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)
-    loss = module.training_step(batch, 0)
-    if dropout > 0:  # a second forward pass draws fresh dropout masks
-        assert not torch.allclose(seen["a"], seen["b"])
-        return
-    # deterministic: both views are the state at each row's last real item, and the loss adds the weighted term
-    torch.testing.assert_close(seen["a"], seen["b"], rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        ce = module.loss(module.encode(batch["input_ids"]), batch["target_ids"])
-        expected = ce + 0.25 * SequentialRecommender.contrastive_loss(module, seen["a"], seen["b"])
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
-
-
-def test_contrastive_regulariser_trains_and_logs():
-    L.seed_everything(0)
-    module = make_module(contrastive_weight=0.1)
-    t = trainer(max_epochs=1)
-    t.fit(module, train_dataloaders=train_batches(synthetic_sequences(128, seed=6)))
-    assert torch.isfinite(t.callback_metrics["train/contrastive"])
-
-
-def test_contrastive_options_are_checked():
-    with pytest.raises(ValueError, match="contrastive_weight"):
-        make_module(contrastive_weight=-0.1)
-    with pytest.raises(ValueError, match="contrastive_temperature"):
-        make_module(contrastive_temperature=0.0)

@@ -27,7 +27,7 @@ def tiny(tmp_path: Path, **kwargs) -> SequenceFile:
 
 def module(num_items: int, **kwargs) -> SequentialRecommender:
     encoder = partial(M2RecEncoder, hidden_size=16, d_state=4, max_len=10, scales=[1, 2], semantic=False,
-                      text_output=False, mamba_backend="torch")
+                      mamba_backend="torch")
     return SequentialRecommender(encoder=encoder, num_items=num_items, **kwargs)
 
 

@@ -62,7 +62,6 @@ def tiny_model_args(semantic: bool = False) -> list[str]:
         "--model.encoder.init_args.max_len", "10", "--model.encoder.init_args.scales", "[1, 2]",
         "--model.encoder.init_args.mamba_backend", "torch",
         "--model.encoder.init_args.semantic", str(semantic).lower(),
-        "--model.encoder.init_args.text_output", str(semantic).lower(),
     ]
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from m2rec_lightning.seen_score import SeenItemScore
+
 
 class CopyingModel(nn.Module):
     """Scores item i at i / 100, plus 1 for the sequence's last item (what a residual path with tied embeddings does),
@@ -16,16 +18,19 @@ class CopyingModel(nn.Module):
     def __init__(self, num_items: int, seen_bias: float | None) -> None:
         super().__init__()
         self.num_items = num_items
-        self.seen_bias = None if seen_bias is None else nn.Parameter(torch.tensor(seen_bias))
+        self.seen_score = None
+        if seen_bias is not None:
+            self.seen_score = SeenItemScore()
+            self.seen_score.weight.data.fill_(seen_bias)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         scores = (torch.arange(self.num_items + 1) / 100).expand(len(input_ids), -1).clone()
         last = input_ids.gather(1, ((input_ids > 0).sum(1) - 1)[:, None])
         scores.scatter_add_(1, last, torch.ones_like(last, dtype=scores.dtype))
-        if self.seen_bias is None:
+        if self.seen_score is None:
             return scores
         seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, input_ids, True)
-        return scores + self.seen_bias * seen
+        return scores + self.seen_score.weight * seen
 
 
 def test_top_k_stats_counts_input_items_and_ranks_with_and_without_the_score():
@@ -59,8 +64,9 @@ def test_with_score_ranking_is_the_trainers_test(tmp_path, synthetic_sequence_fi
     search, seen_in_top = import_module("experiments.search"), import_module("experiments.seen_in_top")
     config, _ = synthetic_sequence_file
     out = tmp_path / "search"
-    search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--grid", "seen_bias=true",
-                 "--grid", "seen_bias_lr=0.5", "--grid", "seen_bias_detach=true", "--seeds", "42", "--max-epochs",
+    search.main(["--dataset", "beauty", "--model", "sasrec", "--grid", "lr=0.01", "--grid",
+                 "seen_score=m2rec_lightning.SeenItemScore", "--grid", "seen_score.lr=0.5", "--grid",
+                 "seen_score.detach=true", "--seeds", "42", "--max-epochs",
                  "2", "--patience", "2", "--accelerator", "cpu", "--extra-config", str(config), "--out", str(out),
                  "--work-dir", str(tmp_path / "runs")])
     table = tmp_path / "results" / "seen_in_top"
@@ -73,4 +79,4 @@ def test_with_score_ranking_is_the_trainers_test(tmp_path, synthetic_sequence_fi
     for metric in ("NDCG@10", "HR@10"):
         assert row["with score"][metric] == pytest.approx(run["test"][metric], abs=1e-6)
     assert row["with score"]["input items in top 10"] <= row["encoder"]["input items in top 10"]
-    assert "| sasrec [lr=0.01, seen_bias=true" in table.with_suffix(".md").read_text()
+    assert "| sasrec [lr=0.01, seen_score=m2rec_lightning.SeenItemScore" in table.with_suffix(".md").read_text()

@@ -26,10 +26,9 @@ class CausalFourierFilter(nn.Module):
     Args:
         hidden_size: number of channels d.
         max_len: the longest sequence the filter accepts; the kernel has this many taps.
-        dropout: dropout on the filter output.
     """
 
-    def __init__(self, hidden_size: int, max_len: int, dropout: float = 0.0) -> None:
+    def __init__(self, hidden_size: int, max_len: int) -> None:
         super().__init__()
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -37,7 +36,6 @@ class CausalFourierFilter(nn.Module):
         self.max_len = max_len
         # (max_len + 1, d, 2): real and imaginary part of the response; FMLP-Rec's N(0, 0.02) init
         self.weight = nn.Parameter(torch.randn(max_len + 1, hidden_size, 2) * 0.02)
-        self.dropout = nn.Dropout(dropout)
 
     def kernel(self, length: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """The causal time-domain kernel (length, d), taps 0..length-1 (default all max_len taps)."""
@@ -63,7 +61,7 @@ class CausalFourierFilter(nn.Module):
             source = index[:, None] - torch.arange(length, device=h.device)  # (B, L): position t - j of tap j
             taps = h.to(compute).gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, h.size(2)))  # (B, L, d)
             y = (taps * k * (source >= 0)[:, :, None]).sum(dim=1)  # (B, d)
-        return self.dropout(y.to(h.dtype))
+        return y.to(h.dtype)
 
     def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
         length = h.size(1)
@@ -76,4 +74,4 @@ class CausalFourierFilter(nn.Module):
             n = 2 * length  # >= 2L - 1: the circular wrap-around of the zero-padded FFT never reaches [0, L)
             y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(k, n=n, dim=0), n=n, dim=1)
             y = y[:, :length]  # (B, L, d)
-        return self.dropout(y.to(h.dtype))
+        return y.to(h.dtype)

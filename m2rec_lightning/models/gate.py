@@ -12,42 +12,32 @@ class StreamGate(nn.Module):
 
     - "softmax": alpha = softmax(W [s_1; ...; s_n] + b) over the streams, one scalar weight per stream and position;
       the output is sum_i alpha_i · s_i (a convex combination).
-    - "sigmoid": g = sigmoid(W [s_1; ...; s_n] + b), one gate per stream, position and channel; sum_i g_i ⊙ s_i.
     - "sum": sum_i s_i, no parameters (the ablation without a learned gate).
 
     Args:
         hidden_size: width d of every stream.
         n_streams: number of streams n (>= 2).
-        mode: "softmax", "sigmoid" or "sum".
+        mode: "softmax" or "sum".
     """
 
-    def __init__(self, hidden_size: int, n_streams: int, mode: Literal["softmax", "sigmoid", "sum"] = "softmax") -> None:
+    def __init__(self, hidden_size: int, n_streams: int, mode: Literal["softmax", "sum"] = "softmax") -> None:
         super().__init__()
         if n_streams < 2:
             raise ValueError(f"a gate needs at least 2 streams, got {n_streams}")
-        if mode not in ("softmax", "sigmoid", "sum"):
-            raise ValueError(f"gate mode must be 'softmax', 'sigmoid' or 'sum', got {mode!r}")
+        if mode not in ("softmax", "sum"):
+            raise ValueError(f"gate mode must be 'softmax' or 'sum', got {mode!r}")
         self.hidden_size = hidden_size
         self.n_streams = n_streams
         self.mode = mode
-        if mode == "softmax":
-            self.proj = nn.Linear(n_streams * hidden_size, n_streams)
-        elif mode == "sigmoid":
-            self.proj = nn.Linear(n_streams * hidden_size, n_streams * hidden_size)
-        else:
-            self.proj = None
+        self.proj = nn.Linear(n_streams * hidden_size, n_streams) if mode == "softmax" else None
 
     def weights(self, streams: list[Tensor]) -> Tensor:
-        """Gate values for streams (..., d): (..., n, 1) for "softmax", (..., n, d) for "sigmoid", ones (n, 1) for
-        "sum"."""
+        """Gate values for streams (..., d): (..., n, 1) for "softmax", ones (n, 1) for "sum"."""
         if len(streams) != self.n_streams:
             raise ValueError(f"StreamGate built for {self.n_streams} streams got {len(streams)}")
         if self.proj is None:
             return streams[0].new_ones(self.n_streams, 1)
-        logits = self.proj(torch.cat(streams, dim=-1))  # (..., n) or (..., n·d)
-        if self.mode == "softmax":
-            return logits.softmax(dim=-1).unsqueeze(-1)
-        return torch.sigmoid(logits).unflatten(-1, (self.n_streams, self.hidden_size))
+        return self.proj(torch.cat(streams, dim=-1)).softmax(dim=-1).unsqueeze(-1)  # (..., n, 1)
 
     def forward(self, streams: list[Tensor]) -> Tensor:  # n × (..., d) -> (..., d), e.g. (B, L, d) or (B, d)
         if self.proj is None:

@@ -1,14 +1,13 @@
 """The M2Rec encoder: multi-scale Mamba, causal Fourier filter and LLM item text, fused per position by a gate.
 
-    e = LayerNorm(Dropout(k ⊙ E_id[x]))                      x: (B, L) right-padded ids, 0 = padding
-    S = k ⊙ SemanticProjection(E_text[x])                    E_text: frozen (N+1, text_dim) buffer, row 0 zeros
-                                                             k: (B, L, 1) whole-item dropout mask (training only)
+    e = LayerNorm(Dropout(E_id[x]))                          x: (B, L) right-padded ids, 0 = padding
+    S = SemanticProjection(E_text[x])                        E_text: frozen (N+1, text_dim) buffer, row 0 zeros
     h = e; per block:
         T = sum_s w_s · Up_s(Mamba_s(Pool_s(h)))             multiscale.py
         F = CausalFourierFilter(h)                           fourier.py
         h = LayerNorm(h + Dropout(gate([T, F, S])))          gate.py (residual="gated": see M2RecBlock)
         h = LayerNorm(h + Dropout(FFN(h)))                   d -> 4d -> d, GELU
-    item table = E_id (+ SemanticProjection(E_text) with text_output)
+    item table = E_id (+ SemanticProjection(E_text) with text)
 
 Every part can be switched off. scales=[1], fourier=False, semantic=False, residual=False (n_layers=1) is the released
 Mamba4Rec: LayerNorm(Dropout(emb)) -> Mamba -> LayerNorm(Dropout(.)) -> FFN with residual + LayerNorm, with no gate
@@ -19,7 +18,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
@@ -42,7 +40,7 @@ class M2RecBlock(nn.Module):
         dropout: dropout on the mixer output and inside the FFN.
         fourier: add the causal Fourier filter stream.
         semantic: a semantic stream S is passed to `forward`.
-        gate: how the streams are fused ("softmax", "sigmoid" or "sum"); unused with a single stream.
+        gate: how the streams are fused ("softmax" or "sum"); unused with a single stream.
         residual: residual connection around the mixer. "gated" mixes skip and mixer per position and channel,
             LN(g ⊙ h + (1 - g) ⊙ m) with g = sigmoid(W [h; m] + b) and m = Dropout(mix), so each position can lean on
             its own item (the residual) or on the history (the residual-free block); W ≈ 0, b = 0 at init make it
@@ -61,7 +59,7 @@ class M2RecBlock(nn.Module):
         dropout: float,
         fourier: bool,
         semantic: bool,
-        gate: Literal["softmax", "sigmoid", "sum"],
+        gate: Literal["softmax", "sum"],
         residual: bool | Literal["gated"],
         max_len: int,
         mamba_backend: Literal["auto", "torch", "cuda", "triton"],
@@ -76,8 +74,8 @@ class M2RecBlock(nn.Module):
         if residual not in (True, False, "gated"):
             raise ValueError(f"residual must be true, false or 'gated', got {residual!r}")
         self.residual = residual
-        # input-dependent: under the LayerNorm that follows, a learned per-channel scale on the skip mostly duplicates
-        # the mixer's output scale (on Beauty it stayed within 0.8-1.1 of its start and changed nothing)
+        # input-dependent: under the LayerNorm that follows, a learned per-channel scale on the skip would mostly
+        # duplicate the mixer's output scale
         self.skip_gate = nn.Linear(2 * hidden_size, hidden_size) if residual == "gated" else None
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
@@ -140,25 +138,19 @@ class M2RecEncoder(SequenceEncoder):
         dropout: dropout on embeddings, mixer output, FFN and text projection.
         scales: time scales of the multi-scale Mamba (window lengths); [1] = plain Mamba.
         fourier: add the causal Fourier filter stream.
-        semantic: add the item-text stream. None (default) = on exactly when there is text (text_dim > 0); True
-            demands text and raises without it, so a config that names the semantic branch never silently trains
-            without one; False = off.
-        gate: fusion of the streams: "softmax" (one weight per stream and position, summing to 1), "sigmoid"
-            (per-channel gates) or "sum" (plain sum, the ablation).
-        text_output: score items with E_id + projected text (helps items with few interactions); needs text.
+        semantic: add the item-text stream, on the input side and in the output item table (E_id + projected
+            text, so items with few interactions still get meaningful scores). None (default) = on exactly when there
+            is text (text_dim > 0); True demands text and raises without it, so a config that names the semantic
+            branch never silently trains without one; False = off.
+        gate: fusion of the streams: "softmax" (one weight per stream and position, summing to 1) or "sum" (plain
+            sum, the ablation without a learned gate).
         residual: residual connection around the mixer, h = LN(h + Dropout(mix)). The released Mamba4Rec has none
             when n_layers == 1 (h = LN(Dropout(Mamba(h)))): set False to reproduce it. "gated" = LN(g ⊙ h +
             (1 - g) ⊙ Dropout(mix)) with g = sigmoid(W [h; mix] + b) per position and channel, starting as the plain
             residual (see M2RecBlock).
         max_len: longest input sequence (the Fourier kernel has max_len taps; longer inputs raise).
         mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, else
-            PyTorch), "torch", "cuda" or "triton" (the Triton scan, opt-in; see Mamba).
-        initializer_range: std of the normal init of embeddings and of the Linear layers outside Mamba.
-        item_dropout: in training, the share of input items hidden whole: their embedding and text vector are zeroed
-            (the kept ones scaled by 1 / (1 - item_dropout)), so the model sees LayerNorm's bias there, a learned
-            "unknown item", and must predict from the rest of the history; targets are untouched. Ordinary dropout
-            only thins each item's channels, so the item stays recognisable. 0 = off (the published model). On the
-            tuned Beauty recipe (seed 42) 0.1 lowered validation NDCG@10 (0.0572 against 0.0577) and tested level.
+            PyTorch), "torch", "cuda" or "triton" (the Triton scan; see Mamba).
     """
 
     def __init__(
@@ -174,13 +166,10 @@ class M2RecEncoder(SequenceEncoder):
         scales: list[int] = [1, 2, 4],
         fourier: bool = True,
         semantic: bool | None = None,
-        gate: Literal["softmax", "sigmoid", "sum"] = "softmax",
-        text_output: bool = True,
+        gate: Literal["softmax", "sum"] = "softmax",
         residual: bool | Literal["gated"] = True,
         max_len: int = 50,
         mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
-        initializer_range: float = 0.02,
-        item_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if num_items < 1:
@@ -194,16 +183,12 @@ class M2RecEncoder(SequenceEncoder):
                 "semantic=True needs item text, but text_dim is 0: give the datamodule a text section (data.text) "
                 "so its embeddings are linked in, or set semantic: false for the model without the semantic branch"
             )
-        if not 0.0 <= item_dropout < 1.0:
-            raise ValueError(f"item_dropout must be in [0, 1), got {item_dropout}")
         if max(scales, default=1) > max_len:
             raise ValueError(f"scales {scales} has a window longer than max_len={max_len}")
         self.num_items = num_items
         self.hidden_size = hidden_size
         self.max_len = max_len
-        self.item_dropout = item_dropout
         use_text = semantic is not False and text_dim > 0
-        self.text_output = text_output and use_text
 
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
         self.dropout = nn.Dropout(dropout)
@@ -219,7 +204,7 @@ class M2RecEncoder(SequenceEncoder):
             )
             for _ in range(n_layers)
         )
-        init_recbole_(self, initializer_range, skip=(Mamba,))
+        init_recbole_(self, 0.02, skip=(Mamba,))  # RecBole / Mamba4Rec: N(0, 0.02)
 
     def _check_text_filled(self) -> None:
         # one device sync per encoder instance: a table never filled would silently feed constants
@@ -234,9 +219,8 @@ class M2RecEncoder(SequenceEncoder):
 
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
         check_ids(input_ids, self.num_items)
-        keep = self._item_keep(input_ids)
-        h = self._embed(input_ids, keep)  # (B, L, d)
-        s = self._semantic(input_ids, keep)  # (B, L, d) or None
+        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
+        s = self._semantic(input_ids)  # (B, L, d) or None
         for block in self.blocks:
             h = block(h, s)
         return h
@@ -246,40 +230,25 @@ class M2RecEncoder(SequenceEncoder):
         last one only at that position (see SequenceEncoder.forward_last)."""
         check_ids(input_ids, self.num_items)
         index = last_positions(input_ids)  # (B,)
-        keep = self._item_keep(input_ids)
-        h = self._embed(input_ids, keep)  # (B, L, d)
+        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
         *blocks, last = self.blocks
-        s = self._semantic(input_ids, keep) if blocks else None  # (B, L, d): the earlier blocks read every position
+        s = self._semantic(input_ids) if blocks else None  # (B, L, d): the earlier blocks read every position
         for block in blocks:
             h = block(h, s)
         rows = torch.arange(input_ids.size(0), device=input_ids.device)
-        if s is not None:
-            s_last = s[rows, index]
-        else:
-            s_last = self._semantic(input_ids[rows, index], None if keep is None else keep[rows, index])  # (B, d)
+        s_last = s[rows, index] if s is not None else self._semantic(input_ids[rows, index])  # (B, d) or None
         return last.forward_last(h, s_last, index)
 
-    def _item_keep(self, input_ids: Tensor) -> Tensor | None:  # (B, L) -> (B, L, 1), None = every item kept
-        if not (self.training and self.item_dropout > 0):
-            return None
-        ones = torch.ones(*input_ids.shape, 1, device=input_ids.device, dtype=self.item_embedding.weight.dtype)
-        return F.dropout(ones, self.item_dropout)
-
-    def _embed(self, input_ids: Tensor, keep: Tensor | None) -> Tensor:  # (B, L) -> (B, L, d), the blocks' input
-        e = self.item_embedding(input_ids)
-        return self.norm(self.dropout(e if keep is None else e * keep))
-
-    def _semantic(self, input_ids: Tensor, keep: Tensor | None) -> Tensor | None:
-        """(...) ids -> (..., d) semantic stream, keep (..., 1) or None; None without the text stream."""
+    def _semantic(self, input_ids: Tensor) -> Tensor | None:
+        """(...) ids -> (..., d) semantic stream; None without the text stream."""
         if self.semantic is None:
             return None
         self._check_text_filled()
-        s = self.semantic(self.text_table[input_ids])
-        return s if keep is None else s * keep
+        return self.semantic(self.text_table[input_ids])
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight
-        if self.text_output:
-            self._check_text_filled()
-            table = table + self.semantic(self.text_table)
-        return table
+        if self.semantic is None:
+            return table
+        self._check_text_filled()
+        return table + self.semantic(self.text_table)
