@@ -91,8 +91,9 @@ class Mamba(nn.Module):
             bias: give in_proj and out_proj a bias.
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
                 conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
-                CUDA tensors, no compiled extension; opt-in until it has been timed on a GPU); "torch" = the
-                pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input is on CUDA, else torch.
+                CUDA tensors, no compiled extension; checked against the PyTorch scan on a GPU, but not yet what
+                "auto" picks); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
+                is on CUDA, else torch.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
             device: device of the parameters.
             dtype: dtype of the parameters (A_log and D stay float32, as in mamba_ssm).
