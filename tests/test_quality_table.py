@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from experiments.render import TUNED_SEARCHES
 from experiments.upgrade import upgrade_config
 from m2rec_lightning.seen_score import SeenItemScore
 
@@ -201,13 +202,7 @@ def test_ended_by_tells_early_stopping_from_the_caps(quality_table):
     assert quality_table.ended_by(trainer(0, Timer(duration=timedelta(hours=1))), 18) == "interrupted"
 
 
-@pytest.mark.parametrize("dataset, search_files", [
-    ("beauty", ["search_beauty_m2rec_sum_gate.json", "search_beauty_m2rec_sum_gate_gated_residual.json",
-                "search_beauty_m2rec_sum_gate_gated_10ep.json",
-                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias.json",
-                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias_lr.json",
-                "search_beauty_m2rec_sum_gate_gated_10ep_seen_bias_detach.json"]),
-    ("ml-1m", ["search_ml-1m_m2rec_long.json"])])
+@pytest.mark.parametrize("dataset, search_files", sorted(TUNED_SEARCHES.items()))
 def test_tuned_config_is_the_measured_search_winner(quality_table, synthetic_sequence_file, dataset, search_files):
     """configs/tuned/DATASET.yaml must build exactly the model whose test numbers it quotes: the 3-seed validation
     winner of its searches taken together, with every searched option (encoder, module, data, trainer) at the
