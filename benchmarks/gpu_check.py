@@ -1,4 +1,4 @@
-"""One prepared GPU check (issue #6): builds the CUDA kernels in the background while it times the PyTorch path, then
+"""One prepared GPU check: builds the CUDA kernels in the background while it times the PyTorch path, then
 checks the kernels against the PyTorch path and prints ONE Markdown table. Made for a bare, offline H100/H200 machine
 with CUDA's nvcc and a CUDA PyTorch; finishes in under 10 minutes (`--budget-s`).
 

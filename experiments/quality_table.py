@@ -1,4 +1,4 @@
-"""Quality table (issue #5): train each model through the `m2rec` CLI, test its validation-selected checkpoint, and
+"""Quality table: train each model through the `m2rec` CLI, test its validation-selected checkpoint, and
 write a Markdown table, a JSON record and a PNG of validation NDCG@10 per epoch.
 
 Every run builds the same `M2RecCLI` that `m2rec fit` builds, from the dataset configs (configs/<dataset>.yaml +
@@ -59,7 +59,7 @@ METRICS = tuple(f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in KS)
 # Published numbers to read our rows against (HR@10, NDCG@10, MRR@10; None = not reported).
 ANCHORS = {
     "beauty": [
-        ("SASRec, public RecBole runs (issue #5 target, ±5 %)", 0.083, 0.0416, None),
+        ("SASRec, public RecBole runs", 0.083, 0.0416, None),
         ("RecBLR (paper)", 0.0881, 0.0446, None),
     ],
     "ml-1m": [

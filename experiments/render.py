@@ -166,6 +166,9 @@ def headline_rows(root: Path, dataset: str, rows: list[Row]) -> list[tuple[str, 
             for name, model in (("popularity", "popularity"), ("SASRec released", "sasrec"),
                                 ("Mamba4Rec released", "mamba4rec"), ("M2Rec released", "m2rec")):
                 row = pick([r for r in members if r.name == model])  # the bare model name: no setting, no config
+                if row is None and model != "popularity":  # the released model under a training config of the record
+                    row = pick([r for r in members if r.name.startswith(f"{model} + ") and not r.runs[0].get("setting")])
+                    name += " (+ training config)" if row else ""
                 default = f"`configs/{dataset}.yaml`" + ("" if model in ("m2rec", "popularity")
                                                          else f" + `configs/models/{model}.yaml`")
                 out.append((group, name, row, config_cell(row, dataset, False) if row else default))

@@ -1,4 +1,4 @@
-"""Hyper-parameter search on validation only (issue #5): fit one model per grid point through the `m2rec` CLI (the
+"""Hyper-parameter search on validation only: fit one model per grid point through the `m2rec` CLI (the
 very runs quality_table.py makes) and rank the points by their best validation NDCG@10. Test metrics are never
 computed here, so choosing a setting cannot peek at the test split; put the chosen setting in a config and report it
 with quality_table.py.
