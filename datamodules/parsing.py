@@ -31,11 +31,15 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class MissingFileError(FileNotFoundError):
+    """A data file that is not where the configuration says; the message says how to get it."""
+
+
 def require_file(path: str | Path, hint: str) -> Path:
-    """Return ``path`` if it is a file, else raise FileNotFoundError saying how to get it."""
+    """Return ``path`` if it is a file, else raise MissingFileError (a FileNotFoundError) saying how to get it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found. {hint}")
+        raise MissingFileError(f"{path} not found. {hint}")
     return path
 
 
@@ -184,8 +188,12 @@ def _raise_first_bad_line(text, path, sep, columns, int_columns, header, quoting
             value = fields[index].strip()
             if not value:
                 raise DataFormatError(path, f"field {column!r} is empty: {line!r}", number)
-            if column in int_columns and not re.fullmatch(r"[+-]?\d{1,18}", value):
+            if column in int_columns and not re.fullmatch(r"[+-]?[0-9]+", value):
                 raise DataFormatError(path, f"field {column!r} is not an integer: {value!r}", number)
+            # the digit count goes first: int() refuses strings of more than 4300 digits
+            if column in int_columns and (len(value.lstrip("+-").lstrip("0")) > 19
+                                          or not -(2**63) <= int(value) < 2**63):
+                raise DataFormatError(path, f"field {column!r} does not fit a 64-bit integer: {value!r}", number)
 
 
 def iter_text_lines(path: str | Path, encoding: str = "utf-8"):

@@ -12,6 +12,10 @@ import pandas as pd
 MIN_SPLITTABLE = 3  # leave-one-out needs at least one train item, a validation target and a test target
 
 
+class EmptyDataError(ValueError):
+    """No interactions were read, or none is left after filtering (the data or the filter settings need fixing)."""
+
+
 @dataclass
 class Interactions:
     """Raw interactions in file order, as a reader returns them.
@@ -84,7 +88,7 @@ def preprocess(
     """
     n_raw = len(interactions.users)
     if n_raw == 0:
-        raise ValueError("no interactions were read")
+        raise EmptyDataError("no interactions were read")
     users, raw_users = pd.factorize(interactions.users)
     items, raw_items = pd.factorize(interactions.items)
     times = interactions.timestamps
@@ -138,7 +142,7 @@ def preprocess(
     if short.any():
         users, items, times = _select(~short, users, items, times)
     if len(users) == 0:
-        raise ValueError(f"no user has >= {MIN_SPLITTABLE} interactions after filtering ({stats})")
+        raise EmptyDataError(f"no user has >= {MIN_SPLITTABLE} interactions after filtering ({stats})")
 
     # users are sorted by first-appearance code, so dense ranks keep that order
     kept_users, user_index = np.unique(users, return_inverse=True)

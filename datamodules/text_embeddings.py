@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datamodules.text_templates import render_item_text, resolve_template
+from datamodules.text_templates import check_template_fields, render_item_text, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +483,23 @@ def _load_shard(path: Path, key: str, rows: list[int]) -> Tensor | None:
     return vec
 
 
+MIN_DISTINCT_SHARE = 0.5
+
+
+def warn_if_few_distinct(texts: Sequence[str], template: str | Sequence[str] | None) -> None:
+    """Warn when fewer than ``MIN_DISTINCT_SHARE`` of the non-empty texts are distinct: identical texts embed to
+    identical rows, so the text features cannot tell those items apart (a template that renders mostly literal
+    text, or a metadata column that holds the same value everywhere)."""
+    present = [t for t in texts if t]
+    distinct = len(set(present))
+    if present and distinct < MIN_DISTINCT_SHARE * len(present):
+        log.warning(
+            "item texts: only %d distinct texts among %d items with text (%.0f%%; template %r), so the text table "
+            "can barely tell items apart; check data.text.template and the item-text columns",
+            distinct, len(present), 100 * distinct / len(present), template,
+        )
+
+
 def load_or_build_text_embeddings(
     cache_dir: str | Path,
     item_ids: Sequence[Any],
@@ -530,6 +547,8 @@ def load_or_build_text_embeddings(
         raise ValueError("item_ids has duplicates (compared as strings)")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if template is not None:
+        check_template_fields([t for t in texts if isinstance(t, Mapping)], template)
     rendered = []
     for i, t in enumerate(texts):
         if t is None or isinstance(t, Mapping):
@@ -538,6 +557,7 @@ def load_or_build_text_embeddings(
             rendered.append(t.strip())
         else:
             raise TypeError(f"texts[{i}] (item {item_ids[i]!r}) is a {type(t).__name__}, not str, dict or None")
+    warn_if_few_distinct(rendered, template)
     template_str = resolve_template(template)
     resolved = resolve_model(model, revision)
     key = text_embedding_key(item_ids, rendered, resolved, pooling, normalize, max_length, template_str, dtype)

@@ -7,7 +7,8 @@ A template is one of
 - a list of field names, e.g. ``["title", "brand"]``, rendered as ``"Title: ... Brand: ..."``;
 - ``None``: every field of the item, in its dict order, labelled like a field list.
 
-Missing fields never raise. A field is *missing* when its key is absent or its value is None, NaN, empty or
+Missing fields never raise while rendering (but ``check_template_fields``, run before item texts are embedded,
+refuses a field that no item has). A field is *missing* when its key is absent or its value is None, NaN, empty or
 whitespace only, or an empty list/dict. Text in square brackets is an optional group: it is dropped whole when any
 field inside it is missing, so ``"{title}[ by {brand}]"`` gives ``"Dune by Herbert"`` or just ``"Dune"``.
 ``[[`` and ``]]`` are literal brackets. A missing field outside a group renders as the empty string. Items with
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import html
+import logging
 import math
 import numbers
 import re
@@ -39,6 +41,13 @@ TEMPLATES: dict[str, str] = {
     "movielens": "{title}[ ({year})][. Genres: {genres}]",
     "title": "{title}",
 }
+
+log = logging.getLogger(__name__)
+
+
+class TemplateError(ValueError):
+    """A text template that cannot be used: malformed, an unknown name, or fields that no item has."""
+
 
 _TAG = re.compile(r"</?[A-Za-z][^<>]*>")  # an HTML tag; "a < b" is left alone
 
@@ -117,7 +126,7 @@ def _render_segment(parts: tuple[tuple[str, str | None, str, str | None], ...], 
             try:
                 text = format(value, spec)
             except (TypeError, ValueError) as err:
-                raise ValueError(f"cannot format field {name!r} = {value!r} with spec {spec!r}: {err}") from err
+                raise TemplateError(f"cannot format field {name!r} = {value!r} with spec {spec!r}: {err}") from err
         out.append(text)
     return "".join(out), missing
 
@@ -150,28 +159,28 @@ def _compile(template: str) -> Parsed:
             continue
         if c == "[":
             if optional:
-                raise ValueError(f"template {template!r}: nested optional group at character {i}")
+                raise TemplateError(f"template {template!r}: nested optional group at character {i}")
             segments.append((False, "".join(current)))
             current, optional = [], True
         elif c == "]":
             if not optional:
-                raise ValueError(f"template {template!r}: ']' at character {i} closes no '['")
+                raise TemplateError(f"template {template!r}: ']' at character {i} closes no '['")
             segments.append((True, "".join(current)))
             current, optional = [], False
         else:
             current.append(c)
         i += 1
     if optional:
-        raise ValueError(f"template {template!r}: '[' is never closed")
+        raise TemplateError(f"template {template!r}: '[' is never closed")
     segments.append((False, "".join(current)))
     parsed = []
     for optional, fmt in segments:
         try:
             parts = tuple(string.Formatter().parse(fmt))
         except ValueError as err:
-            raise ValueError(f"template {template!r}: {err}") from err
+            raise TemplateError(f"template {template!r}: {err}") from err
         if any(spec and "{" in spec for _, _, spec, _ in parts):
-            raise ValueError(f"template {template!r}: nested fields inside a format spec are not supported")
+            raise TemplateError(f"template {template!r}: nested fields inside a format spec are not supported")
         if parts:
             parsed.append((optional, parts))
     return tuple(parsed)
@@ -186,7 +195,7 @@ def fields_template(names: Sequence[str]) -> str:
     """The template for a list of field names: ``"[Title: {title}. ][Brand: {brand}. ]"``."""
     for name in names:
         if not name.isidentifier():
-            raise ValueError(f"field name {name!r} is not an identifier; use a format string template instead")
+            raise TemplateError(f"field name {name!r} is not an identifier; use a format string template instead")
     return "".join(f"[{_label(n)}: {{{n}}}. ]" for n in names)
 
 
@@ -194,7 +203,7 @@ def resolve_template(template: str | Sequence[str] | None) -> str | None:
     """The format string a template stands for (None stays None: all fields, labelled).
 
     Raises:
-        ValueError: an unknown template name or a malformed format string.
+        TemplateError: an unknown template name or a malformed format string.
     """
     if template is None:
         return None
@@ -202,7 +211,7 @@ def resolve_template(template: str | Sequence[str] | None) -> str | None:
         if template in TEMPLATES:
             return TEMPLATES[template]
         if "{" not in template:
-            raise ValueError(
+            raise TemplateError(
                 f"unknown text template {template!r}: named templates are {sorted(TEMPLATES)}; "
                 "a format string needs {field} placeholders, e.g. '{title} by {brand}'"
             )
@@ -242,3 +251,51 @@ def render_item_texts(
     """``render_item_text`` over many items, in order."""
     resolve_template(template)  # fail on a bad template before the first item
     return [render_item_text(fields, template) for fields in items]
+
+
+def template_fields(template: str | Sequence[str] | None) -> dict[str, bool]:
+    """The replacement fields of a template, each mapped to whether it is required (outside every ``[...]`` group).
+    ``None`` (all fields) has none."""
+    fmt = resolve_template(template)
+    fields: dict[str, bool] = {}
+    for optional, parts in _compile(fmt) if fmt is not None else ():
+        for _, name, _, _ in parts:
+            if name is not None:
+                fields[name] = fields.get(name, False) or not optional
+    return fields
+
+
+def check_template_fields(items: Sequence[Mapping[str, Any] | None], template: str | Sequence[str] | None) -> None:
+    """Check a template against the items' metadata before anything is embedded.
+
+    A field that no item has would render the same literal text (or nothing) for every item, so the text features
+    could not tell items apart: that is refused, except for an optional field of a named template (``amazon``'s
+    ``[Brand: {brand}. ]`` is meant for datasets that may lack brands). A field that only some items lack is
+    reported with counts: a warning when it is required (those items render a dangling literal such as
+    ``"Dune by"``), an info line when it sits in an optional group.
+
+    Args:
+        items: per item, its metadata fields, or None for an item without metadata (ignored here).
+        template: as for ``render_item_text``.
+
+    Raises:
+        TemplateError: naming the template, the field and the fields the items do have.
+    """
+    records = [r for r in items if r is not None]
+    if not records:
+        return
+    named = isinstance(template, str) and template in TEMPLATES
+    for name, required in template_fields(template).items():
+        have = sum(1 for r in records if value_text(_lookup(r, name)))
+        if have == 0 and (required or not named):
+            columns = sorted({str(k) for r in records for k in r})
+            shown = columns[:30] + ([f"... {len(columns) - 30} more"] if len(columns) > 30 else [])
+            raise TemplateError(
+                f"text template {template!r}: no item has field {name!r}; the items' fields are {shown} "
+                "(fix data.text.template)"
+            )
+        if have < len(records):
+            (log.warning if required else log.info)(
+                "text template %r: field %r is missing for %d of %d items with metadata",
+                template, name, len(records) - have, len(records),
+            )

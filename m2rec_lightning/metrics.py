@@ -34,10 +34,12 @@ def mask_scores(scores: Tensor, target: Tensor | None = None, seen: Tensor | Non
 
 
 def pessimistic_rank(scores: Tensor, target: Tensor) -> Tensor:
-    """0-based rank of each target: the number of OTHER items whose score is >= the target's score.
+    """0-based rank of each target: the number of OTHER items whose score is >= the target's score, or NaN.
 
     Ties count against the target, so a model that gives every item the same score ranks every target last (its
-    metrics are ~0, not 1). Items masked to -inf never beat a finite target score.
+    metrics are ~0, not 1). Items masked to -inf never beat a finite target score. A NaN score of another item counts
+    as beating the target: NaN compares false with everything, so a plain `>=` would quietly rank a broken item below
+    the target and inflate the metrics. A non-finite target score raises (a model producing NaN/inf is broken).
 
     Args:
         scores: (B, N+1) scores with column 0 (padding) already masked to -inf (see `mask_scores`).
@@ -48,7 +50,8 @@ def pessimistic_rank(scores: Tensor, target: Tensor) -> Tensor:
     if not torch.isfinite(scores.gather(1, target[:, None])).all():
         raise FloatingPointError("non-finite score for a target item: the model produced NaN/inf scores")
     target_score = scores.gather(1, target[:, None])  # (B, 1)
-    return (scores >= target_score).sum(dim=1) - 1
+    # `not <` is `>=` except that NaN counts too (against the target); the target itself is counted, hence - 1
+    return (~(scores < target_score)).sum(dim=1) - 1
 
 
 class RankingMetrics(Metric):

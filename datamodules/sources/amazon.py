@@ -70,6 +70,8 @@ def _first_bad_review(path: Path, user: str, item: str, time: str) -> None:
                 raise DataFormatError(path, f"field {field!r} is missing", number)
         if not isinstance(record[time], int):
             raise DataFormatError(path, f"field {time!r} is not an integer: {record[time]!r}", number)
+        if not -(2**63) <= record[time] < 2**63:
+            raise DataFormatError(path, f"field {time!r} does not fit a 64-bit integer: {record[time]!r}", number)
         for field in (user, item):
             if not isinstance(record[field], str):
                 raise DataFormatError(path, f"field {field!r} is not a string: {record[field]!r}", number)

@@ -62,8 +62,29 @@ from ..preprocess import Interactions
 from .local_files import LocalFiles
 
 
+def _out_of_range(numbers: np.ndarray) -> np.ndarray:
+    """Mask of timestamps that are not finite or do not fit int64: cast to int64 they would wrap to -2**63 (or
+    another wrong value) and silently move the interaction to the start of the user's history."""
+    if numbers.dtype.kind == "i":
+        return np.zeros(len(numbers), dtype=bool)
+    if numbers.dtype.kind == "u":
+        return numbers > np.iinfo(np.int64).max
+    floats = numbers.astype(np.float64)
+    # float64(2**63 - 1) rounds up to 2**63, so the bound is exclusive; every float below it converts exactly
+    return ~np.isfinite(floats) | (floats >= 2.0**63) | (floats < -(2.0**63))
+
+
+def _check_range(numbers: np.ndarray, shown: pd.Series, path: Path, row_to_line) -> None:
+    bad = _out_of_range(numbers)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataFormatError(path, f"timestamp {str(shown.iloc[row])!r} is not a finite number that fits a 64-bit "
+                                    f"integer (|t| < 2**63)", row_to_line(row))
+
+
 def parse_timestamps(values: pd.Series, path: Path, row_to_line) -> np.ndarray:
     """Numbers as they are (int64 or float64); datetimes and ISO 8601 strings as int64 nanoseconds since the epoch.
+    Numbers must be finite and within int64's range.
 
     Args:
         values: the timestamp column.
@@ -77,11 +98,13 @@ def parse_timestamps(values: pd.Series, path: Path, row_to_line) -> np.ndarray:
         if np.isnan(numbers.astype(np.float64)).any():
             row = int(np.argmax(np.isnan(numbers.astype(np.float64))))
             raise DataFormatError(path, "timestamp is empty", row_to_line(row))
+        _check_range(numbers, values, path, row_to_line)
         return numbers.astype(np.int64) if numbers.dtype.kind in "iu" else numbers.astype(np.float64)
     else:
         text = values.astype(str).str.strip()
         numbers = pd.to_numeric(text, errors="coerce")
         if numbers.notna().all():
+            _check_range(numbers.to_numpy(), text, path, row_to_line)
             exact = (numbers == numbers.round()).all()
             return numbers.to_numpy().astype(np.int64 if exact else np.float64)
         stamps = pd.to_datetime(text, errors="coerce", format="ISO8601", utc=True)
