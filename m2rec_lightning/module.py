@@ -1,12 +1,13 @@
 """The LightningModule: next-item cross-entropy over all items, full-ranking evaluation, optimisation.
 
-Encoders are plain `nn.Module`s (see `encoder.py`); this module owns everything Lightning-specific. Subclass hooks:
+Encoders are plain `nn.Module`s (see `models/encoder.py`); this module owns everything Lightning-specific. Subclass hooks:
 - a new encoder: pass any class whose first two init parameters are `(num_items, text_dim)` as `encoder`;
 - a new loss: override `loss(hidden, target_ids)`;
 - a new metric: override `score(batch)` (how users are scored) or add to `self.val_metrics`/`self.test_metrics`.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Literal
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import CheckpointError
 from .metrics import RankingMetrics, mask_scores, pessimistic_rank
 from .models.encoder import SequenceEncoder
 from .models.m2rec import M2RecEncoder
@@ -97,7 +99,17 @@ class SequentialRecommender(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         return getattr(datamodule, "text_embeddings", None)
 
+    def _item_map_fingerprint(self) -> str | None:
+        """sha256 of the datamodule's raw item ids in internal-id order: two catalogues with the same item count but
+        other items (or another numbering) differ, and a checkpoint would silently score the wrong items."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        item_ids = getattr(datamodule, "item_ids", None)
+        if item_ids is None:
+            return None
+        return hashlib.sha256("\n".join(map(str, item_ids.tolist())).encode()).hexdigest()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["item_map_sha256"] = self._item_map_fingerprint()
         if self.encoder.uses_text:
             checkpoint["text_embedding_key"] = getattr(self, "text_embedding_key", None)
         # Lightning does not checkpoint the global RNG; without it a resumed run draws other dropout masks. Plain
@@ -112,6 +124,12 @@ class SequentialRecommender(L.LightningModule):
             torch.set_rng_state(checkpoint["torch_rng_state"])
             if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
                 torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])
+        stored_map, current_map = checkpoint.get("item_map_sha256"), self._item_map_fingerprint()
+        if stored_map is not None and current_map is not None and stored_map != current_map:
+            raise CheckpointError(
+                "this checkpoint was trained on another item catalogue (its raw item ids differ from the "
+                "datamodule's, though the count may match); use the training config's data section"
+            )
         current = self._datamodule_text() if self.encoder.uses_text else None
         stored = checkpoint.get("text_embedding_key")
         if current is None or stored is None:
@@ -121,7 +139,7 @@ class SequentialRecommender(L.LightningModule):
             saved.float().cpu(), current.table.float().cpu(), atol=1e-5
         )
         if not same:
-            raise ValueError(
+            raise CheckpointError(
                 f"this checkpoint was trained with item-text embeddings {stored} but the datamodule now gives "
                 f"{current.key} (different items, texts, model, pooling, template or length); use the training "
                 "config's data.text section"
