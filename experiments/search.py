@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent

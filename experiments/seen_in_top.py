@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from experiments import exclude_seen, quality_table
-from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank
-from m2rec_lightning.seen_score import seen_items
+from m2rec_lightning.metrics import RankingMetrics, mask_scores, pessimistic_rank, seen_items
 
 K = 10
 COLUMNS = ("NDCG@10", "HR@10", "input items in top 10", "last input item in top 10")

@@ -18,7 +18,6 @@ in ``--ratings``, are put in one fixed random global item order: the artefact at
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np

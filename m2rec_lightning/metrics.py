@@ -13,6 +13,11 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
+def seen_items(ids: Tensor, num_ids: int) -> Tensor:
+    """(B, K) item ids, 0-padded -> (B, num_ids) bool, True at every id in the row (padding column 0 included)."""
+    return torch.zeros(ids.size(0), num_ids, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+
+
 def mask_scores(scores: Tensor, target: Tensor | None = None, seen: Tensor | None = None) -> Tensor:
     """Return a copy of `scores` with the padding column and (optionally) seen items set to -inf.
 

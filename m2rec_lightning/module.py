@@ -3,7 +3,8 @@
 Encoders are plain `nn.Module`s (see `models/encoder.py`); this module owns everything Lightning-specific. Subclass hooks:
 - a new encoder: pass any class whose first two init parameters are `(num_items, text_dim)` as `encoder`;
 - a new loss: override `loss(hidden, target_ids)`;
-- a new metric: override `score(batch)` (how users are scored) or add to `self.val_metrics`/`self.test_metrics`.
+- a new scorer: override `rank_and_top_k(batch, target, k)` (how users are ranked; `score` is its dense twin), or
+  pass a `seen_score`; a new metric: add to `self.val_metrics`/`self.test_metrics`.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
-from .metrics import RankingMetrics, mask_scores, pessimistic_rank
+from .metrics import RankingMetrics, mask_scores
 from .models.encoder import SequenceEncoder
 from .models.m2rec import M2RecEncoder
+from .ops.chunked_softmax import chunked_cross_entropy, chunked_rank_and_top_k
 from .seen_score import SeenItemScore
 
 
@@ -154,7 +156,7 @@ class SequentialRecommender(L.LightningModule):
         scores = self.logits(self.encode_last(input_ids))  # (B, N+1)
         if self.seen_score is None:
             return scores
-        return self.seen_score(scores, self.seen_score.seen(input_ids, history, scores.size(1)))
+        return self.seen_score(scores, self.seen_score.seen_ids(input_ids, history))
 
     def encode(self, input_ids: Tensor) -> Tensor:
         """(B, L) right-padded ids -> (B, L, d) hidden states, in `length_groups` groups of similar length; positions
@@ -203,25 +205,38 @@ class SequentialRecommender(L.LightningModule):
 
     def loss(self, hidden: Tensor, target_ids: Tensor, input_ids: Tensor | None = None,
              history: Tensor | None = None) -> Tensor:
-        """Cross-entropy over items 1..N at every position with a target. hidden (B, L, d), target_ids (B, L);
-        input_ids (B, L), the sequences `hidden` encodes, and history (B, H), the items before them, are read by the
-        `seen_score` only."""
+        """Cross-entropy over items 1..N at every position with a target, in item chunks (never an (M, N) matrix).
+        hidden (B, L, d), target_ids (B, L); input_ids (B, L), the sequences `hidden` encodes, and history (B, H), the
+        items before them, are read by the `seen_score` only."""
         mask = target_ids > 0
-        logits = self.logits(hidden[mask], first_item=1)  # (M, N): padding id is never a candidate
-        targets = target_ids[mask] - 1  # (M,)
+        table = self.item_table()[1:]  # (N, d): the padding id is never a candidate
+        hidden, targets = hidden[mask], target_ids[mask] - 1  # (M, d), (M,)
         if self.seen_score is None:
-            return F.cross_entropy(logits.float(), targets, label_smoothing=self.hparams.label_smoothing)
+            return chunked_cross_entropy(hidden, table, targets, self.hparams.label_smoothing)
         if input_ids is None:
             raise ValueError("seen_score needs the input_ids the hidden states encode: loss(hidden, target_ids, "
                              "input_ids)")
         rows, positions = mask.nonzero(as_tuple=True)  # (M,) each, in hidden[mask]'s order
-        seen = self.seen_score.seen(input_ids, history, logits.size(1) + 1, rows, positions)[:, 1:]  # (M, N)
-        return self.seen_score.cross_entropy(logits, targets, seen, self.hparams.label_smoothing)
+        seen = self.seen_score.seen_ids(input_ids, history, rows, positions)  # (M, K)
+        return self.seen_score.cross_entropy(hidden, table, targets, seen, self.hparams.label_smoothing)
 
     def score(self, batch: dict[str, Tensor], target: Tensor | None) -> Tensor:
-        """Masked (B, N+1) scores for an evaluation or prediction batch."""
+        """Masked (B, N+1) scores for an evaluation or prediction batch (dense: for inspection and small catalogues;
+        evaluation and prediction use `rank_and_top_k`, which gives the same ranks without the (B, N+1) matrix)."""
         scores = self(batch["input_ids"], batch.get("seen")).float()
         return mask_scores(scores, target, batch["seen"] if self.hparams.exclude_seen else None)
+
+    def rank_and_top_k(self, batch: dict[str, Tensor], target: Tensor | None, k: int) -> tuple[Tensor | None, Tensor,
+                                                                                               Tensor]:
+        """Pessimistic rank of each target (None without one) and the top k items with their scores, (B,) and
+        (B, k) each, as `score` would rank them, in item chunks: memory O(B·chunk + N·d), not O(B·N)."""
+        input_ids = batch["input_ids"]
+        seen, weight = None, None
+        if self.seen_score is not None:
+            seen, weight = self.seen_score.seen_ids(input_ids, batch.get("seen")), self.seen_score.weight
+        exclude = batch["seen"] if self.hparams.exclude_seen else None
+        return chunked_rank_and_top_k(self.encode_last(input_ids), self.item_table(), target, k, seen, weight,
+                                      exclude)
 
     # ---- steps -----------------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -236,8 +251,8 @@ class SequentialRecommender(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, Tensor], metrics: RankingMetrics) -> None:
-        target = batch["target"]
-        metrics.update(pessimistic_rank(self.score(batch, target), target))
+        rank, _, _ = self.rank_and_top_k(batch, batch["target"], 0)
+        metrics.update(rank)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics)
@@ -260,9 +275,8 @@ class SequentialRecommender(L.LightningModule):
         metrics.reset()
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        scores = self.score(batch, None)
-        k = min(self.hparams.top_k, scores.size(1) - 1)
-        top_scores, top_items = scores.topk(k, dim=1)  # (B, k); no full sort of N items
+        k = min(self.hparams.top_k, self.hparams.num_items)
+        _, top_scores, top_items = self.rank_and_top_k(batch, None, k)  # (B, k) each
         return {"user": batch["user"], "items": top_items, "scores": top_scores}
 
     # ---- optimisation ----------------------------------------------------------------------------------------------

@@ -9,13 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def seen_items(ids: Tensor, num_ids: int) -> Tensor:
-    """(B, K) item ids, 0-padded -> (B, num_ids) bool, True at every id in the row (padding column 0 included)."""
-    return torch.zeros(ids.size(0), num_ids, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+from .metrics import seen_items
+from .ops.chunked_softmax import chunked_cross_entropy
 
 
 class SeenItemScore(nn.Module):
@@ -43,9 +40,9 @@ class SeenItemScore(nn.Module):
         self.lr = lr
         self.weight = nn.Parameter(torch.zeros(()))
 
-    def seen(self, input_ids: Tensor, history: Tensor | None, num_ids: int, rows: Tensor | None = None,
-             positions: Tensor | None = None) -> Tensor:
-        """Which ids each row has seen: (R, num_ids) bool.
+    def seen_ids(self, input_ids: Tensor, history: Tensor | None, rows: Tensor | None = None,
+                 positions: Tensor | None = None) -> Tensor:
+        """The item ids each row has seen, 0-padded, repeats allowed: (R, K), never an (R, N) mask.
 
         input_ids (B, L) right-padded; history (B, H) 0-padded, the user's other items (needed by scope "history").
         Without `rows` R = B and the whole input counts. With rows and positions (M,) each (as from
@@ -53,23 +50,24 @@ class SeenItemScore(nn.Module):
         if self.scope == "history" and history is None:
             raise ValueError("seen_score scope 'history' needs each sequence's earlier items: training batches carry "
                              "them as 'history' and evaluation batches as 'seen'")
-        if rows is None:
-            seen = seen_items(input_ids, num_ids)
-            return seen | seen_items(history, num_ids) if self.scope == "history" else seen
-        upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
-        seen = seen_items(input_ids[rows] * upto, num_ids)  # (M, num_ids)
-        return seen | seen_items(history, num_ids)[rows] if self.scope == "history" else seen
+        if rows is not None:
+            upto = torch.arange(input_ids.size(1), device=input_ids.device) <= positions[:, None]  # (M, L)
+            input_ids, history = input_ids[rows] * upto, None if history is None else history[rows]
+        return torch.cat([input_ids, history], dim=1) if self.scope == "history" else input_ids
 
-    def forward(self, scores: Tensor, seen: Tensor) -> Tensor:  # (R, n), (R, n) bool -> (R, n)
-        return scores + self.weight * seen
+    def forward(self, scores: Tensor, seen: Tensor) -> Tensor:  # (R, N+1) scores, (R, K) seen ids -> (R, N+1)
+        return scores + self.weight * seen_items(seen, scores.size(1))
 
-    def cross_entropy(self, logits: Tensor, targets: Tensor, seen: Tensor, label_smoothing: float) -> Tensor:
-        """The training loss with the score: logits (M, N) over items 1..N, targets (M,) in 0..N-1, seen (M, N)."""
+    def cross_entropy(self, hidden: Tensor, table: Tensor, targets: Tensor, seen: Tensor,
+                      label_smoothing: float) -> Tensor:
+        """The training loss with the score, in item chunks: hidden (M, d), table (N, d) = items 1..N, targets (M,)
+        in 0..N-1, seen (M, K) item ids (0 = padding)."""
+        seen = seen - 1  # candidate indices; padding becomes -1, which no chunk holds
         if not self.detach:
-            return F.cross_entropy(self(logits, seen).float(), targets, label_smoothing=label_smoothing)
+            return chunked_cross_entropy(hidden, table, targets, label_smoothing, seen, self.weight)
         # not label-smoothed: smoothing would hold the score where seen items get the smoothing floor
-        return (F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-                + F.cross_entropy(self(logits.detach(), seen).float(), targets))
+        return (chunked_cross_entropy(hidden, table, targets, label_smoothing)
+                + chunked_cross_entropy(hidden.detach(), table.detach(), targets, 0.0, seen, self.weight))
 
     def param_group(self) -> dict:
         """The optimiser group of the score: no weight decay, its own learning rate when `lr` is set."""

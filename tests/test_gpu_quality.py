@@ -2,7 +2,6 @@
 machine without the model (a miss fails instead of silently re-embedding); progress lines from a child's CSV log; the
 children a plan launches."""
 import argparse
-import sys
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from test_reliability_support import (
-    CountingSequenceFile,
     read_metrics,
     run_cli,
     tiny_model_args,
