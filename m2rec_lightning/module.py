@@ -15,6 +15,7 @@ from typing import Callable, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError
@@ -110,8 +111,15 @@ class SequentialRecommender(L.LightningModule):
             return None
         return hashlib.sha256("\n".join(map(str, item_ids.tolist())).encode()).hexdigest()
 
+    def _scoring(self) -> dict:
+        """What decides how a trained model ranks, beyond its weights: checked when a checkpoint is evaluated."""
+        score = self.seen_score
+        return {"seen_score": None if score is None else {"class": type(score).__qualname__, "scope": score.scope},
+                "exclude_seen": self.hparams.exclude_seen}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["item_map_sha256"] = self._item_map_fingerprint()
+        checkpoint["scoring"] = self._scoring()
         if self.encoder.uses_text:
             checkpoint["text_embedding_key"] = getattr(self, "text_embedding_key", None)
         # Lightning does not checkpoint the global RNG; without it a resumed run draws other dropout masks. Plain
@@ -126,6 +134,7 @@ class SequentialRecommender(L.LightningModule):
             torch.set_rng_state(checkpoint["torch_rng_state"])
             if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
                 torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])
+        self._check_scoring(checkpoint.get("scoring"), fitting)
         stored_map, current_map = checkpoint.get("item_map_sha256"), self._item_map_fingerprint()
         if stored_map is not None and current_map is not None and stored_map != current_map:
             raise CheckpointError(
@@ -146,6 +155,21 @@ class SequentialRecommender(L.LightningModule):
                 f"{current.key} (different items, texts, model, pooling, template or length); use the training "
                 "config's data.text section"
             )
+
+    def _check_scoring(self, stored: dict | None, fitting: bool) -> None:
+        """A config's seen_score must be the checkpoint's (another scope silently changes what counts as seen; another
+        presence changes the model). exclude_seen may differ, as a diagnostic, but never silently."""
+        if stored is None:
+            return
+        current = self._scoring()
+        if stored["seen_score"] != current["seen_score"]:
+            raise CheckpointError(
+                f"this checkpoint was trained with seen_score {stored['seen_score']} but the config gives "
+                f"{current['seen_score']}; use the training config's model.init_args.seen_score"
+            )
+        if not fitting and stored["exclude_seen"] != current["exclude_seen"]:
+            rank_zero_warn(f"evaluating with exclude_seen={current['exclude_seen']}, but the checkpoint was trained "
+                           f"and validated with exclude_seen={stored['exclude_seen']}: report these metrics apart")
 
     # ---- model -----------------------------------------------------------------------------------------------------
     def forward(self, input_ids: Tensor, history: Tensor | None = None) -> Tensor:

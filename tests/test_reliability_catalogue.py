@@ -36,3 +36,22 @@ def test_a_checkpoint_from_another_catalogue_with_the_same_item_count_is_refused
         main(["test", *other, "--ckpt_path", str(last)])
     assert exit_info.value.code == 1
     assert "error: this checkpoint was trained on another item catalogue" in capsys.readouterr().err
+
+
+def test_scoring_options_are_checked_against_the_checkpoint(tmp_path, capsys):
+    """A window-only checkpoint tested with another seen-score scope, or without its score, is refused, naming the
+    option; exclude_seen may differ, as a diagnostic, with a warning."""
+    score = ["--model.seen_score", "m2rec_lightning.SeenItemScore"]
+    args = tiny_args(tmp_path) + score
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["scoring"] == {
+        "seen_score": {"class": "SeenItemScore", "scope": "input"}, "exclude_seen": False}
+    capsys.readouterr()
+    for changed in (["--model.seen_score.scope", "history"], ["--model.seen_score", "null"]):
+        with pytest.raises(SystemExit):
+            main(["test", *args, *changed, "--ckpt_path", last])
+        err = capsys.readouterr().err
+        assert "error: this checkpoint was trained with seen_score {'class': 'SeenItemScore', 'scope': 'input'}" in err
+    with pytest.warns(UserWarning, match="exclude_seen=True, but the checkpoint was trained"):
+        main(["test", *args, "--model.exclude_seen", "true", "--ckpt_path", last])
