@@ -116,22 +116,10 @@ def preprocess(
     users, items = users[order], items[order]
     times = times[order] if times is not None else None
 
-    rounds = []
-    while min_user_interactions > 0 or min_item_interactions > 0:
-        user_count = np.bincount(users, minlength=len(raw_users))
-        item_count = np.bincount(items, minlength=len(raw_items))
-        keep = (user_count[users] >= min_user_interactions) & (item_count[items] >= min_item_interactions)
-        if keep.all():
-            break
-        kept_users, kept_items = np.unique(users[keep]), np.unique(items[keep])
-        rounds.append({
-            "interactions_removed": int((~keep).sum()),
-            "users_removed": int((user_count > 0).sum() - len(kept_users)),
-            "items_removed": int((item_count > 0).sum() - len(kept_items)),
-        })
-        users, items, times = _select(keep, users, items, times)
-        if len(users) == 0:
-            break
+    rounds: list[dict] = []
+    if min_user_interactions > 0 or min_item_interactions > 0:
+        users, items, times, rounds = kcore(users, items, times, len(raw_users), len(raw_items),
+                                            min_user_interactions, min_item_interactions)
     stats["kcore"] = {"min_user_interactions": min_user_interactions,
                       "min_item_interactions": min_item_interactions, "rounds": rounds}
 
@@ -172,6 +160,46 @@ def time_order(users: np.ndarray, times: np.ndarray | None, tie_order: str = "fi
     start = np.random.default_rng(0).permutation(len(users)) if tie_order == "shuffle" else np.arange(len(users))
     order = start[np.argsort(times[start], kind="stable")] if times is not None else start
     return order[np.argsort(users[order], kind="stable")]
+
+
+def kcore(users: np.ndarray, items: np.ndarray, times: np.ndarray | None, num_users: int, num_items: int,
+          min_user_interactions: int, min_item_interactions: int):
+    """Iterative k-core on integer codes: drop, all at once, every row whose user has fewer than
+    ``min_user_interactions`` rows or whose item has fewer than ``min_item_interactions``, until no row is dropped.
+
+    Counts are ``np.bincount`` over the codes (O(n) per round, no sort or hash); the counts of the kept rows are the
+    next round's counts, so each round costs two bincounts and one selection.
+
+    Args:
+        users, items: (n,) int codes in 0..num_users-1 and 0..num_items-1, in the order to keep.
+        times: (n,) aligned with them, or None.
+        num_users, num_items: code ranges.
+        min_user_interactions, min_item_interactions: thresholds (0 disables one side).
+
+    Returns:
+        (users, items, times) of the kept rows in their order, and per round that removed something:
+        ``interactions_removed``, ``users_removed`` and ``items_removed`` (those left with no row).
+    """
+    rounds = []
+    user_count = np.bincount(users, minlength=num_users)
+    item_count = np.bincount(items, minlength=num_items)
+    while True:
+        keep = (user_count[users] >= min_user_interactions) & (item_count[items] >= min_item_interactions)
+        removed = len(keep) - int(np.count_nonzero(keep))
+        if removed == 0:
+            break
+        users, items, times = _select(keep, users, items, times)
+        kept_user_count = np.bincount(users, minlength=num_users)
+        kept_item_count = np.bincount(items, minlength=num_items)
+        rounds.append({
+            "interactions_removed": removed,
+            "users_removed": int(np.count_nonzero(user_count)) - int(np.count_nonzero(kept_user_count)),
+            "items_removed": int(np.count_nonzero(item_count)) - int(np.count_nonzero(kept_item_count)),
+        })
+        user_count, item_count = kept_user_count, kept_item_count
+        if len(users) == 0:
+            break
+    return users, items, times, rounds
 
 
 def _select(mask, users, items, times):
