@@ -16,7 +16,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from .cache import file_digests, load_cache, read_verified, save_cache
-from .preprocess import Interactions, Processed, preprocess
+from .preprocess import EmptyDataError, Interactions, Processed, preprocess
 from .resume import EpochRandomSampler, ResumableDataLoader, epoch_seed
 from .samplers import eval_sampler
 from .splits import EvalSequences, PrefixSequences, TrainSequences, collate
@@ -29,6 +29,20 @@ ITEM_TEXT_FILE = "item_text.json"
 # Constructor arguments that only shape batches; everything else (dataset options, filters) keys the cache.
 LOADER_OPTIONS = frozenset({"data_dir", "max_len", "batch_size", "eval_batch_size", "num_workers", "train_window",
                             "train_mode", "seed", "text"})
+
+
+class DataOptionError(ValueError):
+    """A datamodule option outside its range or contradicting another; the message names the option."""
+
+
+def _names_one_of(value: object, paths: set[Path]) -> bool:
+    """Whether `value` is a (str or Path) path to one of `paths` (resolved)."""
+    if not isinstance(value, (str, Path)) or not str(value):
+        return False
+    try:
+        return Path(value).resolve() in paths
+    except (OSError, ValueError):  # not a path at all (e.g. a NUL byte)
+        return False
 
 
 class SequentialDataModule(L.LightningDataModule):
@@ -99,17 +113,17 @@ class SequentialDataModule(L.LightningDataModule):
                                 ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0),
                                 ("min_user_interactions", min_user_interactions, 0),
                                 ("min_item_interactions", min_item_interactions, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataOptionError(f"data.{arg} must be an integer >= {low}, got {value!r}")
         if train_window not in ("recent", "random", "all"):
-            raise ValueError(f"train_window must be 'recent', 'random' or 'all', got {train_window!r}")
+            raise DataOptionError(f"data.train_window must be 'recent', 'random' or 'all', got {train_window!r}")
         if train_mode not in ("all_positions", "prefix"):
-            raise ValueError(f"train_mode must be 'all_positions' or 'prefix', got {train_mode!r}")
+            raise DataOptionError(f"data.train_mode must be 'all_positions' or 'prefix', got {train_mode!r}")
         if tie_order not in ("file", "shuffle"):
-            raise ValueError(f"tie_order must be 'file' or 'shuffle', got {tie_order!r}")
+            raise DataOptionError(f"data.tie_order must be 'file' or 'shuffle', got {tie_order!r}")
         if train_mode == "prefix" and train_window != "recent":
-            raise ValueError(f"train_window={train_window!r} only applies to train_mode='all_positions' (prefix mode "
-                             "already trains on every position)")
+            raise DataOptionError(f"data.train_window={train_window!r} only applies to train_mode='all_positions' "
+                                  "(prefix mode already trains on every position)")
         self.data_dir = Path(data_dir)
         self.max_len = max_len
         self.min_user_interactions = min_user_interactions
@@ -247,9 +261,9 @@ class SequentialDataModule(L.LightningDataModule):
             self.download()
         raw = self.raw_files()
         digests = file_digests(raw, self.raw_dir / "processed" / "raw_digests.json")
-        options = {k: v for k, v in self.hparams.items() if k not in LOADER_OPTIONS}
         dataset = f"{type(self).__module__}.{type(self).__qualname__}"
-        identity = {"dataset": dataset, "options": options, "raw_files": digests, "version": CACHE_VERSION}
+        identity = {"dataset": dataset, "options": self._cache_options(raw), "raw_files": digests,
+                    "version": CACHE_VERSION}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
         folder = self.raw_dir / "processed" / key
         with FileLock(str(folder) + ".lock"):
@@ -268,10 +282,31 @@ class SequentialDataModule(L.LightningDataModule):
         )
         self._processed_dir, self._meta, self._item_text = folder, meta, None
 
+    def _cache_options(self, raw_files: list[Path]) -> dict:
+        """The constructor arguments that key the cache: every preprocessing option, however the module was made.
+
+        Left out: loader options (they only shape batches), the bookkeeping entries LightningCLI adds to the
+        hyper-parameters (``_class_path``, ``_instantiator``: without them `m2rec stats` and `m2rec fit` would key
+        one dataset twice), and arguments naming a raw file, whose contents (not location) already key the cache.
+        """
+        raw = {p.resolve() for p in raw_files}
+        return {name: str(value) if isinstance(value, Path) else value for name, value in self.hparams.items()
+                if name not in LOADER_OPTIONS and not name.startswith("_") and not _names_one_of(value, raw)}
+
+    @property
+    def cache_key(self) -> str:
+        """The key of the processed data (a function of the raw files' contents and the preprocessing options); a
+        checkpoint records it, so that `--ckpt_path best|last` never picks a run fitted on other data."""
+        return self.processed_dir.name
+
     def _build(self, folder: Path, identity: dict) -> None:
         start = time.perf_counter()
         log.info("preparing %s into %s", self.name, folder)
-        processed = preprocess(self.read_interactions(), self.min_user_interactions, self.min_item_interactions,
+        interactions = self.read_interactions()
+        if self.tie_order == "shuffle" and interactions.timestamps is None:
+            raise DataOptionError(f"data.tie_order: shuffle needs timestamps, and {self.name} has none (its file order "
+                                  "is the time order): use tie_order: file")
+        processed = preprocess(interactions, self.min_user_interactions, self.min_item_interactions,
                                self.drop_duplicates, self.tie_order)
         stats = {"dataset": self.name, **processed.stats}
         files = {}
@@ -318,8 +353,8 @@ class SequentialDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset()
         if len(dataset) == 0:
-            raise ValueError(f"{self.name}: no training samples (every user has fewer than 4 interactions, so the "
-                             f"train part left by leave-one-out has no (input, target) pair)")
+            raise EmptyDataError(f"{self.name}: no training samples (every user has fewer than 4 interactions, so "
+                                 "the train part left by leave-one-out has no (input, target) pair)")
         # The order of each epoch is a function of (seed, epoch) and the loader checkpoints its position, so a run
         # killed mid-epoch and resumed with --ckpt_path last trains on exactly the batches an uninterrupted run
         # would (datamodules/resume.py). The loader's own generator only seeds workers, never the global RNG.

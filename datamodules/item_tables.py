@@ -35,7 +35,10 @@ def read_table(path: str | Path, format: str, columns: list[str], int_columns: l
     """A headed TSV / CSV / Parquet table with the given required (non-empty) columns."""
     path = Path(path)
     if format == "parquet":
-        frame = pd.read_parquet(path)
+        try:
+            frame = pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataFormatError(path, f"not a readable Parquet file ({err})") from None
         if frame.empty:
             raise DataFormatError(path, "table is empty")
         missing = [c for c in columns if c not in frame.columns]

@@ -61,6 +61,9 @@ def decode(data: bytes, path: str | Path, encoding: str) -> str:
     """Decode strictly; a bad byte is reported with its line and a hint to pass another encoding."""
     try:
         return data.decode(encoding)
+    except LookupError:
+        raise DataFormatError(path, f"unknown text encoding {encoding!r}; pass a codec name such as utf-8 or "
+                                    "latin-1") from None
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1

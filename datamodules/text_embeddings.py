@@ -30,8 +30,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from datamodules.text_templates import check_template_fields, render_item_text, resolve_template
+from datamodules.text_templates import TemplateError, check_template_fields, render_item_text, resolve_template
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,11 @@ class TextOptions:
 # ------------------------------------------------------------------------------------------------ model resolution
 
 
+class TextModelError(FileNotFoundError):
+    """A text model that cannot be had: no such local folder, or a hub model that is neither in the local Hugging
+    Face cache nor obtainable (offline, no such repository, no access). The message is one line naming it."""
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """A model name pinned to exact weights.
@@ -100,12 +108,15 @@ class ResolvedModel:
         source: what ``from_pretrained`` loads: a local folder, or the hub repo id.
         revision: the hub commit hash, or ``"sha256:<hex>"`` over a local folder's files.
         local: whether ``source`` is a local folder.
+        offline: a hub model found in the local Hugging Face cache while the hub cannot be reached: it is loaded
+            with ``local_files_only`` (else every file would be retried online for ~20 s first).
     """
 
     model_id: str
     source: str
     revision: str
     local: bool
+    offline: bool = False
 
 
 def packaged_minilm_dir() -> Path | None:
@@ -164,14 +175,64 @@ def resolve_model(model: str = DEFAULT_MODEL, revision: str | None = None) -> Re
             raise ValueError(f"revision={revision!r} given for the local model folder {path}; a folder has no revisions")
         return ResolvedModel(path.resolve().name, str(path.resolve()), f"sha256:{folder_hash(path)}", local=True)
     if model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"text encoder model folder {model} does not exist")
-    from huggingface_hub import hf_hub_download  # only hub models need it
-
-    config = Path(hf_hub_download(model, "config.json", revision=revision))
+        raise TextModelError(f"text encoder model folder {model} does not exist")
+    config = _hub_config_file(model, revision)
     commit = config.parent.name  # the hub cache stores files under snapshots/<commit>/
     if config.parent.parent.name != "snapshots" or len(commit) != 40:
         raise RuntimeError(f"cannot read the commit of {model} from the hub cache path {config}")
-    return ResolvedModel(model, model, commit, local=False)
+    return ResolvedModel(model, model, commit, local=False, offline=hub_offline_reason() is not None)
+
+
+def _hub_config_file(model: str, revision: str | None) -> Path:
+    """``config.json`` of a hub model: from the local cache when the hub cannot be reached (at once, rather than
+    after the hub client's ~23 s of retries), else from the hub. Every failure is a one-line TextModelError."""
+    from huggingface_hub import constants, hf_hub_download  # only hub models need it
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = hub_offline_reason()
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(hf_hub_download(model, "config.json", revision=revision, local_files_only=offline is not None))
+    except LocalEntryNotFoundError:
+        why = offline or "the hub could not be reached"
+        raise TextModelError(
+            f"text model {model}{at} not found locally, and offline ({why}): give data.text.model a local model "
+            f"folder, or fetch the model once with network into the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        ) from None
+    except GatedRepoError:
+        raise TextModelError(f"text model {model}: a gated repository; accept its terms on the hub and log in "
+                             "(huggingface-cli login), or give a local model folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as err:  # no such repository or revision, HTTP errors, bad names
+        detail = " ".join(str(err).split())[:300]
+        raise TextModelError(f"text model {model}{at} is not available: {type(err).__name__}: {detail}") from None
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be asked (HF_HUB_OFFLINE, or no connection to its endpoint), else None."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1 (read by huggingface_hub at import)
+        return "HF_HUB_OFFLINE=1"
+    if not _reachable(constants.ENDPOINT):
+        return f"no connection to {constants.ENDPOINT}"
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `url`'s host (or to the proxy that would carry it) opens within `timeout`
+    seconds; remembered per process, so a model's several files cost one probe."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or host, port), timeout=timeout).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -254,15 +315,16 @@ class TextEncoder:
 
         source = self.resolved.source
         pinned = None if self.resolved.local else self.resolved.revision
+        cached = {"local_files_only": True} if self.resolved.offline else {}  # no online retries for a cached model
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            source, revision=pinned, trust_remote_code=trust_remote_code
+            source, revision=pinned, trust_remote_code=trust_remote_code, **cached
         )
         limit = getattr(self.tokenizer, "model_max_length", None)
         if limit is not None and limit < 1_000_000 and max_length > limit:
             raise ValueError(f"max_length={max_length} exceeds {model}'s limit of {limit} tokens")
         dtype_kw = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         net = transformers.AutoModel.from_pretrained(
-            source, revision=pinned, trust_remote_code=trust_remote_code, **{dtype_kw: getattr(torch, dtype)}
+            source, revision=pinned, trust_remote_code=trust_remote_code, **{dtype_kw: getattr(torch, dtype)}, **cached
         )
         if getattr(net.config, "is_encoder_decoder", False):
             raise ValueError(f"{model} is an encoder-decoder model; use an encoder or a decoder-only model")
@@ -500,6 +562,21 @@ def warn_if_few_distinct(texts: Sequence[str], template: str | Sequence[str] | N
         )
 
 
+def no_text_message(texts: Sequence[str | Mapping[str, Any] | None], template: str | Sequence[str] | None) -> str:
+    """Why no item has text, naming the template and the fields the items do have."""
+    records = [t for t in texts if isinstance(t, Mapping)]
+    if not records:
+        if any(isinstance(t, str) for t in texts):
+            return f"none of the {len(texts)} item texts has any text (all empty or whitespace)"
+        return (f"none of the {len(texts)} items has item-text metadata: check the item-text table's id column "
+                "against the interaction file's item ids (data.item_id_column), or set data.text to null")
+    columns = sorted({str(k) for r in records for k in r})
+    shown = columns[:30] + ([f"... {len(columns) - 30} more"] if len(columns) > 30 else [])
+    name = "None (every field)" if template is None else repr(template)
+    return (f"text template {name} renders no text for any item (none of the {len(texts)} items has text to "
+            f"embed); the items' fields are {shown}: fix data.text.template")
+
+
 def load_or_build_text_embeddings(
     cache_dir: str | Path,
     item_ids: Sequence[Any],
@@ -557,6 +634,8 @@ def load_or_build_text_embeddings(
             rendered.append(t.strip())
         else:
             raise TypeError(f"texts[{i}] (item {item_ids[i]!r}) is a {type(t).__name__}, not str, dict or None")
+    if not any(rendered):
+        raise TemplateError(no_text_message(texts, template))
     warn_if_few_distinct(rendered, template)
     template_str = resolve_template(template)
     resolved = resolve_model(model, revision)
@@ -585,7 +664,8 @@ def load_or_build_text_embeddings(
         token_ids, cut = encoder.tokenize([rendered[i] for i in present])
         keep = [j for j, ids in enumerate(token_ids) if ids]  # a non-empty text can still give no tokens
         if not keep:
-            raise ValueError(f"none of the {len(item_ids)} items has text to embed")
+            raise TemplateError(f"none of the {len(item_ids)} items has text to embed: the tokenizer of {model} "
+                                f"gives no tokens for any text that template {template!r} renders")
         vec = _shard_results(
             encoder, token_ids, length_order(token_ids, keep), stem.with_suffix(".shards"), key, shard_size, progress
         )

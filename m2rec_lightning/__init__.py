@@ -1,9 +1,16 @@
-"""M2Rec for PyTorch Lightning: encoders (plain nn.Modules), the LightningModule and the `m2rec` CLI."""
-from .metrics import RankingMetrics
-from .models.m2rec import M2RecEncoder
-from .models.sasrec import SASRecEncoder
-from .module import SequentialRecommender
-from .ops.mamba import Mamba
-from .seen_score import SeenItemScore
+"""M2Rec for PyTorch Lightning: encoders (plain nn.Modules), the LightningModule and the `m2rec` CLI.
 
-__all__ = ["M2RecEncoder", "Mamba", "RankingMetrics", "SASRecEncoder", "SeenItemScore", "SequentialRecommender"]
+The exports load on first use, so `m2rec --help` answers without importing torch and Lightning."""
+from importlib import import_module
+
+_EXPORTS = {"M2RecEncoder": ".models.m2rec", "Mamba": ".ops.mamba", "RankingMetrics": ".metrics",
+            "SASRecEncoder": ".models.sasrec", "SeenItemScore": ".seen_score", "SequentialRecommender": ".module"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -15,6 +15,7 @@ from typing import Callable, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
@@ -330,6 +331,10 @@ class SequentialRecommender(L.LightningModule):
             return optimizer
         warmup, cosine = self.hparams.warmup_steps, self.hparams.scheduler == "cosine"
         total = max(int(self.trainer.estimated_stepping_batches), warmup + 1)
+        if cosine and any(isinstance(c, Timer) and c.time_remaining() is not None for c in self.trainer.callbacks):
+            # a time-based horizon would make a resumed fit differ from an uninterrupted one
+            rank_zero_warn(f"the cosine decay runs over {total} steps (from max_epochs / max_steps); trainer.max_time "
+                           "may stop the fit before it has decayed: set max_epochs to what the time allows")
 
         def factor(step: int) -> float:
             if step < warmup:
