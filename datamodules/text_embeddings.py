@@ -14,8 +14,8 @@ content hash of a local folder), pooling, normalisation, max_length, template an
 size, device, shard size) changes results only at float rounding level and is not part of it. Stale tables (other
 keys) are left in place so switching back is free; delete the folder to reclaim space.
 
-Multi-GPU: not implemented. One H100 embeds 10k item texts with a 7B decoder in about 10 s (32 tokens each) to
-70 s (256 tokens) (benchmarks/results/text_embedding.md), so the build runs once, in one process, before training;
+Multi-GPU: not implemented. One GPU embeds a benchmark catalogue with a 7B decoder in seconds to about a minute
+(docs/benchmarks.md), so the build runs once, in one process, before training;
 call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs. For catalogues in the millions
 the shard files are the unit to distribute: each device would embed a disjoint set of shard indices of the same
 key, and one process would then assemble them.
