@@ -307,3 +307,20 @@ def test_a_time_cap_under_a_cosine_schedule_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match="trainer.max_time may stop the fit before it has decayed"):
         main(["fit", *tiny_args(tmp_path), "--trainer.max_epochs", "1", "--trainer.max_time", "00:00:10:00",
               "--model.scheduler", "cosine"])
+
+
+def test_a_parquet_date_beyond_int64_nanoseconds_names_its_row(tmp_path):
+    """Found by the fuzz: a Parquet datetime column in microseconds can hold dates that int64 nanoseconds cannot."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datamodules.parsing import DataFormatError
+    from datamodules.sources.custom import parse_timestamps
+
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"timestamp": pa.array([0, 5, 9223372037000000], type=pa.timestamp("us"))}), path)
+    stamps = pd.read_parquet(path)["timestamp"]
+    with pytest.raises(DataFormatError, match=r"log.parquet:3: timestamp is outside the dates"):
+        parse_timestamps(stamps, path, lambda row: row + 1)
+    assert parse_timestamps(stamps[:2], path, lambda row: row + 1).tolist() == [0, 5000]

@@ -92,7 +92,7 @@ def parse_timestamps(values: pd.Series, path: Path, row_to_line) -> np.ndarray:
         row_to_line: maps a 0-based data row to the position to report.
     """
     if pd.api.types.is_datetime64_any_dtype(values):
-        stamps = pd.to_datetime(values, utc=True)
+        stamps = values
     elif pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         numbers = values.to_numpy()
         if np.isnan(numbers.astype(np.float64)).any():
@@ -113,7 +113,22 @@ def parse_timestamps(values: pd.Series, path: Path, row_to_line) -> np.ndarray:
             row = int(np.argmax(bad)) if bad.any() else int(np.argmax(numbers.notna().to_numpy()))
             raise DataFormatError(path, f"timestamp {text.iloc[row]!r} is not a number or an ISO 8601 date "
                                         f"(all rows must use one of the two)", row_to_line(row))
-    return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(nanoseconds=1)).to_numpy(dtype=np.int64)
+    try:
+        stamps = pd.to_datetime(stamps, utc=True)
+        return ((stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(nanoseconds=1)).to_numpy(dtype=np.int64)
+    except (pd.errors.OutOfBoundsDatetime, OverflowError):
+        raise DataFormatError(path, "timestamp is outside the dates that int64 nanoseconds hold (1677-2262)",
+                              row_to_line(_first_out_of_range(stamps))) from None
+
+
+def _first_out_of_range(stamps: pd.Series) -> int:
+    """The first row whose date int64 nanoseconds cannot hold (the error path only: one row at a time)."""
+    for row, stamp in enumerate(stamps):
+        try:
+            pd.Timestamp(stamp).as_unit("ns")
+        except (pd.errors.OutOfBoundsDatetime, OverflowError):
+            return row
+    return 0
 
 
 def read_interaction_table(path: str | Path, user_column: str, item_column: str, timestamp_column: str | None,
