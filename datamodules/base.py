@@ -306,8 +306,12 @@ class SequentialDataModule(L.LightningDataModule):
         if self.tie_order == "shuffle" and interactions.timestamps is None:
             raise DataOptionError(f"data.tie_order: shuffle needs timestamps, and {self.name} has none (its file order "
                                   "is the time order): use tie_order: file")
-        processed = preprocess(interactions, self.min_user_interactions, self.min_item_interactions,
-                               self.drop_duplicates, self.tie_order)
+        try:
+            processed = preprocess(interactions, self.min_user_interactions, self.min_item_interactions,
+                                   self.drop_duplicates, self.tie_order)
+        except EmptyDataError as err:  # name what was read: the message alone does not say which file
+            files = ", ".join(str(f) for f in self.raw_files()) or self.name
+            raise EmptyDataError(f"{files}: {err}") from None
         stats = {"dataset": self.name, **processed.stats}
         files = {}
         text = self.read_item_text(processed.item_ids[1:])

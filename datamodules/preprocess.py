@@ -130,7 +130,10 @@ def preprocess(
     if short.any():
         users, items, times = _select(~short, users, items, times)
     if len(users) == 0:
-        raise EmptyDataError(f"no user has >= {MIN_SPLITTABLE} interactions after filtering ({stats})")
+        raise EmptyDataError(
+            f"no user has >= {MIN_SPLITTABLE} interactions after filtering: {stats['raw_interactions']} interactions of "
+            f"{stats['raw_users']} users read; lower min_user_interactions / min_item_interactions (now "
+            f"{min_user_interactions} / {min_item_interactions})")
 
     # users are sorted by first-appearance code, so dense ranks keep that order
     kept_users, user_index = np.unique(users, return_inverse=True)

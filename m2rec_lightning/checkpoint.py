@@ -175,3 +175,21 @@ class EpochTimer(Callback):
             values["epoch_fraction"] = progress["batches"] / progress["of"]
         # rank_zero_only: a wall clock is not averaged over processes (and needs no collective)
         pl_module.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
+
+
+def check_readable(path: str, shown: str) -> None:
+    """Open a checkpoint file as Lightning will (weights only, memory-mapped, so nothing large is read), so that a
+    truncated or foreign file stops with one line instead of a torch trace. A pickled payload is left to raise
+    pickle.UnpicklingError, which the CLI reports as refused."""
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        raise
+    except Exception as err:  # torch reports damage as RuntimeError, KeyError, EOFError, ... by format
+        detail = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"--ckpt_path {shown}: not a readable checkpoint file ({type(err).__name__}: "
+                              f"{detail})") from None

@@ -85,9 +85,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from datamodules.text_templates import TemplateError
 
     from .checkpoint import CheckpointError
+    from .predictions import OutputPathError
 
     return (DataFormatError, DataOptionError, DownloadError, MissingFileError, EmptyDataError, TemplateError,
-            TextModelError, CheckpointError, ConfigError)
+            TextModelError, CheckpointError, ConfigError, OutputPathError)
 
 
 _UNION_NOISE = re.compile(r"Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: ")
@@ -271,6 +272,7 @@ def cli_class() -> type[LightningCLI]:
         CheckpointError,
         EpochTimer,
         ModelCheckpoint,
+        check_readable,
         dataset_identity,
         download_checkpoint,
         is_url,
@@ -369,7 +371,10 @@ def cli_class() -> type[LightningCLI]:
                                       "values, and unpickling anything else can run code")
             # torch>=2.6 defaults to weights_only=True for files, but Lightning passes False for remote paths
             kwargs["weights_only"] = True
-            kwargs["ckpt_path"] = self._checkpoint_file(subcommand, kwargs.get("ckpt_path"))
+            shown = kwargs.get("ckpt_path")
+            kwargs["ckpt_path"] = self._checkpoint_file(subcommand, shown)
+            if kwargs["ckpt_path"] is not None and Path(kwargs["ckpt_path"]).is_file():
+                check_readable(kwargs["ckpt_path"], str(shown))
             return kwargs
 
         def _checkpoint_file(self, subcommand: str, ckpt_path: str | Path | None) -> str | None:

@@ -11,6 +11,10 @@ import pandas as pd
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 
+class OutputPathError(ValueError):
+    """The predictions file cannot be written where it is asked for (a user's error, printed as one line)."""
+
+
 class TopKWriter(BasePredictionWriter):
     """Collects `predict_step` outputs and writes one row per (user, rank): user_id, rank (1-based), item_id, score.
 
@@ -23,7 +27,7 @@ class TopKWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         suffix = Path(output_path).suffix.lower()
         if suffix not in {".csv", ".tsv", ".parquet"}:
-            raise ValueError(f"predict_writer.output_path must end in .csv, .tsv or .parquet, got {output_path!r}")
+            raise OutputPathError(f"predict_writer.output_path must end in .csv, .tsv or .parquet, got {output_path!r}")
         self.output_path = Path(output_path)
 
     def write_on_epoch_end(

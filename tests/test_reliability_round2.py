@@ -324,3 +324,40 @@ def test_a_parquet_date_beyond_int64_nanoseconds_names_its_row(tmp_path):
     with pytest.raises(DataFormatError, match=r"log.parquet:3: timestamp is outside the dates"):
         parse_timestamps(stamps, path, lambda row: row + 1)
     assert parse_timestamps(stamps[:2], path, lambda row: row + 1).tolist() == [0, 5000]
+
+
+def test_damaged_checkpoints_empty_data_and_bad_output_paths_are_one_line_errors(tmp_path, capsys):
+    """Issue 55, item 6: each of these escaped as a raw exception or said nothing of the file."""
+    from test_reliability_security import tiny_args
+
+    from m2rec_lightning.cli import main
+
+    args = tiny_args(tmp_path)
+    main(["fit", *args, "--trainer.max_epochs", "1"])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    truncated, text = tmp_path / "truncated.ckpt", tmp_path / "text.ckpt"
+    truncated.write_bytes(last.read_bytes()[:1000])
+    text.write_text("not a checkpoint\n")
+    header_only = tmp_path / "log.csv"
+    header_only.write_text("user_id,item_id,timestamp\n")
+    table = list(args)
+    table[table.index("datamodules.SequenceFile")] = "datamodules.InteractionTable"
+    table[table.index("--data.path") + 1] = str(header_only)
+    strict = list(args)
+    strict[strict.index("--data.min_user_interactions") + 1] = "50"
+    strict[strict.index("--data.data_dir") + 1] = str(tmp_path / "strict")
+    cases = [
+        (["test", *args, "--ckpt_path", str(truncated)], f"--ckpt_path {truncated}: not a readable checkpoint file"),
+        (["test", *args, "--ckpt_path", str(text)], f"--ckpt_path {text}: not a readable checkpoint file"),
+        (["fit", *table, "--data.data_dir", str(tmp_path / "t")], f"{header_only}: no interactions were read"),
+        (["fit", *strict], f"{tmp_path / 'seq.txt'}: no user has >= 3 interactions after filtering"),
+        (["predict", *args, "--ckpt_path", str(last), "--predict_writer.output_path", str(tmp_path)],
+         "predict_writer.output_path must end in .csv, .tsv or .parquet"),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and f"error: {message}" in err, (argv, err)
+        assert "Traceback" not in err
