@@ -23,17 +23,26 @@ def _drop(options: dict, removed: dict, where: str) -> None:
                 raise ValueError(f"{where}.{key}={value!r} was removed from the code; this run cannot be rebuilt")
 
 
+def seen_score(module: dict) -> dict | None:
+    """The `seen_score` component of a module's saved options, from today's key or from the four old flags."""
+    if "seen_score" in module:
+        return module["seen_score"]
+    if not module.get("seen_bias"):
+        return None
+    return {"class_path": SEEN_SCORE, "init_args": {"scope": module.get("seen_scope", "input"),
+                                                    "detach": module.get("seen_bias_detach", False),
+                                                    "lr": module.get("seen_bias_lr")}}
+
+
 def upgrade_config(config: dict) -> dict:
     """A resolved LightningCLI config (as saved in a record's `config`) with today's model options."""
     config = copy.deepcopy(config)
     module = config["model"]["init_args"]
     _drop(module, REMOVED_MODULE, "model")
-    seen = {key: module.pop(key) for key in ("seen_bias", "seen_scope", "seen_bias_lr", "seen_bias_detach")
-            if key in module}
-    if seen:
-        module["seen_score"] = None if not seen.get("seen_bias") else {"class_path": SEEN_SCORE, "init_args": {
-            "scope": seen.get("seen_scope", "input"), "detach": seen.get("seen_bias_detach", False),
-            "lr": seen.get("seen_bias_lr")}}
+    if "seen_score" not in module and "seen_bias" in module:
+        module["seen_score"] = seen_score(module)
+    for key in ("seen_bias", "seen_scope", "seen_bias_lr", "seen_bias_detach"):
+        module.pop(key, None)
     encoder = module.get("encoder", {})
     if encoder.get("class_path", "").endswith("M2RecEncoder"):
         _drop(encoder.get("init_args", {}), REMOVED_ENCODER, "model.encoder")

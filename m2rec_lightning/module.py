@@ -88,6 +88,7 @@ class SequentialRecommender(L.LightningModule):
     # it (plus the cache key it came from), so a checkpoint is self-contained and test/predict can verify that the
     # datamodule embeds items exactly as training did.
     def setup(self, stage: str) -> None:
+        self._item_map_sha256 = self._item_map_fingerprint()  # once per run: checkpoints save it every epoch
         if not self.encoder.uses_text:
             return
         table = self._datamodule_text()
@@ -99,15 +100,16 @@ class SequentialRecommender(L.LightningModule):
         self.encoder.set_text_table(table.table.to(self.encoder.text_table))
         self.text_embedding_key = table.key
 
+    def _datamodule(self):
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _datamodule_text(self):
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(datamodule, "text_embeddings", None)
+        return getattr(self._datamodule(), "text_embeddings", None)
 
     def _item_map_fingerprint(self) -> str | None:
         """sha256 of the datamodule's raw item ids in internal-id order: two catalogues with the same item count but
         other items (or another numbering) differ, and a checkpoint would silently score the wrong items."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        item_ids = getattr(datamodule, "item_ids", None)
+        item_ids = getattr(self._datamodule(), "item_ids", None)
         if item_ids is None:
             return None
         return hashlib.sha256("\n".join(map(str, item_ids.tolist())).encode()).hexdigest()
@@ -119,7 +121,7 @@ class SequentialRecommender(L.LightningModule):
                 "exclude_seen": self.hparams.exclude_seen}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["item_map_sha256"] = self._item_map_fingerprint()
+        checkpoint["item_map_sha256"] = getattr(self, "_item_map_sha256", None)
         checkpoint["scoring"] = self._scoring()
         if self.encoder.uses_text:
             checkpoint["text_embedding_key"] = getattr(self, "text_embedding_key", None)
@@ -136,7 +138,7 @@ class SequentialRecommender(L.LightningModule):
             if "cuda_rng_state" in checkpoint and torch.cuda.is_available():
                 torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])
         self._check_scoring(checkpoint.get("scoring"), fitting)
-        stored_map, current_map = checkpoint.get("item_map_sha256"), self._item_map_fingerprint()
+        stored_map, current_map = checkpoint.get("item_map_sha256"), getattr(self, "_item_map_sha256", None)
         if stored_map is not None and current_map is not None and stored_map != current_map:
             raise CheckpointError(
                 "this checkpoint was trained on another item catalogue (its raw item ids differ from the "
