@@ -65,11 +65,8 @@ from m2rec_lightning.metrics import pessimistic_rank  # noqa: E402
 from m2rec_lightning.models.m2rec import M2RecEncoder  # noqa: E402
 from m2rec_lightning.models.sasrec import SASRecEncoder  # noqa: E402
 from m2rec_lightning.module import SequentialRecommender  # noqa: E402
-from m2rec_lightning.ops.chunked_softmax import (  # noqa: E402
-    chunked_cross_entropy,
-    dense_cross_entropy,
-    sampled_softmax_loss,
-)
+from m2rec_lightning.ops.chunked_softmax import dense_cross_entropy  # noqa: E402
+from m2rec_lightning.sampled_softmax import SampledSoftmax  # noqa: E402
 
 MODELS = ("m2rec", "sasrec")
 LOSSES = ("dense", "chunked", "sampled")
@@ -102,9 +99,10 @@ def encoder_factory(name: str, max_len: int):
     raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
 
 
-def build_model(name: str, num_items: int, max_len: int, seed: int = 0) -> SequentialRecommender:
+def build_model(name: str, num_items: int, max_len: int, seed: int = 0,
+                sampled: SampledSoftmax | None = None) -> SequentialRecommender:
     torch.manual_seed(seed)
-    return SequentialRecommender(encoder_factory(name, max_len), num_items=num_items)
+    return SequentialRecommender(encoder_factory(name, max_len), num_items=num_items, sampled_softmax=sampled)
 
 
 class Zipf:
@@ -131,21 +129,15 @@ class Zipf:
 
 
 @contextlib.contextmanager
-def use_loss(loss: str, num_negatives: int = 1000, item_log_q: torch.Tensor | None = None,
-             generator: torch.Generator | None = None):
-    """Within the block `SequentialRecommender.loss` computes `loss` ("dense", "chunked" or "sampled") in place of
-    the chunked cross-entropy it calls; restored on exit."""
-    if loss == "chunked":
-        fn = chunked_cross_entropy
-    elif loss == "dense":
-        fn = dense_cross_entropy
-    elif loss == "sampled":
-        def fn(hidden, table, targets, label_smoothing=0.0):
-            return sampled_softmax_loss(hidden, table, targets, num_negatives, item_log_q, generator)
-    else:
+def use_loss(loss: str):
+    """Within the block `SequentialRecommender.loss` computes `loss` in place of the chunked cross-entropy it calls:
+    "dense" swaps in `dense_cross_entropy` (the reference); "chunked" and "sampled" (a module option, see
+    `build_model`) leave the module as it is. Restored on exit."""
+    if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
     saved = module_impl.chunked_cross_entropy
-    module_impl.chunked_cross_entropy = fn
+    if loss == "dense":
+        module_impl.chunked_cross_entropy = dense_cross_entropy
     try:
         yield
     finally:
@@ -238,18 +230,22 @@ def train_point(spec: dict, sampler: PhaseSampler | None = None) -> dict:
         zipf, generator = _data(spec)
         ids = zipf.sample((batch, length + 1), generator)  # every position real
         inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-        item_log_q = zipf.log_q() if spec["loss"] == "sampled" and spec.get("sampler", "popularity") != "uniform" \
-            else None
+        sampled = None
+        if spec["loss"] == "sampled":
+            sampled = SampledSoftmax(spec.get("negatives", 1000), spec.get("sampler", "popularity"))
+            # counts in the Zipf proportions, large enough that SampledSoftmax's add-one changes no probability much
+            weights = zipf.log_q().double().exp()
+            sampled.set_item_counts(torch.cat([torch.zeros(1), weights * (1000 / weights.min())]))
         del zipf
         sampler.set("build")
-        model = build_model(spec["model"], num_items, length, spec.get("seed", 0))
+        model = build_model(spec["model"], num_items, length, spec.get("seed", 0), sampled)
         model.train()
         optimizer = model.configure_optimizers()
         out["rss_after_build"] = rss_bytes()
         out["item_table_bytes"] = _nbytes([model.encoder.item_embedding.weight])
         out["param_bytes"] = _nbytes(model.parameters())
-        with use_loss(spec["loss"], spec.get("negatives", 1000), item_log_q,
-                      torch.Generator().manual_seed(spec.get("seed", 0) + 2)):
+        torch.manual_seed(spec.get("seed", 0) + 2)  # the sampled loss draws from the global generator
+        with use_loss(spec["loss"]):
             for step in range(spec.get("warmup", 1) + spec["steps"]):
                 last = step == spec.get("warmup", 1) + spec["steps"] - 1
                 if last:
@@ -259,13 +255,9 @@ def train_point(spec: dict, sampler: PhaseSampler | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 if last:
                     out["rss_before_last_step"] = rss_bytes()
-                sampler.set("encode")
-                out["failed_in"] = "encode"
-                hidden = model.encode(inputs)
-                sampler.set("loss")
-                out["failed_in"] = "loss"
-                loss = model.loss(hidden, targets, inputs)
-                del hidden
+                sampler.set("forward")
+                out["failed_in"] = "forward"
+                loss = model.training_loss({"input_ids": inputs, "target_ids": targets})
                 label_backward_nodes(loss, sampler)
                 sampler.set("backward")
                 out["failed_in"] = "backward"
@@ -358,7 +350,7 @@ def ratio_point(spec: dict) -> dict:
             with use_loss(loss_name):
                 start = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                model.loss(model.encode(inputs), targets, inputs).backward()
+                model.training_loss({"input_ids": inputs, "target_ids": targets}).backward()
                 optimizer.step()
                 if rnd:
                     times[loss_name].append(time.perf_counter() - start)
@@ -595,7 +587,7 @@ def breakdown(record: dict, model: str = "m2rec", loss: str = "chunked") -> tupl
     def row(label, peak):
         return f"| {label} | {gb(peak)} | {gb(peak - before)} | {(peak - before) / table:.2f} |"
 
-    for phase in ("encode", "loss"):
+    for phase in ("encode", "loss", "forward"):  # records before training_loss have encode and loss apart
         if phase in peaks:
             out.append(row(phase, peaks[phase]))
     nodes = sorted((p for p in peaks if p.startswith("backward:")), key=lambda p: -peaks[p])

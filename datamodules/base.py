@@ -193,6 +193,15 @@ class SequentialDataModule(L.LightningDataModule):
         """(N+1,) raw id of each internal item id; index 0 is a padding placeholder ("" or -1)."""
         return self._prepared().item_ids
 
+    def train_item_counts(self) -> np.ndarray:
+        """(N+1,) int64: how often each item id occurs in the training part of the sequences (every user's items but
+        the last two, which leave-one-out keeps for validation and test); index 0, the padding id, is 0."""
+        data = self._prepared()
+        lengths = np.diff(data.offsets)
+        position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)  # index within its user
+        train = position < np.repeat(lengths - 2, lengths)
+        return np.bincount(data.items[train], minlength=self.num_items + 1)
+
     @property
     def item_text(self) -> list[dict | None] | None:
         """(N+1) per-item dicts of text fields (None for padding and items without text); None without text."""

@@ -4,7 +4,8 @@ The exports load on first use, so `m2rec --help` answers without importing torch
 from importlib import import_module
 
 _EXPORTS = {"M2RecEncoder": ".models.m2rec", "Mamba": ".ops.mamba", "RankingMetrics": ".metrics",
-            "SASRecEncoder": ".models.sasrec", "SeenItemScore": ".seen_score", "SequentialRecommender": ".module"}
+            "SampledSoftmax": ".sampled_softmax", "SASRecEncoder": ".models.sasrec", "SeenItemScore": ".seen_score",
+            "SequentialRecommender": ".module"}
 __all__ = sorted(_EXPORTS)
 
 

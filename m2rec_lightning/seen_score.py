@@ -60,14 +60,15 @@ class SeenItemScore(nn.Module):
 
     def cross_entropy(self, hidden: Tensor, table: Tensor, targets: Tensor, seen: Tensor,
                       label_smoothing: float) -> Tensor:
-        """The training loss with the score, in item chunks: hidden (M, d), table (N, d) = items 1..N, targets (M,)
-        in 0..N-1, seen (M, K) item ids (0 = padding)."""
+        """The training loss with the score, in item chunks: hidden (M, d), table (N+1, d) the whole item table (row
+        0 = padding, never a candidate), targets (M,) in 0..N-1 (item id - 1), seen (M, K) item ids (0 = padding)."""
         seen = seen - 1  # candidate indices; padding becomes -1, which no chunk holds
         if not self.detach:
-            return chunked_cross_entropy(hidden, table, targets, label_smoothing, seen, self.weight)
+            return chunked_cross_entropy(hidden, table, targets, label_smoothing, seen, self.weight, first_item=1)
         # not label-smoothed: smoothing would hold the score where seen items get the smoothing floor
-        return (chunked_cross_entropy(hidden, table, targets, label_smoothing)
-                + chunked_cross_entropy(hidden.detach(), table.detach(), targets, 0.0, seen, self.weight))
+        return (chunked_cross_entropy(hidden, table, targets, label_smoothing, first_item=1)
+                + chunked_cross_entropy(hidden.detach(), table.detach(), targets, 0.0, seen, self.weight,
+                                        first_item=1))
 
     def param_group(self) -> dict:
         """The optimiser group of the score: no weight decay, its own learning rate when `lr` is set."""

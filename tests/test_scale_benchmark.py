@@ -31,27 +31,24 @@ def test_train_worker_runs_every_model_and_loss(scale, model, loss):
     assert out["grad_bytes"] == out["param_bytes"]  # every parameter got a (dense) gradient
     # exp_avg and exp_avg_sq, plus a 0-dim step counter per parameter
     assert 0 <= out["adam_state_bytes"] - 2 * out["param_bytes"] <= 8 * 64
-    assert {"encode", "loss", "optimizer"} <= set(out["phase_peaks"])
+    assert {"forward", "optimizer"} <= set(out["phase_peaks"])
     assert any(p.startswith("backward:") for p in out["phase_peaks"])
     assert module_impl.chunked_cross_entropy is chunked_cross_entropy  # the swap is undone
 
 
 def test_loss_swap_reaches_the_module(scale):
-    """dense and chunked give the same loss through `module.loss`; sampled with every item a candidate and uniform
-    q is the full cross-entropy too, and with few negatives it differs (it is an approximation)."""
+    """dense and chunked give the same loss through `module.loss`, and the swap is undone on exit."""
     model = scale.build_model("m2rec", 40, 8)
     model.eval()  # no dropout: the same hidden states for every loss
     ids = torch.randint(1, 41, (3, 9), generator=torch.Generator().manual_seed(0))
     hidden = model.encode(ids[:, :-1])
 
-    def loss(name, **kw):
-        with scale.use_loss(name, **kw):
+    def loss(name):
+        with scale.use_loss(name):
             return model.loss(hidden, ids[:, 1:], ids[:, :-1]).item()
 
     chunked, dense = loss("chunked"), loss("dense")
     assert dense == pytest.approx(chunked, rel=1e-5)
-    assert loss("sampled", num_negatives=40) == pytest.approx(chunked, rel=1e-5)
-    assert loss("sampled", num_negatives=2, generator=torch.Generator().manual_seed(0)) != pytest.approx(chunked)
     with pytest.raises(ValueError, match="unknown loss"), scale.use_loss("nope"):
         pass
     assert module_impl.chunked_cross_entropy is chunked_cross_entropy

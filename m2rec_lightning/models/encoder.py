@@ -8,6 +8,7 @@ Encoders are constructed as `encoder(num_items, text_dim, **options)`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -65,6 +66,13 @@ class SequenceEncoder(nn.Module):
 def last_positions(input_ids: Tensor) -> Tensor:
     """(B, L) right-padded ids -> (B,) index of each row's last real item (0 for a row of padding only)."""
     return (input_ids > 0).sum(dim=1).clamp(min=1) - 1
+
+
+def lookup(embedding: nn.Embedding, ids: Tensor) -> Tensor:
+    """embedding(ids), with a sparse gradient: its B·L rows are added in place into the (N+1, d) gradient that the
+    loss gives the same (tied) item table, instead of making a second (N+1, d) tensor of mostly zeros (256 MB at 10^6
+    items, d=64). Not nn.Embedding(sparse=True): DDP would then expect the parameter's whole gradient to be sparse."""
+    return F.embedding(ids, embedding.weight, embedding.padding_idx, sparse=True)
 
 
 def check_ids(input_ids: Tensor, num_items: int, max_len: int | None = None) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions
+from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions, lookup
 from .fourier import CausalFourierFilter
 from .gate import StreamGate
 from .multiscale import MultiScaleMamba
@@ -219,7 +219,7 @@ class M2RecEncoder(SequenceEncoder):
 
     def forward(self, input_ids: Tensor) -> Tensor:  # (B, L) -> (B, L, d)
         check_ids(input_ids, self.num_items)
-        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
+        h = self.norm(self.dropout(lookup(self.item_embedding, input_ids)))  # (B, L, d)
         s = self._semantic(input_ids)  # (B, L, d) or None
         for block in self.blocks:
             h = block(h, s)
@@ -230,7 +230,7 @@ class M2RecEncoder(SequenceEncoder):
         last one only at that position (see SequenceEncoder.forward_last)."""
         check_ids(input_ids, self.num_items)
         index = last_positions(input_ids)  # (B,)
-        h = self.norm(self.dropout(self.item_embedding(input_ids)))  # (B, L, d)
+        h = self.norm(self.dropout(lookup(self.item_embedding, input_ids)))  # (B, L, d)
         *blocks, last = self.blocks
         s = self._semantic(input_ids) if blocks else None  # (B, L, d): the earlier blocks read every position
         for block in blocks:

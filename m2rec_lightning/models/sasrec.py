@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions
+from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions, lookup
 
 
 def attention_bias(input_ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -136,7 +136,7 @@ class SASRecEncoder(SequenceEncoder):
         """Input states (B, L, d) and the attention bias (B, 1, L, L)."""
         check_ids(input_ids, self.num_items, self.max_len)
         positions = torch.arange(input_ids.size(1), device=input_ids.device)  # (L,)
-        h = self.item_embedding(input_ids) + self.position_embedding(positions)  # (B, L, d)
+        h = lookup(self.item_embedding, input_ids) + self.position_embedding(positions)  # (B, L, d)
         h = self.dropout(self.norm(h))
         return h, attention_bias(input_ids, h.dtype)
 

@@ -89,8 +89,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean full-softmax cross-entropy, item chunk by item chunk; saves the inputs and lse (M,) only."""
 
     @staticmethod
-    def forward(ctx, hidden, table, targets, seen, weight, smoothing: float, chunk: int):
-        # hidden (M, d), table (N, d) in one dtype; targets (M,); seen (M, K) distinct ids or None; weight () or None
+    def forward(ctx, hidden, full_table, targets, seen, weight, smoothing: float, chunk: int, first_item: int):
+        # hidden (M, d), full_table (first_item + N, d) in one dtype, candidates its rows first_item..; targets (M,);
+        # seen (M, K) distinct candidate indices or None; weight () or None
+        table = full_table[first_item:]  # (N, d)
         M, N = hidden.size(0), table.size(0)
         acc = _acc_dtype(hidden.dtype)
         w = weight.detach().to(acc) if weight is not None else None
@@ -112,22 +114,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         lse = run_max + run_sum.log()  # (M,)
         # F.cross_entropy's smoothing: (1-eps)·(lse - z_t) + eps·(lse - mean_j z_j)
         loss = lse - (1 - smoothing) * target_logit - (smoothing / N) * logit_sum
-        ctx.smoothing, ctx.chunk = smoothing, chunk
-        ctx.save_for_backward(hidden, table, targets, seen, weight, lse)
+        ctx.smoothing, ctx.chunk, ctx.first_item = smoothing, chunk, first_item
+        ctx.save_for_backward(hidden, full_table, targets, seen, weight, lse)
         return loss.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        hidden, table, targets, seen, weight, lse = ctx.saved_tensors
-        need_hidden, need_table, _, _, need_weight, _, _ = ctx.needs_input_grad
-        smoothing, chunk = ctx.smoothing, ctx.chunk
+        hidden, full_table, targets, seen, weight, lse = ctx.saved_tensors
+        need_hidden, need_table, _, _, need_weight, _, _, _ = ctx.needs_input_grad
+        smoothing, chunk, first_item = ctx.smoothing, ctx.chunk, ctx.first_item
+        table = full_table[first_item:]
         M, N = hidden.size(0), table.size(0)
         acc = _acc_dtype(hidden.dtype)
         w = weight.detach().to(acc) if weight is not None else None
         scale = grad_loss.to(acc) / M  # d mean / d row loss
         grad_hidden = hidden.new_zeros(hidden.shape, dtype=acc) if need_hidden else None  # (M, d)
-        grad_table = torch.empty_like(table) if need_table else None  # (N, d), written chunk by chunk
+        grad_full = None
+        if need_table:  # written chunk by chunk; the whole table's, so a caller's row slice costs no copy
+            grad_full = torch.empty_like(full_table)
+            grad_full[:first_item] = 0
         grad_weight = hidden.new_zeros((), dtype=acc) if need_weight else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, N, chunk):
@@ -147,12 +153,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_hidden:
                     grad_hidden += (dz @ table[start:start + C]).to(acc)
                 if need_table:
-                    grad_table[start:start + C] = dz.T @ hidden
-        return (grad_hidden.to(hidden.dtype) if need_hidden else None, grad_table, None, None,
-                grad_weight.to(weight.dtype) if need_weight else None, None, None)
+                    torch.mm(dz.T, hidden, out=grad_full[first_item + start:first_item + start + C])
+        return (grad_hidden.to(hidden.dtype) if need_hidden else None, grad_full, None, None,
+                grad_weight.to(weight.dtype) if need_weight else None, None, None, None)
 
 
-def _check_loss_inputs(hidden, table, targets, seen, seen_weight, label_smoothing) -> None:
+def _check_loss_inputs(hidden, table, targets, seen, seen_weight, label_smoothing, first_item) -> None:
+    if not 0 <= first_item < table.size(0):
+        raise ValueError(f"first_item must be in [0, {table.size(0)}) (the table's rows), got {first_item}")
+    table = table[first_item:]
     if hidden.dim() != 2 or table.dim() != 2 or hidden.size(1) != table.size(1):
         raise ValueError(f"hidden (M, d) and table (N, d) must share d, got {tuple(hidden.shape)}, {tuple(table.shape)}")
     if targets.shape != (hidden.size(0),) or targets.dtype.is_floating_point:
@@ -170,36 +179,41 @@ def _check_loss_inputs(hidden, table, targets, seen, seen_weight, label_smoothin
 
 def chunked_cross_entropy(hidden: Tensor, table: Tensor, targets: Tensor, label_smoothing: float = 0.0,
                           seen: Tensor | None = None, seen_weight: Tensor | None = None,
-                          chunk_size: int | None = None) -> Tensor:
+                          chunk_size: int | None = None, first_item: int = 0) -> Tensor:
     """Mean full-softmax cross-entropy over N items, as `dense_cross_entropy`, in O(M·chunk + N·d) memory.
 
     Args:
         hidden: (M, d) states at the positions with a target.
-        table: (N, d) output embeddings of the candidates, items 1..N (row i = item i+1).
-        targets: (M,) in [0, N).
+        table: (first_item + N, d) output embeddings; the candidates are its rows first_item.. (candidate i = row
+            first_item + i). Passing the whole item table with first_item=1 (row 0 = padding) rather than the slice
+            table[1:] saves the slice's backward, which would copy the (N, d) gradient into a fresh table-sized
+            tensor: at 10^6 items and d=64 that is 256 MB more at the step's peak.
+        targets: (M,) candidate indices in [0, N).
         label_smoothing: as F.cross_entropy's: eps/N on every item, 1-eps on the target.
         seen: (M, K) candidate indices in [0, N) row m has seen, -1 = padding, repeats allowed; each distinct one gets
             `seen_weight` added to its logit.
         seen_weight: the learned 0-dim seen score (`SeenItemScore.weight`).
         chunk_size: items per chunk; None = `default_chunk_size(M, N)`.
+        first_item: the table's first candidate row.
     Returns:
         0-dim loss, float32 (float64 for float64 inputs); differentiable in hidden, table and seen_weight.
     """
-    _check_loss_inputs(hidden, table, targets, seen, seen_weight, label_smoothing)
+    _check_loss_inputs(hidden, table, targets, seen, seen_weight, label_smoothing, first_item)
     dtype = _matmul_dtype(hidden, table)
-    chunk = chunk_size or default_chunk_size(hidden.size(0), table.size(0))
+    chunk = chunk_size or default_chunk_size(hidden.size(0), table.size(0) - first_item)
     distinct = _distinct(seen) if seen is not None else None
     # dtypes are fixed here, so forward and backward (which autocast does not reach) compute in the same one
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedCrossEntropy.apply(hidden.to(dtype), table.to(dtype), targets, distinct, seen_weight,
-                                          float(label_smoothing), chunk)
+                                          float(label_smoothing), chunk, first_item)
 
 
 def dense_cross_entropy(hidden: Tensor, table: Tensor, targets: Tensor, label_smoothing: float = 0.0,
                         seen: Tensor | None = None, seen_weight: Tensor | None = None,
-                        chunk_size: int | None = None) -> Tensor:
+                        chunk_size: int | None = None, first_item: int = 0) -> Tensor:
     """Reference for `chunked_cross_entropy` (chunk_size is ignored): the (M, N) logits, the dense bool seen mask,
-    F.cross_entropy; what `SequentialRecommender.loss` computes today."""
+    F.cross_entropy; what `SequentialRecommender.loss` computed before the chunked loss."""
+    table = table[first_item:]
     logits = hidden @ table.T  # (M, N)
     if seen is not None:
         mask = seen_items(seen + 1, table.size(0) + 1)[:, 1:]  # (M, N) bool; padding -1 lands in the dropped column
@@ -308,7 +322,8 @@ def dense_rank_and_top_k(hidden: Tensor, table: Tensor, target: Tensor | None, k
 
 
 def sampled_softmax_loss(hidden: Tensor, table: Tensor, targets: Tensor, num_negatives: int,
-                         item_log_q: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                         item_log_q: Tensor | None = None, generator: torch.Generator | None = None,
+                         first_item: int = 0) -> Tensor:
     """An APPROXIMATION of the training cross-entropy: softmax over in-batch targets plus sampled negatives.
 
     The candidates are the distinct items among all rows' targets (in-batch negatives) and `num_negatives` items drawn
@@ -319,14 +334,16 @@ def sampled_softmax_loss(hidden: Tensor, table: Tensor, targets: Tensor, num_neg
     is a candidate and, with uniform q, the loss is the full cross-entropy. No label smoothing, no seen score.
 
     Args:
-        hidden: (M, d); table: (N, d) items 1..N; targets: (M,) in [0, N).
+        hidden: (M, d); table: (first_item + N, d), the candidates its rows first_item.. (as `chunked_cross_entropy`);
+            targets: (M,) candidate indices in [0, N).
         num_negatives: items drawn per step (shared by all rows).
-        item_log_q: (N,) log sampling probability of each item (normalisation does not matter), or None.
-        generator: for the draws.
+        item_log_q: (N,) log sampling probability of each candidate (normalisation does not matter), or None.
+        generator: for the draws (None: the global generator of hidden's device).
+        first_item: the table's first candidate row.
     Returns:
         0-dim mean loss over the M rows.
     """
-    N = table.size(0)
+    N = table.size(0) - first_item
     device = hidden.device
     if num_negatives >= N:
         candidates = torch.arange(N, device=device)
@@ -338,7 +355,7 @@ def sampled_softmax_loss(hidden: Tensor, table: Tensor, targets: Tensor, num_neg
             u = torch.rand(num_negatives, device=device, dtype=torch.float64, generator=generator) * cdf[-1]
             drawn = torch.searchsorted(cdf, u).clamp_(max=N - 1)
         candidates = torch.unique(torch.cat([targets, drawn]))  # (U,) sorted, distinct
-    logits = hidden @ table[candidates].T  # (M, U)
+    logits = hidden @ table[first_item + candidates].T  # (M, U)
     logits = logits.to(_acc_dtype(logits.dtype))
     if item_log_q is not None:
         logits = logits - item_log_q[candidates].to(logits.dtype)
