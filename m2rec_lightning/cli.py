@@ -1,4 +1,5 @@
-"""`m2rec`: a LightningCLI (fit / validate / test / predict) plus `m2rec stats` for dataset statistics.
+"""`m2rec`: a LightningCLI (fit / validate / test / predict) plus `m2rec stats` (dataset statistics) and `m2rec serve`
+(an HTTP server, m2rec_lightning/serve.py).
 
 Errors of the user's making (a bad data file, a failed download, an unusable template, text model or `--ckpt_path`,
 options that contradict each other) print as `error: ...` and exit with status 1; `--traceback` (anywhere on the
@@ -47,6 +48,7 @@ SUBCOMMANDS = {
     "test": "evaluate a checkpoint on the test split",
     "predict": "write each user's top-K items (raw ids, with scores) to a CSV or Parquet file",
     "stats": "prepare a dataset and print its statistics (takes the --config and --data... options of fit)",
+    "serve": "answer top-K requests over HTTP from a checkpoint, with a live state per user (m2rec serve --help)",
 }
 OVERVIEW = "\n".join([
     "usage: m2rec SUBCOMMAND [--config FILE ...] [--OPTION VALUE ...]",
@@ -540,6 +542,10 @@ def main(args: list[str] | None = None) -> None:
             from datamodules.stats import main as stats_main
 
             stats_main(argv[1:])
+        elif argv[:1] == ["serve"]:
+            from .serve import main as serve_main
+
+            serve_main(argv[1:])
         else:
             make_cli(None if args is None else argv)
     except Exception as err:  # noqa: BLE001 - only user errors are reported; everything else goes on up

@@ -134,13 +134,21 @@ class SequentialRecommender(L.LightningModule):
     def _datamodule_text(self):
         return getattr(self._datamodule(), "text_embeddings", None)
 
-    def _item_map_fingerprint(self) -> str | None:
-        """sha256 of the datamodule's raw item ids in internal-id order: two catalogues with the same item count but
-        other items (or another numbering) differ, and a checkpoint would silently score the wrong items."""
-        item_ids = getattr(self._datamodule(), "item_ids", None)
+    def _item_map_fingerprint(self, item_ids=None) -> str | None:
+        """sha256 of the raw item ids (default: the datamodule's) in internal-id order: two catalogues with the same
+        item count but other items (or another numbering) differ, and a checkpoint would silently score the wrong
+        items."""
+        item_ids = getattr(self._datamodule(), "item_ids", None) if item_ids is None else item_ids
         if item_ids is None:
             return None
         return hashlib.sha256("\n".join(map(str, item_ids.tolist())).encode()).hexdigest()
+
+    def load_trained(self, checkpoint: dict, item_ids) -> None:
+        """Load a checkpoint's weights outside a Trainer (`m2rec serve`), with the checks test and predict make: the
+        catalogue (item_ids: the datamodule's raw ids) and the scoring must be the checkpoint's."""
+        self._item_map_sha256 = self._item_map_fingerprint(item_ids)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])
 
     def _scoring(self) -> dict:
         """What decides how a trained model ranks, beyond its weights: checked when a checkpoint is evaluated."""
