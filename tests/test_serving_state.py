@@ -217,3 +217,23 @@ def test_serving_refuses_what_it_cannot_do_exactly() -> None:
     encoder.train()
     with pytest.raises(RuntimeError, match="eval mode"):
         encoder.step(state, torch.tensor([3, 4]))
+
+
+def test_step_constants_follow_parameter_changes() -> None:
+    """step keeps item-independent tensors (Fourier kernel, A, projected text) between calls; a changed parameter or
+    text table must not leave a stale copy behind."""
+    encoder = make_m2rec(dict())
+    ids = torch.randint(1, N_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(6))
+    encoder.step(encoder.init_state(2), ids[:, 0])  # fills the kept constants
+    with torch.no_grad():
+        block = encoder.blocks[0]
+        block.fourier.weight.mul_(3.0)
+        block.temporal.mambas[0].A_log.add_(0.5)
+        encoder.semantic.offset.add_(1.0)
+        table = encoder.text_table.clone()
+        table[1:] = table[1:].flip(0)
+    encoder.set_text_table(table)
+    state, expected = encoder.init_state(2), encoder(ids)
+    for t in range(ids.size(1)):
+        state, hidden = encoder.step(state, ids[:, t])
+        close(hidden, expected[:, t])

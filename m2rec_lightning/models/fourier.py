@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .state import step_constant
+
 
 class CausalFourierFilter(nn.Module):
     """Learnable causal global filter, per channel.
@@ -115,5 +117,6 @@ class CausalFourierFilter(nn.Module):
 
     def _apply_kernel(self, history: Tensor) -> Tensor:  # (B, max_len, d) newest first -> (B, d)
         compute = torch.float64 if history.dtype == torch.float64 else torch.float32
-        k = self.kernel(dtype=compute)  # (max_len, d)
+        # an inverse FFT of max_len+1 bins: once, not at every step
+        k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))  # (K, d)
         return (history.to(compute) * k).sum(dim=1).to(history.dtype)

@@ -35,7 +35,7 @@ from .fourier import CausalFourierFilter
 from .gate import StreamGate
 from .multiscale import MultiScaleMamba
 from .semantic import SemanticProjection
-from .state import M2RecBlockState, M2RecState
+from .state import M2RecBlockState, M2RecState, step_constant
 
 
 class M2RecBlock(nn.Module):
@@ -318,7 +318,11 @@ class M2RecEncoder(SequenceEncoder):
         check_serving(self)
         check_step_ids(item_ids, self.num_items)
         h = self.norm(self.item_embedding(item_ids))  # (B, d); dropout is off in eval mode
-        s = self._semantic(item_ids)  # (B, d) or None
+        s = None
+        if self.semantic is not None:  # the projected text of every item, once: a step then only looks its row up
+            self._check_text_filled()
+            sources = [self.text_table, *self.semantic.parameters()]
+            s = step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))[item_ids]  # (B, d)
         blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
             block_state, h = block.step(block_state, h, s)

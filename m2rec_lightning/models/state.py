@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -113,3 +113,15 @@ def where_state(mask: Tensor, a: Any, b: Any) -> Any:
 def detach_state(state: Any) -> Any:
     """A copy to keep per user: detached from autograd and owning its memory (not a view into a batch)."""
     return map_state(lambda t: t.detach().clone(), state)
+
+
+def step_constant(module: nn.Module, name: str, sources: Sequence[Tensor], compute: Callable[[], Tensor]) -> Tensor:
+    """compute(), a tensor that depends on the given parameters only (not on the item), kept on the module under
+    `name` for the next step. It is recomputed when a source changes: in place (an optimizer step, load_state_dict;
+    both bump the tensor's version) or by replacement (.to(), .double(): a new storage)."""
+    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    kept = module.__dict__.get(name)
+    if kept is None or kept[0] != key:
+        kept = key, compute()
+        module.__dict__[name] = kept  # a plain attribute: not a buffer, so not in the state dict
+    return kept[1]

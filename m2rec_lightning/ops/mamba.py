@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.models.state import MambaState
+from m2rec_lightning.models.state import MambaState, step_constant
 from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_state
 
 log = logging.getLogger("m2rec")
@@ -257,7 +257,7 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         h = state.ssm
         dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(h.dtype) + _fp32(self.dt_proj.bias).to(h.dtype))
-        A = -torch.exp(_fp32(self.A_log)).to(h.dtype)  # (E·D, N)
+        A = step_constant(self, "_step_A", [self.A_log], lambda: -torch.exp(_fp32(self.A_log)).to(h.dtype))  # (E·D, N)
         xs = x.to(h.dtype)
         # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t
         h = torch.exp(dt[:, :, None] * A) * h + (dt * xs)[:, :, None] * B.to(h.dtype)[:, None, :]  # (batch, E·D, N)
