@@ -7,6 +7,8 @@ Encoders are constructed as `encoder(num_items, text_dim, **options)`.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,6 +63,52 @@ class SequenceEncoder(nn.Module):
         if table[0].abs().sum() != 0:
             raise ValueError("text table row 0 belongs to the padding id and must be all zeros")
         self.text_table.copy_(table)
+
+    # Serving: a recurrent state per user (models/state.py). Eval mode only: dropout would make the state differ from
+    # what forward computes.
+
+    def init_state(self, batch_size: int) -> Any:
+        """The state of batch_size users with no history yet (a tree of tensors with the batch in dim 0)."""
+        raise NotImplementedError
+
+    def step(self, state: Any, item_ids: Tensor) -> tuple[Any, Tensor]:
+        """Append one item per user: state, item_ids (B,) in [1, N] -> (new state, (B, hidden_size) hidden state at
+        the new item), equal to forward on each user's whole sequence at its last position. The old state is left
+        unchanged."""
+        raise NotImplementedError
+
+    def encode_state(self, input_ids: Tensor) -> tuple[Any, Tensor]:
+        """Prefill: (B, L) right-padded histories, each with at least one item -> (state after each row's items,
+        (B, hidden_size) hidden state at its last item), as many `step`s from `init_state` would give."""
+        raise NotImplementedError
+
+
+def check_serving(encoder: nn.Module) -> None:
+    """Raise unless the encoder is in eval mode, which step and encode_state need."""
+    if encoder.training:
+        raise RuntimeError(f"{type(encoder).__name__}.step / encode_state run in eval mode only (with dropout the state "
+                           "would not be the forward's): call encoder.eval() first")
+
+
+def check_step_ids(item_ids: Tensor, num_items: int) -> None:
+    """Raise a ValueError unless item_ids is (B,) with real ids in [1, num_items] (no padding)."""
+    if item_ids.dim() != 1 or item_ids.dtype.is_floating_point:
+        raise ValueError(f"item_ids must be (batch,) integers, got shape {tuple(item_ids.shape)} {item_ids.dtype}")
+    if item_ids.numel():
+        low, high = torch.stack(torch.aminmax(item_ids)).tolist()
+        if low < 1 or high > num_items:
+            raise ValueError(f"step item ids must lie in [1, {num_items}] (no padding), got ids in [{low}, {high}]")
+
+
+def history_lengths(input_ids: Tensor) -> Tensor:
+    """(B, L) right-padded histories -> (B,) their lengths; raise unless every row is right-padded and non-empty."""
+    real = input_ids > 0
+    if (real[:, 1:] & ~real[:, :-1]).any():
+        raise ValueError("encode_state needs right-padded histories (items first, then 0s); got an item after padding")
+    lengths = real.sum(dim=1)
+    if (lengths == 0).any():
+        raise ValueError("encode_state got a history with no item; use init_state for users without history")
+    return lengths
 
 
 def last_positions(input_ids: Tensor) -> Tensor:

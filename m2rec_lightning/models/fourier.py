@@ -5,11 +5,16 @@ sequence, which lets every position see the whole (padded) sequence, future item
 response defines a real kernel k of length max_len in time, and the filter is the linear (not circular) convolution
     y[t] = sum_{j=0..t} k[j] · h[t-j]
 computed with FFTs zero-padded to 2L, so y[t] depends on h[0..t] only.
+
+A history longer than max_len (read through the recurrent state of `step`, or by `convolve`) keeps the same
+max_len taps: y[t] = sum_{j=0..min(t, max_len-1)} k[j] · h[t-j], the last max_len inputs.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from .state import step_constant
 
 
 class CausalFourierFilter(nn.Module):
@@ -75,3 +80,43 @@ class CausalFourierFilter(nn.Module):
             y = torch.fft.irfft(torch.fft.rfft(x, n=n, dim=1) * torch.fft.rfft(k, n=n, dim=0), n=n, dim=1)
             y = y[:, :length]  # (B, L, d)
         return y.to(h.dtype)
+
+    def convolve(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d), any L
+        """y[t] = sum_{j <= min(t, max_len-1)} k[j] h[t-j] for a sequence of any length: forward without its length
+        limit (equal to it for L <= max_len); longer sequences read their last max_len inputs at every position."""
+        length = h.size(1)
+        taps = min(length, self.max_len)
+        compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            k = self.kernel(taps, compute)  # (taps, d)
+            n = length + taps  # >= L + taps - 1: the circular wrap-around never reaches [0, L)
+            y = torch.fft.irfft(torch.fft.rfft(h.to(compute), n=n, dim=1) * torch.fft.rfft(k, n=n, dim=0), n=n, dim=1)
+        return y[:, :length].to(h.dtype)
+
+    def init_state(self, batch_size: int) -> Tensor:
+        """The input history before the first input: (B, max_len, d) zeros, newest first."""
+        return self.weight.new_zeros(batch_size, self.max_len, self.hidden_size)
+
+    @torch.no_grad()
+    def step(self, history: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """One more input per row: history (B, max_len, d) of the inputs before t, newest first, and h (B, d) = input
+        t -> (history including t, (B, d) y[t] = sum_j k[j] h[t-j]). A shift register, not a ring buffer: every row
+        of a batch then reads tap j at the same slot whatever its history length, and the copy costs no more than
+        the max_len·d multiply-adds of the output."""
+        history = torch.cat([h[:, None], history[:, :-1]], dim=1)  # (B, max_len, d): history[:, j] = h[t-j]
+        return history, self._apply_kernel(history)
+
+    @torch.no_grad()
+    def prefill(self, h: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """The history after the first lengths[i] inputs of each row, and y at position lengths[i] - 1:
+        h (B, L, d), lengths (B,) in [1, L] -> ((B, max_len, d), (B, d)). Any L."""
+        source = lengths[:, None] - 1 - torch.arange(self.max_len, device=h.device)  # (B, max_len): input t - j
+        history = h.gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, h.size(2)))  # (B, max_len, d)
+        history = history * (source >= 0)[:, :, None]  # zeros before the first input
+        return history, self._apply_kernel(history)
+
+    def _apply_kernel(self, history: Tensor) -> Tensor:  # (B, max_len, d) newest first -> (B, d)
+        compute = torch.float64 if history.dtype == torch.float64 else torch.float32
+        # an inverse FFT of max_len+1 bins: once, not at every step
+        k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))  # (K, d)
+        return (history.to(compute) * k).sum(dim=1).to(history.dtype)

@@ -12,6 +12,12 @@
 Every part can be switched off. scales=[1], fourier=False, semantic=False, residual=False (n_layers=1) is the released
 Mamba4Rec: LayerNorm(Dropout(emb)) -> Mamba -> LayerNorm(Dropout(.)) -> FFN with residual + LayerNorm, with no gate
 and no scale weights in the path.
+
+Serving (`init_state`, `step`, `encode_state`): every stream is a recurrence or per position, so a user's state (an
+M2RecState, models/state.py) is carried forward one item at a time in O(1), and the hidden state after t items equals
+forward's at position t. A history longer than max_len is read whole, not cut to its last max_len items: the Mamba
+scales read every item, the Fourier filter its last max_len inputs (its kernel has max_len taps), so the result is
+forward's on an encoder with a longer max_len whose extra Fourier taps are zero.
 """
 from __future__ import annotations
 
@@ -21,11 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions, lookup
+from .encoder import (
+    FeedForward, SequenceEncoder, check_ids, check_serving, check_step_ids, history_lengths, init_recbole_,
+    last_positions, lookup,
+)
 from .fourier import CausalFourierFilter
 from .gate import StreamGate
 from .multiscale import MultiScaleMamba
 from .semantic import SemanticProjection
+from .state import M2RecBlockState, M2RecState, step_constant
 
 
 class M2RecBlock(nn.Module):
@@ -119,6 +129,51 @@ class M2RecBlock(nn.Module):
             h, mixed = g * h, (1 - g) * mixed
         h = self.norm(h + mixed if self.residual else mixed)
         return self.ffn(h)
+
+    def init_state(self, batch_size: int) -> M2RecBlockState:
+        return M2RecBlockState(
+            temporal=self.temporal.init_state(batch_size),
+            fourier=self.fourier.init_state(batch_size) if self.fourier is not None else None,
+        )
+
+    def step(self, state: M2RecBlockState, h: Tensor, s: Tensor | None) -> tuple[M2RecBlockState, Tensor]:
+        """One more position: h (B, d) the block's input there, s (B, d) the semantic stream there or None ->
+        (new state, (B, d) the block's output there)."""
+        self._check_semantic(s)
+        temporal, out = self.temporal.step(state.temporal, h)
+        streams, fourier = [out], None
+        if self.fourier is not None:
+            fourier, out = self.fourier.step(state.fourier, h)
+            streams.append(out)
+        if s is not None:
+            streams.append(s)
+        return M2RecBlockState(temporal, fourier), self.fuse(h, streams)
+
+    def prefill(self, h: Tensor, s_last: Tensor | None, lengths: Tensor) -> tuple[M2RecBlockState, Tensor]:
+        """The state after the first lengths[i] positions of each row and the output at lengths[i] - 1: h (B, L, d)
+        the block's inputs (any L), s_last (B, d) the semantic stream at lengths - 1 or None, lengths (B,) in [1, L]
+        -> (state, (B, d))."""
+        self._check_semantic(s_last)
+        temporal, out = self.temporal.prefill(h, lengths)
+        streams, fourier = [out], None
+        if self.fourier is not None:
+            fourier, out = self.fourier.prefill(h, lengths)
+            streams.append(out)
+        if s_last is not None:
+            streams.append(s_last)
+        h_last = h[torch.arange(h.size(0), device=h.device), lengths - 1]  # (B, d)
+        return M2RecBlockState(temporal, fourier), self.fuse(h_last, streams)
+
+    def forward_unbounded(self, h: Tensor, s: Tensor | None = None) -> Tensor:  # (B, L, d) -> (B, L, d), any L
+        """forward for a sequence of any length, a longer one with the Fourier filter on its last max_len inputs
+        (CausalFourierFilter.convolve): the block outputs a prefill of a long history feeds to the next block."""
+        self._check_semantic(s)
+        streams = [self.temporal(h)]
+        if self.fourier is not None:
+            streams.append(self.fourier.convolve(h))
+        if s is not None:
+            streams.append(s)
+        return self.fuse(h, streams)
 
 
 class M2RecEncoder(SequenceEncoder):
@@ -252,3 +307,44 @@ class M2RecEncoder(SequenceEncoder):
             return table
         self._check_text_filled()
         return table + self.semantic(self.text_table)
+
+    def init_state(self, batch_size: int) -> M2RecState:
+        return M2RecState([block.init_state(batch_size) for block in self.blocks])
+
+    @torch.no_grad()
+    def step(self, state: M2RecState, item_ids: Tensor) -> tuple[M2RecState, Tensor]:
+        """Append one item per user, in O(1): item_ids (B,) -> (new state, (B, d)); see SequenceEncoder.step. Layer
+        l's input is layer l-1's output at the new item, so no earlier position is read again."""
+        check_serving(self)
+        check_step_ids(item_ids, self.num_items)
+        h = self.norm(self.item_embedding(item_ids))  # (B, d); dropout is off in eval mode
+        s = None
+        if self.semantic is not None:  # the projected text of every item, once: a step then only looks its row up
+            self._check_text_filled()
+            sources = [self.text_table, *self.semantic.parameters()]
+            s = step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))[item_ids]  # (B, d)
+        blocks = []
+        for block, block_state in zip(self.blocks, state.blocks):
+            block_state, h = block.step(block_state, h, s)
+            blocks.append(block_state)
+        return M2RecState(blocks), h
+
+    @torch.no_grad()
+    def encode_state(self, input_ids: Tensor) -> tuple[M2RecState, Tensor]:
+        """Prefill from whole histories of any length, (B, L) right-padded -> (state, (B, d)); see
+        SequenceEncoder.encode_state. Every block but the last runs on every position (the next one reads them),
+        each Mamba's scan once more to each row's last item for its state."""
+        check_serving(self)
+        check_ids(input_ids, self.num_items)  # no max_len: the whole history is read
+        lengths = history_lengths(input_ids)  # (B,)
+        h = self.norm(self.item_embedding(input_ids))  # (B, L, d)
+        s = self._semantic(input_ids)  # (B, L, d) or None
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        s_last = s[rows, lengths - 1] if s is not None else None  # (B, d)
+        blocks = []
+        for i, block in enumerate(self.blocks):
+            block_state, hidden = block.prefill(h, s_last, lengths)
+            blocks.append(block_state)
+            if i + 1 < len(self.blocks):
+                h = block.forward_unbounded(h, s)
+        return M2RecState(blocks), hidden

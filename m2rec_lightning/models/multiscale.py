@@ -7,6 +7,9 @@ ending at or before t, window (t+1)//s - 1; positions t < s-1 read zeros. For s 
     reads      0    w0   w0   w1   w1       (w0 = positions 0-1, w1 = positions 2-3; position 4 opens no window)
 A trailing incomplete window is never read, so it is not computed. With right padding, a window that holds padding
 ends after the last real item and is only read at padding positions.
+
+Step by step (`step`, for serving), scale s keeps the sum and count of its open window; when the window completes, its
+mean is one step of the scale's Mamba, whose output the scale then repeats until the next window completes.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
+from .state import MambaState, PooledScaleState, where_state
 
 
 def pool_windows(h: Tensor, scale: int) -> Tensor:
@@ -109,3 +113,67 @@ class MultiScaleMamba(nn.Module):
             return paths[0]
         w = self.scale_weights().to(paths[0].dtype)
         return sum(w_s * p for w_s, p in zip(w, paths))
+
+    def init_state(self, batch_size: int) -> list[MambaState | PooledScaleState]:
+        """Each scale's state before the first input (a MambaState for scale 1, else a PooledScaleState)."""
+        states = []
+        for scale, mamba in zip(self.scales, self.mambas):
+            empty = mamba.init_state(batch_size)
+            if scale == 1:
+                states.append(empty)
+                continue
+            zeros = mamba.in_proj.weight.new_zeros(batch_size, mamba.d_model)  # (B, d)
+            count = torch.zeros(batch_size, dtype=torch.long, device=zeros.device)
+            states.append(PooledScaleState(window_sum=zeros, window_count=count, mamba=empty, output=zeros))
+        return states
+
+    @torch.no_grad()
+    def step(
+        self, states: list[MambaState | PooledScaleState], h: Tensor
+    ) -> tuple[list[MambaState | PooledScaleState], Tensor]:
+        """One more input per row: h (B, d) = input t -> (new states, (B, d) output at position t, as forward's)."""
+        paths, new = [], []
+        for scale, mamba, state in zip(self.scales, self.mambas, states):
+            if scale == 1:
+                state, out = mamba.step(state, h)
+                new.append(state)
+                paths.append(out)
+                continue
+            total, count = state.window_sum + h, state.window_count + 1
+            done = count == scale  # (B,) rows whose window completes at t
+            if done.any():  # one Mamba step per window: most steps of a batch of one skip it
+                stepped, out = mamba.step(state.mamba, total / scale)  # the window's mean, as pool_windows
+                state = PooledScaleState(
+                    window_sum=torch.where(done[:, None], 0.0, total),
+                    window_count=torch.where(done, 0, count),
+                    mamba=where_state(done, stepped, state.mamba),
+                    output=torch.where(done[:, None], out, state.output),
+                )
+            else:
+                state = PooledScaleState(window_sum=total, window_count=count, mamba=state.mamba, output=state.output)
+            new.append(state)
+            paths.append(state.output)
+        return new, self.mix(paths)
+
+    @torch.no_grad()
+    def prefill(self, h: Tensor, lengths: Tensor) -> tuple[list[MambaState | PooledScaleState], Tensor]:
+        """The states after the first lengths[i] inputs of each row, and the output at position lengths[i] - 1:
+        h (B, L, d), lengths (B,) in [1, L] -> (states, (B, d)). Any L: each Mamba reads the whole prefix."""
+        states, paths = [], []
+        positions = torch.arange(h.size(1), device=h.device)  # (L,)
+        for scale, mamba in zip(self.scales, self.mambas):
+            if scale == 1:
+                state, out = mamba.prefill(h, lengths)
+                states.append(state)
+                paths.append(out)
+                continue
+            windows = lengths // scale  # (B,) complete windows; the output at lengths-1 is the last one's
+            state, out = mamba.prefill(pool_windows(h, scale), windows)  # zero output where windows == 0
+            start = windows * scale  # (B,) first position of the open window
+            open_window = (positions >= start[:, None]) & (positions < lengths[:, None])  # (B, L)
+            states.append(PooledScaleState(
+                window_sum=(h * open_window[:, :, None]).sum(dim=1), window_count=lengths - start, mamba=state,
+                output=out,
+            ))
+            paths.append(out)
+        return states, self.mix(paths)

@@ -8,6 +8,12 @@
 Masking follows RecBole: key j is visible to query i iff j <= i and x_j != 0, applied as an additive -10000 (not
 -inf), so a query with no visible key (a sequence that starts with padding) averages uniformly instead of producing
 NaN. Attention runs in torch's scaled_dot_product_attention.
+
+Serving (`init_state`, `step`, `encode_state`): a key/value cache per layer, so a new item attends to the cached
+positions instead of re-encoding them (O(t) per step, not O(1): attention reads every cached key). The cache holds
+real items only, so no key is ever masked as padding. The position table has max_len rows, so SASRec reads at most
+the last max_len items: once a user's cache holds max_len items, each step re-encodes the window of the last max_len
+items (the new one included) from scratch, O(max_len²), and its hidden state is forward's on that window.
 """
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .encoder import FeedForward, SequenceEncoder, check_ids, init_recbole_, last_positions, lookup
+from .encoder import (
+    FeedForward, SequenceEncoder, check_ids, check_serving, check_step_ids, history_lengths, init_recbole_,
+    last_positions, lookup,
+)
+from .state import SASRecState, map_state
 
 
 def attention_bias(input_ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -63,6 +73,21 @@ class SelfAttention(nn.Module):
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # (B, H, Lq, d/H)
         context = context.transpose(1, 2).flatten(2)  # (B, Lq, d)
         return self.norm(queries + self.dropout(self.out(context)))
+
+    def step(self, x: Tensor, keys: Tensor, values: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One new position per row against a key/value cache: x (B, d) the layer input at position[i] of row i,
+        keys and values (B, n_heads, capacity, d / n_heads) holding positions 0..position[i]-1 -> (keys and values
+        with position[i] written, copies; (B, d) the output there). Slots after position[i] are masked."""
+        rows = torch.arange(x.size(0), device=x.device)
+        keys, values = keys.clone(), values.clone()  # the caller's state stays valid
+        keys[rows, :, position] = self.key(x).unflatten(-1, (self.n_heads, -1))  # (B, n_heads, d / n_heads)
+        values[rows, :, position] = self.value(x).unflatten(-1, (self.n_heads, -1))
+        q = self.split_heads(self.query, x[:, None])  # (B, n_heads, 1, d / n_heads)
+        slots = torch.arange(keys.size(2), device=x.device)
+        bias = torch.zeros(x.size(0), 1, 1, keys.size(2), dtype=q.dtype, device=x.device)
+        bias = bias.masked_fill((slots > position[:, None])[:, None, None, :], -10000.0)  # RecBole's value
+        context = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)  # (B, n_heads, 1, d / n_heads)
+        return keys, values, self.norm(x + self.out(context.transpose(1, 2).flatten(1)))
 
 
 class SASRecEncoder(SequenceEncoder):
@@ -142,3 +167,58 @@ class SASRecEncoder(SequenceEncoder):
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         return self.item_embedding.weight
+
+    def init_state(self, batch_size: int) -> SASRecState:
+        w = self.item_embedding.weight
+        heads = self.attention[0].n_heads
+        cache = [w.new_zeros(batch_size, heads, self.max_len, self.hidden_size // heads) for _ in self.attention]
+        return SASRecState(
+            items=torch.zeros(batch_size, self.max_len, dtype=torch.long, device=w.device),
+            length=torch.zeros(batch_size, dtype=torch.long, device=w.device),
+            keys=cache, values=[c.clone() for c in cache],
+        )
+
+    @torch.no_grad()
+    def step(self, state: SASRecState, item_ids: Tensor) -> tuple[SASRecState, Tensor]:
+        """Append one item per user: (B,) -> (new state, (B, d)). Below max_len items the new position attends to the
+        cache, equal to forward on the whole sequence; at max_len the user's window of the last max_len items is
+        re-encoded (encode_state), equal to forward on that window (see the module docstring)."""
+        check_serving(self)
+        check_step_ids(item_ids, self.num_items)
+        rows = torch.arange(item_ids.size(0), device=item_ids.device)
+        full = state.length == self.max_len  # (B,) users whose position table is used up
+        position = state.length.clamp(max=self.max_len - 1)  # full rows are recomputed below; stay in bounds
+        h = self.norm(self.item_embedding(item_ids) + self.position_embedding(position))  # (B, d); no dropout in eval
+        keys, values = [], []
+        for attention, ffn, k, v in zip(self.attention, self.ffn, state.keys, state.values):
+            k, v, h = attention.step(h, k, v, position)
+            h = ffn(h)
+            keys.append(k)
+            values.append(v)
+        items = state.items.clone()
+        items[rows, position] = item_ids
+        new = SASRecState(items=items, length=position + 1, keys=keys, values=values)
+        if full.any():
+            refill = full.nonzero().flatten()  # (R,)
+            window = torch.cat([state.items[refill, 1:], item_ids[refill, None]], dim=1)  # (R, max_len)
+            window_state, window_hidden = self.encode_state(window)
+            new = map_state(lambda t, w: t.index_copy(0, refill, w), new, window_state)
+            h = h.index_copy(0, refill, window_hidden)
+        return new, h
+
+    @torch.no_grad()
+    def encode_state(self, input_ids: Tensor) -> tuple[SASRecState, Tensor]:
+        """Prefill from (B, L <= max_len) right-padded histories -> (state, (B, d)): forward, keeping every layer's
+        keys and values (SASRec cannot read more than max_len items; longer histories raise)."""
+        check_serving(self)
+        lengths = history_lengths(input_ids)
+        h, bias = self._embed(input_ids)  # checks the ids and L <= max_len
+        pad = self.max_len - input_ids.size(1)
+        keys, values = [], []
+        for attention, ffn in zip(self.attention, self.ffn):
+            keys.append(F.pad(attention.split_heads(attention.key, h), (0, 0, 0, pad)))  # (B, n_heads, max_len, ·)
+            values.append(F.pad(attention.split_heads(attention.value, h), (0, 0, 0, pad)))
+            h = ffn(attention(h, bias))
+        rows = torch.arange(input_ids.size(0), device=input_ids.device)
+        state = SASRecState(items=F.pad(input_ids, (0, pad)), length=lengths, keys=keys, values=values)
+        return state, h[rows, lengths - 1]

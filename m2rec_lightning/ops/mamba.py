@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_state
+from m2rec_lightning.models.state import MambaState, step_constant
+from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_state
 
 log = logging.getLogger("m2rec")
 
@@ -234,3 +235,63 @@ class Mamba(nn.Module):
         y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
         y = y * F.silu(z[rows, index].to(h.dtype))
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def init_state(self, batch_size: int) -> MambaState:
+        """The state before the first input: zero conv inputs (the conv's padding) and h = 0."""
+        w = self.in_proj.weight
+        return MambaState(
+            conv=w.new_zeros(batch_size, self.d_inner, self.d_conv - 1),
+            ssm=torch.zeros(batch_size, self.d_inner, self.d_state, dtype=_scan_dtype(w), device=w.device),
+        )
+
+    @torch.no_grad()
+    def step(self, state: MambaState, u: Tensor) -> tuple[MambaState, Tensor]:
+        """One more input per row: state after t inputs, u (batch, d_model) = input t -> (state after t+1 inputs,
+        (batch, d_model) output t), equal to forward's output at position t on the whole sequence. Inference only."""
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, E·D) each
+        window = torch.cat([state.conv, x[:, :, None]], dim=2)  # (batch, E·D, d_conv): inputs t-d_conv+1 .. t
+        x = (window * self.conv1d.weight[:, 0]).sum(-1)  # the depthwise conv at t alone
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = self.act(x)  # (batch, E·D)
+        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        h = state.ssm
+        dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(h.dtype) + _fp32(self.dt_proj.bias).to(h.dtype))
+        A = step_constant(self, "_step_A", [self.A_log], lambda: -torch.exp(_fp32(self.A_log)).to(h.dtype))  # (E·D, N)
+        xs = x.to(h.dtype)
+        # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t
+        # (fused ops where they exist: at batch 1 each op's dispatch costs more than its arithmetic)
+        dBx = (dt * xs)[:, :, None] * B.to(h.dtype)[:, None, :]  # (batch, E·D, N)
+        h = torch.addcmul(dBx, torch.exp(dt[:, :, None] * A), h)  # (batch, E·D, N)
+        y = torch.addcmul(torch.bmm(h, C.to(h.dtype)[:, :, None])[:, :, 0], _fp32(self.D).to(h.dtype), xs)
+        y = y * F.silu(z.to(h.dtype))
+        return MambaState(conv=window[:, :, 1:], ssm=h), self.out_proj(y.to(u.dtype))
+
+    @torch.no_grad()
+    def prefill(self, hidden_states: Tensor, lengths: Tensor) -> tuple[MambaState, Tensor]:
+        """The state after the first lengths[i] inputs of each row, and the output at position lengths[i] - 1:
+        (batch, seqlen, d_model), (batch,) in [0, seqlen] -> (state, (batch, d_model)). A row of length 0 gets the
+        initial state and a zero output. The scan runs once, to each row's last input (as forward_last does)."""
+        batch, seqlen, _ = hidden_states.shape
+        if seqlen == 0:
+            return self.init_state(batch), hidden_states.new_zeros(batch, self.d_model)
+        rows = torch.arange(batch, device=hidden_states.device)
+        index = (lengths - 1).clamp(min=0)  # (batch,)
+        started = (lengths > 0)[:, None]  # (batch, 1)
+        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        # mamba_ssm has no state-only scan: its backends use the PyTorch one (which also runs on CUDA)
+        state_fn = _triton_scan()[1] if self._resolve_backend(hidden_states) == "triton" else selective_scan_state
+        h = state_fn(
+            x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+        )  # (batch, E·D, N)
+        h = h * started[:, :, None]
+        u = x[rows, :, index]  # (batch, E·D), after the conv
+        y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
+        y = y * F.silu(z[rows, index].to(h.dtype))
+        y = self.out_proj(y.to(hidden_states.dtype)) * started
+        # the conv's memory: pre-conv inputs at positions lengths-d_conv+1 .. lengths-1, zeros before position 0
+        source = lengths[:, None] - self.d_conv + 1 + torch.arange(self.d_conv - 1, device=lengths.device)
+        tail = hidden_states[rows[:, None], source.clamp(min=0)]  # (batch, d_conv-1, d_model)
+        conv = self.in_proj(tail)[..., : self.d_inner] * (source >= 0)[:, :, None]  # (batch, d_conv-1, E·D)
+        return MambaState(conv=conv.transpose(1, 2), ssm=h), y
