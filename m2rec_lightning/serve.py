@@ -20,7 +20,6 @@ two give the same scores. SASRec's state is a key/value cache bounded by its pos
 Bad requests get a 4xx answer with a message (unknown items or user, an empty history, too many items, a bad k or
 candidate list); they never stop the server, and one bad request in a batch does not fail the others.
 """
-from __future__ import annotations
 
 import argparse
 import sys
@@ -328,10 +327,10 @@ class _API(_lit_api()):
 
     def __init__(self, spec: ServeSpec, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.spec = spec
+        self.serve_spec = spec
 
     def setup(self, device: str) -> None:
-        self.recommender = build_recommender(self.spec)
+        self.recommender = build_recommender(self.serve_spec)
 
     def check(self, request) -> Query | RequestError:
         try:
@@ -422,7 +421,7 @@ def serve(spec: ServeSpec, host: str, port: int, max_batch_size: int, batch_time
     kw = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
     server = ls.LitServer([RecommendAPI(spec, api_path="/recommend", **kw), UsersAPI(spec, api_path="/users", **kw)],
                           accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
-                          timeout=timeout, max_payload_size="4MB")
+                          timeout=timeout, max_payload_size=4 << 20)  # bytes: 413 beyond
     server.run(host=host, port=port, generate_client_file=False)
 
 
