@@ -14,11 +14,11 @@ content hash of a local folder), pooling, normalisation, max_length, template an
 size, device, shard size) changes results only at float rounding level and is not part of it. Stale tables (other
 keys) are left in place so switching back is free; delete the folder to reclaim space.
 
-Multi-GPU: not implemented. One GPU embeds a benchmark catalogue with a 7B decoder in seconds to about a minute
-(docs/benchmarks.md), so the build runs once, in one process, before training;
-call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs. For catalogues in the millions
-the shard files are the unit to distribute: each device would embed a disjoint set of shard indices of the same
-key, and one process would then assemble them.
+Several devices: ``datamodules.text_embedding_job`` (``python -m datamodules.embed_text --devices N``) runs the
+build as a Lightning predict job; every rank derives the same ``ShardPlan``, embeds a disjoint set of its shard
+indices into the same shard files, and rank 0 assembles the table, under the same key. One GPU embeds a benchmark
+catalogue with a 7B decoder in seconds to about a minute (docs/benchmarks.md), so inside training the build runs
+once, in one process: call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs.
 """
 
 from __future__ import annotations

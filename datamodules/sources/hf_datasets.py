@@ -103,9 +103,10 @@ def cache_files(dataset) -> list[Path]:
     return [Path(f["filename"]) for f in dataset.cache_files]
 
 
-def _where(dataset, option: str) -> Path:
+def _where(dataset) -> Path:
+    """What an error names: the Arrow file, the folder of several, or (an in-memory table) its description."""
     files = cache_files(dataset)
-    return files[0] if len(files) == 1 else Path(option)
+    return files[0] if len(files) == 1 else files[0].parent if files else Path("<in-memory dataset>")
 
 
 def arrow_columns(dataset, columns: list[str], option: str) -> pa.Table:
@@ -113,10 +114,10 @@ def arrow_columns(dataset, columns: list[str], option: str) -> pa.Table:
     a missing column or an empty table is a one-line error."""
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise DataFormatError(_where(dataset, option), f"{option}: missing column(s) {missing}; the dataset has "
+        raise DataFormatError(_where(dataset), f"{option}: missing column(s) {missing}; the dataset has "
                                                        f"{dataset.column_names}")
     if len(dataset) == 0:
-        raise DataFormatError(_where(dataset, option), f"{option}: the dataset has no rows")
+        raise DataFormatError(_where(dataset), f"{option}: the dataset has no rows")
     return dataset.with_format("arrow", columns=columns)[:]
 
 
@@ -124,15 +125,16 @@ def interaction_columns(dataset, user: str, item: str, time: str, option: str) -
     """(users, items, timestamps) as numpy arrays: string ids, int64 timestamps, no nulls (the first null is
     reported with its row)."""
     table = arrow_columns(dataset, [user, item, time], option)
-    for name, want in ((user, pa.types.is_string), (item, pa.types.is_string), (time, pa.types.is_integer)):
+    for name, kind in ((user, "strings"), (item, "strings"), (time, "integers")):
         column = table[name]
-        if not (want(column.type) or pa.types.is_large_string(column.type) and want is pa.types.is_string):
-            kind = "integers" if want is pa.types.is_integer else "strings"
-            raise DataFormatError(_where(dataset, option), f"{option}: column {name!r} holds {column.type}, "
-                                                           f"expected {kind}")
+        fits = (pa.types.is_integer(column.type) if kind == "integers"
+                else pa.types.is_string(column.type) or pa.types.is_large_string(column.type))
+        if not fits:
+            raise DataFormatError(_where(dataset), f"{option}: column {name!r} holds {column.type}, "
+                                                 f"expected {kind}")
         if column.null_count:
             row = int(pc.index(pc.is_null(column), True).as_py())
-            raise DataFormatError(_where(dataset, option), f"{option}: row {row}: column {name!r} is empty")
+            raise DataFormatError(_where(dataset), f"{option}: row {row}: column {name!r} is empty")
     return (table[user].to_numpy(), table[item].to_numpy(),
             table[time].cast(pa.int64()).to_numpy())
 
