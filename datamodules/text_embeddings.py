@@ -509,6 +509,7 @@ class ShardPlan:
     shard_size: int
     items: list[int]  # the item (0-based index into the build's items) of each row of token_ids
     truncated: int  # texts cut to max_length tokens
+    num_items: int  # items of the build, with or without text
 
     @property
     def num_shards(self) -> int:
@@ -538,20 +539,22 @@ class ShardPlan:
 
 
 def _shard_results(encoder: TextEncoder, plan: ShardPlan, progress: bool) -> Tensor:
-    """Every shard of ``plan``: reused when its file verifies, else embedded and saved. Returns
-    (len(token_ids), H)."""
-    out: Tensor | None = None
+    """Every shard of ``plan``: reused when its file verifies, else embedded and saved. Returns the (N+1, H) table:
+    row ``plan.items[j] + 1`` holds text j's vector, the other rows (padding, items without text) are zeros. The
+    shards land in the table directly, so a million-item build holds one (N+1, H) copy, not two."""
+    table: Tensor | None = None
+    rows_of = torch.as_tensor(plan.items) + 1  # token row j -> table row
     with tqdm(total=len(plan.order), desc="embedding item texts", unit="item", disable=not progress) as bar:
         for k in range(plan.num_shards):
             vec = plan.load(k)
             if vec is None:
                 vec = plan.embed(encoder, k)
                 plan.save(k, vec)
-            if out is None:
-                out = torch.zeros(len(plan.token_ids), vec.shape[1])
-            out[plan.rows(k)] = vec
+            if table is None:
+                table = torch.zeros(plan.num_items + 1, vec.shape[1])
+            table[rows_of[plan.rows(k)]] = vec
             bar.update(len(plan.rows(k)))
-    return out
+    return table
 
 
 def _load_shard(path: Path, key: str, rows: list[int]) -> Tensor | None:
@@ -650,20 +653,16 @@ class TextBuild:
             raise TemplateError(f"none of the {len(self.item_ids)} items has text to embed: the tokenizer of "
                                 f"{self.model} gives no tokens for any text that template {self.template!r} renders")
         return ShardPlan(self.key, self.stem.with_suffix(".shards"), token_ids, length_order(token_ids, keep),
-                         shard_size, present, sum(cut))
+                         shard_size, present, sum(cut), len(self.item_ids))
 
     def assemble(self, encoder: TextEncoder, plan: ShardPlan, progress: bool, start: float) -> TextEmbeddings:
         """Embed the shards not on disk yet (none after a distributed build), write the table and its sidecar,
         and remove the shard files. Call it holding ``lock()``."""
-        vec = _shard_results(encoder, plan, progress)
+        table = _shard_results(encoder, plan, progress)  # (N+1, d), row 0 = padding
         n = len(self.item_ids)
-        table = torch.zeros(n + 1, vec.shape[1])  # (N+1, d), row 0 = padding
         mask = torch.zeros(n + 1, dtype=torch.bool)  # (N+1,)
-        keep = sorted(plan.order)
-        rows = torch.as_tensor([plan.items[j] + 1 for j in keep])
-        table[rows] = vec[keep]
-        mask[rows] = True
-        num_missing = n - len(keep)
+        mask[torch.as_tensor(plan.items)[plan.order] + 1] = True
+        num_missing = n - len(plan.order)
         num_truncated = plan.truncated
         if num_missing:
             log.warning("%d of %d items have no text: zero rows, mask False", num_missing, n)

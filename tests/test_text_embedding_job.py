@@ -76,7 +76,7 @@ def test_rank_takes_a_disjoint_share_of_shards():
         global_rank, world_size = 1, 3
 
     module = ShardEmbedder(build=None, batch_size=4, shard_size=SHARD)
-    module.plan = te.ShardPlan("k", Path("x"), [[1]] * 10, list(range(10)), 1, list(range(10)), 0)
+    module.plan = te.ShardPlan("k", Path("x"), [[1]] * 10, list(range(10)), 1, list(range(10)), 0, 10)
     module._trainer = Trainer()
     assert list(module.predict_dataloader()) == [1, 4, 7]
 
