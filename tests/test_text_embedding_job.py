@@ -120,5 +120,5 @@ def test_two_cpu_processes_build_the_same_table(tmp_path):
 
     built = load_file(path)
     assert torch.equal(built["mask"], reference.mask)
-    assert torch.allclose(built["embeddings"], reference.table, atol=1e-6)
-    print("bit-identical to the one-process table:", torch.equal(built["embeddings"], reference.table))
+    # one thread in every process, so each shard runs the same kernels as in the one-process build: bit-identical
+    assert torch.equal(built["embeddings"], reference.table)
