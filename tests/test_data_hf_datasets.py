@@ -8,6 +8,7 @@ import pytest
 from test_data_amazon import META_2023, _review_2023, write_gz
 
 from datamodules import Amazon2023, DataFormatError
+from datamodules.base import DataOptionError
 from datamodules.parsing import MissingFileError
 from datamodules.sources import hf_datasets
 
@@ -123,7 +124,7 @@ def test_bad_local_copies_are_one_line(tmp_path, case, error, match):
 
 
 def test_local_copy_needs_the_datasets_source():
-    with pytest.raises(ValueError, match="data.review_dataset is read only with source: datasets"):
+    with pytest.raises(DataOptionError, match="data.review_dataset is read only with source: datasets"):
         Amazon2023(review_dataset="x")
 
 

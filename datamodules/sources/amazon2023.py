@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..base import SequentialDataModule
+from ..base import DataOptionError, SequentialDataModule
 from ..download import download_file
 from ..parsing import require_file
 from ..preprocess import Interactions
@@ -71,10 +71,10 @@ class Amazon2023(SequentialDataModule):
                  meta_dataset: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if source not in ("jsonl", "hf", "datasets"):
-            raise ValueError(f"data.source must be 'jsonl', 'hf' or 'datasets', got {source!r}")
+            raise DataOptionError(f"data.source must be 'jsonl', 'hf' or 'datasets', got {source!r}")
         for option, value in (("review_dataset", review_dataset), ("meta_dataset", meta_dataset)):
             if value is not None and source != "datasets":
-                raise ValueError(f"data.{option} is read only with source: datasets (source is {source!r})")
+                raise DataOptionError(f"data.{option} is read only with source: datasets (source is {source!r})")
         self.category, self.source, self.with_text = category, source, with_text
         self.base_url = base_url.rstrip("/") + "/"
         self.review_dataset, self.meta_dataset = review_dataset, meta_dataset
