@@ -282,11 +282,17 @@ def _maxrss() -> int:
 
 
 def make_datamodule(path: Path, format: str, **options):
-    """The datamodule over a generated folder: Amazon2023 (jsonl) or InteractionTable (parquet), no item text."""
-    if format == "jsonl":
-        from datamodules import Amazon2023
+    """The datamodule over a generated folder, no item text: Amazon2023 over the JSON-lines file (``jsonl``), the same
+    file through Hugging Face ``datasets`` (``datasets``: converted once into an Arrow cache beside it, then
+    memory-mapped), or InteractionTable (parquet)."""
+    from datamodules import Amazon2023
 
+    if format == "jsonl":
         return Amazon2023(CATEGORY, with_text=False, data_dir=str(path), **options)
+    if format == "datasets":
+        review = path / f"amazon2023-{CATEGORY}" / f"{CATEGORY}.jsonl.gz"
+        return Amazon2023(CATEGORY, source="datasets", review_dataset=str(review), with_text=False,
+                          data_dir=str(path), **options)
     from datamodules import InteractionTable
 
     return InteractionTable(str(path / f"{CATEGORY}.parquet"), item_column="parent_asin", data_dir=str(path / "data"),
@@ -351,7 +357,7 @@ def _child(args: argparse.Namespace) -> None:
 def prepare(path: Path, format: str = "jsonl", min_user: int = 5, min_item: int = 5, profile: bool = False,
             keep_cache: bool = False) -> dict:
     """Prepare the generated table in a fresh subprocess; its wall time and peak RSS (wait4's ru_maxrss)."""
-    data_dir = path / f"amazon2023-{CATEGORY}" if format == "jsonl" else path / "data" / CATEGORY
+    data_dir = path / f"amazon2023-{CATEGORY}" if format in ("jsonl", "datasets") else path / "data" / CATEGORY
     if not keep_cache:
         shutil.rmtree(data_dir / "processed", ignore_errors=True)  # build from the raw file, hashing included
     command = [sys.executable, str(Path(__file__).resolve()), "_child", "--path", str(path), "--format", format,
@@ -458,8 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     sweep.add_argument("--workdir", type=Path, required=True, help="where the tables go (deleted after each size)")
     sweep.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "data_scale.md")
     sweep.add_argument("--keep", action="store_true", help="keep the generated tables")
+    prep.add_argument("--format", choices=("jsonl", "datasets", "parquet"), default="jsonl",
+                      help="datasets: the jsonl file through Amazon2023(source='datasets'); run it twice to time the "
+                           "Arrow conversion, then a preparation from the Arrow cache")
+    sweep.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     for p in (prep, sweep):
-        p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
         p.add_argument("--min-user", type=int, default=5)
         p.add_argument("--min-item", type=int, default=5)
     child = sub.add_parser("_child")

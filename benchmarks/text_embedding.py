@@ -5,6 +5,14 @@ model into a cache, then calls again to time a cache hit:
 
     python benchmarks/text_embedding.py [--data-dir ../shared/data] [--cache-dir DIR] [--device cpu] [--threads 2]
 
+``--catalogue N`` embeds N synthetic Amazon-like items (title, brand, categories; generated, deterministic) in
+resumable shards, each build in a child process: an uninterrupted build (items/s, peak RSS), then a build killed
+(SIGKILL) once ``--kill-after`` shard files exist and restarted, which must compute only the remaining shards and
+give the identical table; ``--ddp-items M`` adds the same M-item build as a Lightning predict job in 1 and 2 CPU
+processes (``datamodules.text_embedding_job``, DDP over gloo):
+
+    python benchmarks/text_embedding.py --catalogue 20000 --kill-after 2 --ddp-items 4000 --threads 2
+
 ``--llm-cost`` instead times the encoder on synthetic texts of fixed token length for the default model and for
 Qwen2.5-shaped decoders (0.5B, 1.5B, 7B) with random weights: the same shapes cost the same time and memory, and
 no download is needed. It needs the packaged MiniLM only for its tokenizer. Meant for a GPU:
@@ -16,8 +24,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import os
+import random
 import re
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,6 +149,123 @@ def llm_cost(args: argparse.Namespace) -> None:
             torch.cuda.empty_cache()
 
 
+BRANDS = ["Acme", "Glow Co", "Luxe Labs", "PureSkin", "Nova", "Urban Root", "Maple & Pine", "Kizen", "Solara",
+          "Bright Theory", "Hollow Oak", "Vireo", "Tidewater", "Northbound", "Copperline"]
+ADJECTIVES = ["Hydrating", "Waterproof", "Organic", "Lightweight", "Professional", "Travel Size", "Long Lasting",
+              "Fragrance Free", "Stainless Steel", "Rechargeable", "Ultra Soft", "Heavy Duty", "Vegan", "Compact"]
+PRODUCTS = ["Face Serum", "Lipstick", "Shampoo", "Hair Dryer", "Yoga Mat", "Water Bottle", "Phone Case",
+            "Running Shoes", "Backpack", "Desk Lamp", "Coffee Grinder", "Board Game", "Bluetooth Speaker", "Sunscreen"]
+DETAILS = ["with Vitamin C", "for Sensitive Skin", "for Men and Women", "with USB-C Charging", "BPA Free",
+           "for Kids 8+", "Non-Slip", "Dishwasher Safe", "with Carrying Case", "SPF 50", "2-Pack", "Matte Finish"]
+CATEGORIES = [["Beauty & Personal Care", "Skin Care"], ["Beauty & Personal Care", "Makeup"], ["Sports & Outdoors"],
+              ["Electronics", "Accessories"], ["Home & Kitchen"], ["Toys & Games"], ["Clothing, Shoes & Jewelry"]]
+
+
+def synthetic_catalogue(n: int, seed: int = 0) -> tuple[list[str], list[dict]]:
+    """n Amazon-like items: ids ``S0000001``.. and {"title", "brand", "categories"}, the same for the same seed."""
+    rng = random.Random(seed)
+    ids, fields = [], []
+    for i in range(n):
+        title = " ".join([rng.choice(BRANDS), rng.choice(ADJECTIVES), rng.choice(PRODUCTS),
+                          *rng.sample(DETAILS, rng.randint(0, 3)),
+                          f"{rng.randint(1, 64) * 5} {rng.choice(['ml', 'oz', 'g', 'pcs'])}", f"Model {rng.randint(100, 99999)}"])
+        ids.append(f"S{i:07d}")
+        fields.append({"title": title, "brand": rng.choice(BRANDS), "categories": rng.choice(CATEGORIES)})
+    return ids, fields
+
+
+def catalogue_child(args: argparse.Namespace) -> None:
+    """One build in this process (the parent measures it): one-process, or a Lightning job over --devices."""
+    ids, fields = synthetic_catalogue(args.catalogue)
+    if args.devices > 1:  # the ranks share the cores one process would have
+        torch.set_num_threads(max(1, torch.get_num_threads() // args.devices))
+    kw = dict(template="amazon", batch_size=args.batch_size, shard_size=args.shard_size)
+    start = time.perf_counter()
+    if args.devices:
+        from datamodules.text_embedding_job import build_text_embeddings
+
+        table, writer = build_text_embeddings(
+            dict(cache_dir=args.cache_dir, item_ids=ids, texts=fields, **kw), devices=args.devices,
+            accelerator="cpu", strategy="ddp" if args.devices > 1 else "auto", shard_size=args.shard_size,
+            progress=False)
+        if table is None:  # ranks > 0 report nothing
+            return
+    else:
+        table = te.load_or_build_text_embeddings(args.cache_dir, ids, fields, device="cpu", progress=False, **kw)
+    print(json.dumps({"seconds": time.perf_counter() - start, "path": str(table.path)}))
+
+
+def run_child(args: argparse.Namespace, n: int, cache_dir: Path, devices: int = 0,
+              kill_after: int | None = None) -> dict:
+    """Run one build as a child process; with ``kill_after``, SIGKILL it once that many shard files exist.
+    Returns wall seconds, the child's peak RSS (GB) and its JSON line (absent when killed)."""
+    cmd = [sys.executable, __file__, "--catalogue", str(n), "--child", "--cache-dir", str(cache_dir),
+           "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--devices", str(devices)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    if kill_after is not None:
+        while child.poll() is None and len(list(cache_dir.glob("*.shards/shard-*.safetensors"))) < kill_after:
+            time.sleep(0.2)
+        child.send_signal(signal.SIGKILL)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - start
+    out, err = child.stdout.read(), child.stderr.read()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if kill_after is None and child.returncode != 0:
+        raise RuntimeError(f"child failed ({child.returncode}): {err[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1]) if kill_after is None else {}
+    return result | {"wall": wall, "rss_gb": usage.ru_maxrss * 1024 / 1e9, "killed": kill_after is not None,
+                     "reused_shards": err.count("reusing finished shard"),
+                     "rank_shards": re.findall(r"rank (\d): embedded (\d+) shards, reused (\d+)", err)}
+
+
+def catalogue_run(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    n, root = args.catalogue, Path(args.cache_dir or tempfile.mkdtemp(prefix="m2rec-text-scale-"))
+    ids, fields = synthetic_catalogue(n)
+    encoder = te.TextEncoder(device="cpu", max_length=256)
+    rendered = [te.render_item_text(f, "amazon") for f in fields]
+    tokens = [len(t) for t in encoder.tokenize(rendered)[0]]
+    shards = -(-n // args.shard_size)
+    print(f"{n:,} synthetic items, {sum(tokens) / n:.1f} tokens per text on average (max {max(tokens)}), "
+          f"{shards} shards of {args.shard_size}; threads {args.threads or torch.get_num_threads()}, batch "
+          f"{args.batch_size}; load average before: {os.getloadavg()[0]:.1f}")
+    print("| run | items | wall (s) | build (s) | items/s | peak RSS (GB) | shards computed | shards reused |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    full = run_child(args, n, root / "uninterrupted")
+    print(f"| uninterrupted | {n:,} | {full['wall']:.1f} | {full['seconds']:.1f} | {n / full['seconds']:.1f} | "
+          f"{full['rss_gb']:.2f} | {shards} | 0 |")
+    killed = run_child(args, n, root / "resumed", kill_after=args.kill_after)
+    left = len(list((root / "resumed").glob("*.shards/shard-*.safetensors")))
+    print(f"| killed (SIGKILL once {args.kill_after} shard files existed) | {n:,} | {killed['wall']:.1f} | - | - | "
+          f"{killed['rss_gb']:.2f} | {left} | 0 |")
+    resumed = run_child(args, n, root / "resumed")
+    print(f"| restarted | {n:,} | {resumed['wall']:.1f} | {resumed['seconds']:.1f} | "
+          f"{(n - resumed['reused_shards'] * args.shard_size) / resumed['seconds']:.1f} | {resumed['rss_gb']:.2f} | "
+          f"{shards - resumed['reused_shards']} | {resumed['reused_shards']} |")
+    same = torch.equal(load_file(full["path"])["embeddings"], load_file(resumed["path"])["embeddings"])
+    print(f"\nrestarted table == uninterrupted table (torch.equal): {same}; load average after: "
+          f"{os.getloadavg()[0]:.1f}")
+    if args.ddp_items:
+        m = args.ddp_items
+        print(f"\nLightning predict job, {m:,} of the items, {-(-m // args.shard_size)} shards:\n")
+        print("| processes | wall (s) | build (s) | items/s | peak RSS of rank 0 (GB) | shards per rank (embedded, reused) |")
+        print("|---:|---:|---:|---:|---:|---|")
+        tables = []
+        for devices in (1, 2):
+            job = run_child(args, m, root / f"ddp{devices}", devices=devices)
+            tables.append(load_file(job["path"])["embeddings"])
+            ranks = ", ".join(f"rank {r}: {e}, {u}" for r, e, u in job["rank_shards"])
+            print(f"| {devices} | {job['wall']:.1f} | {job['seconds']:.1f} | {m / job['seconds']:.1f} | "
+                  f"{job['rss_gb']:.2f} | {ranks} |")
+        print(f"\n2-process table == 1-process table (torch.equal): {torch.equal(*tables)}; max abs difference "
+              f"{(tables[0] - tables[1]).abs().max().item():.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", type=Path, default=DATA, help="folder with beauty/ and ml-1m/")
@@ -149,11 +279,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, nargs="+", default=[32, 256], help="--llm-cost: tokens per text")
     p.add_argument("--models", nargs="+", default=["all-MiniLM-L6-v2", *QWEN_SHAPES],
                    choices=["all-MiniLM-L6-v2", *QWEN_SHAPES], help="--llm-cost: the default model must come first")
+    p.add_argument("--catalogue", type=int, help="embed this many synthetic Amazon-like items in resumable shards")
+    p.add_argument("--shard-size", type=int, default=4096, help="--catalogue: items per shard")
+    p.add_argument("--kill-after", type=int, default=2, help="--catalogue: kill the second build at this many shards")
+    p.add_argument("--ddp-items", type=int, help="--catalogue: also time a job of this many items in 1 and 2 processes")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if args.child else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    llm_cost(args) if args.llm_cost else cache_run(args)
+    if args.catalogue:
+        catalogue_child(args) if args.child else catalogue_run(args)
+    else:
+        llm_cost(args) if args.llm_cost else cache_run(args)
 
 
 if __name__ == "__main__":

@@ -220,21 +220,26 @@ class SequentialDataModule(L.LightningDataModule):
         if self.text is None:
             return None
         if self._text_embeddings is None:
-            texts = self.item_text
-            if texts is None:
-                raise ValueError(f"data.text is set but {type(self).__name__} has no item text "
-                                 "(pass an item-text table, or set data.text to null)")
-            opts = self.text
-            self._text_embeddings = load_or_build_text_embeddings(
-                self.processed_dir / "text", self.item_ids[1:].tolist(), texts[1:],
-                template=opts.template if opts.template is not None else self.text_template,
-                model=opts.model, pooling=opts.pooling, normalize=opts.normalize, max_length=opts.max_length,
-                batch_size=opts.batch_size, dtype=opts.dtype, device=opts.device, revision=opts.revision,
-                trust_remote_code=opts.trust_remote_code,
-            )
+            self._text_embeddings = load_or_build_text_embeddings(**self.text_build_arguments())
             log.info("item text: %d of %d items have no text (zero vectors)", self._text_embeddings.num_missing,
                      self.num_items)
         return self._text_embeddings
+
+    def text_build_arguments(self) -> dict:
+        """The arguments of ``load_or_build_text_embeddings`` for this dataset's items and ``text`` options; the
+        distributed build (``python -m datamodules.embed_text``) takes the same, so both key one table."""
+        texts = self.item_text
+        if texts is None:
+            raise ValueError(f"data.text is set but {type(self).__name__} has no item text "
+                             "(pass an item-text table, or set data.text to null)")
+        opts = self.text
+        return dict(
+            cache_dir=self.processed_dir / "text", item_ids=self.item_ids[1:].tolist(), texts=texts[1:],
+            template=opts.template if opts.template is not None else self.text_template,
+            model=opts.model, pooling=opts.pooling, normalize=opts.normalize, max_length=opts.max_length,
+            batch_size=opts.batch_size, dtype=opts.dtype, device=opts.device, revision=opts.revision,
+            trust_remote_code=opts.trust_remote_code,
+        )
 
     @property
     def text_dim(self) -> int:

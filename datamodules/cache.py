@@ -146,7 +146,8 @@ def file_digests(paths: list[Path], memo: Path) -> dict[str, str]:
     """sha256 of each file, memoised by (size, mtime_ns) in ``memo`` so large raw files are hashed once.
 
     Returns:
-        {file name: sha256}. Names (not full paths) key the digest so a moved data folder keeps its cache.
+        {file name: sha256}. Names (not full paths) key the digest so a moved data folder keeps its cache; a name
+        that repeats gets ``#<position>`` appended.
     """
     try:
         known = json.loads(memo.read_text("utf-8"))
@@ -160,7 +161,8 @@ def file_digests(paths: list[Path], memo: Path) -> dict[str, str]:
             entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
             known[str(path.resolve())] = entry
             changed = True
-        digests[path.name] = entry["sha256"]
+        # two save_to_disk folders both hold data-00000-of-00001.arrow: a repeated name keys by its position
+        digests[path.name if path.name not in digests else f"{path.name}#{len(digests)}"] = entry["sha256"]
     if changed:
         try:
             write_json(memo, known)

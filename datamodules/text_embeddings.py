@@ -14,11 +14,11 @@ content hash of a local folder), pooling, normalisation, max_length, template an
 size, device, shard size) changes results only at float rounding level and is not part of it. Stale tables (other
 keys) are left in place so switching back is free; delete the folder to reclaim space.
 
-Multi-GPU: not implemented. One GPU embeds a benchmark catalogue with a 7B decoder in seconds to about a minute
-(docs/benchmarks.md), so the build runs once, in one process, before training;
-call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs. For catalogues in the millions
-the shard files are the unit to distribute: each device would embed a disjoint set of shard indices of the same
-key, and one process would then assemble them.
+Several devices: ``datamodules.text_embedding_job`` (``python -m datamodules.embed_text --devices N``) runs the
+build as a Lightning predict job; every rank derives the same ``ShardPlan``, embeds a disjoint set of its shard
+indices into the same shard files, and rank 0 assembles the table, under the same key. One GPU embeds a benchmark
+catalogue with a 7B decoder in seconds to about a minute (docs/benchmarks.md), so inside training the build runs
+once, in one process: call it from ``prepare_data`` so DDP ranks do not sit in a collective while it runs.
 """
 
 from __future__ import annotations
@@ -492,37 +492,69 @@ def _load_verified(stem: Path, key: str) -> TextEmbeddings | None:
     return TextEmbeddings(table, mask, key, meta["model"], meta["num_missing"], meta["num_truncated"], tensor_file)
 
 
-def _shard_results(
-    encoder: TextEncoder,
-    token_ids: list[list[int]],
-    order: list[int],
-    shard_dir: Path,
-    key: str,
-    shard_size: int,
-    progress: bool,
-) -> Tensor:
-    """Embed ``token_ids`` shard by shard (shards of ``order``), reusing verified shard files of this key.
-    Returns (len(token_ids), H)."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    shards = [order[s : s + shard_size] for s in range(0, len(order), shard_size)]
-    out: Tensor | None = None
-    with tqdm(total=len(order), desc="embedding item texts", unit="item", disable=not progress) as bar:
-        for k, rows in enumerate(shards):
-            path = shard_dir / f"shard-{k:05d}-of-{len(shards):05d}-size-{shard_size}.safetensors"
-            vec = _load_shard(path, key, rows)
+@dataclass
+class ShardPlan:
+    """How one build of ``key`` splits its texts into resumable shard files.
+
+    Shard ``k`` holds the rows ``order[k * shard_size : (k + 1) * shard_size]`` of ``token_ids``; its file records
+    the key, the rows and the sha256 of the vectors, so a finished shard is reused only by a build of the same key
+    and shard size. Every process of a distributed build derives the same plan, so shard indices alone divide the
+    work (``datamodules.text_embedding_job``).
+    """
+
+    key: str
+    shard_dir: Path
+    token_ids: list[list[int]]
+    order: list[int]
+    shard_size: int
+    items: list[int]  # the item (0-based index into the build's items) of each row of token_ids
+    truncated: int  # texts cut to max_length tokens
+    num_items: int  # items of the build, with or without text
+
+    @property
+    def num_shards(self) -> int:
+        return -(-len(self.order) // self.shard_size)
+
+    def rows(self, k: int) -> list[int]:
+        return self.order[k * self.shard_size : (k + 1) * self.shard_size]
+
+    def path(self, k: int) -> Path:
+        return self.shard_dir / f"shard-{k:05d}-of-{self.num_shards:05d}-size-{self.shard_size}.safetensors"
+
+    def load(self, k: int) -> Tensor | None:
+        """Shard ``k``'s vectors (len(rows), H) when its file exists and verifies, else None."""
+        return _load_shard(self.path(k), self.key, self.rows(k))
+
+    def embed(self, encoder: TextEncoder, k: int) -> Tensor:
+        """Embed shard ``k``'s rows. Returns (len(rows), H) float32."""
+        return torch.cat([v for _, v in encoder.batches(self.token_ids, self.rows(k))])
+
+    def save(self, k: int, vec: Tensor) -> None:
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(vec.numpy().tobytes()).hexdigest()
+        _atomic_write(self.path(k), lambda tmp: save_file(
+            {"embeddings": vec.contiguous(), "rows": torch.as_tensor(self.rows(k))}, str(tmp),
+            metadata={"key": self.key, "sha256": digest},
+        ))
+
+
+def _shard_results(encoder: TextEncoder, plan: ShardPlan, progress: bool) -> Tensor:
+    """Every shard of ``plan``: reused when its file verifies, else embedded and saved. Returns the (N+1, H) table:
+    row ``plan.items[j] + 1`` holds text j's vector, the other rows (padding, items without text) are zeros. The
+    shards land in the table directly, so a million-item build holds one (N+1, H) copy, not two."""
+    table: Tensor | None = None
+    rows_of = torch.as_tensor(plan.items) + 1  # token row j -> table row
+    with tqdm(total=len(plan.order), desc="embedding item texts", unit="item", disable=not progress) as bar:
+        for k in range(plan.num_shards):
+            vec = plan.load(k)
             if vec is None:
-                parts = list(encoder.batches(token_ids, rows))
-                vec = torch.cat([v for _, v in parts])  # (len(rows), H)
-                digest = hashlib.sha256(vec.numpy().tobytes()).hexdigest()
-                _atomic_write(path, lambda tmp: save_file(
-                    {"embeddings": vec, "rows": torch.as_tensor(rows)}, str(tmp),
-                    metadata={"key": key, "sha256": digest},
-                ))
-            if out is None:
-                out = torch.zeros(len(token_ids), vec.shape[1])
-            out[rows] = vec
-            bar.update(len(rows))
-    return out
+                vec = plan.embed(encoder, k)
+                plan.save(k, vec)
+            if table is None:
+                table = torch.zeros(plan.num_items + 1, vec.shape[1])
+            table[rows_of[plan.rows(k)]] = vec
+            bar.update(len(plan.rows(k)))
+    return table
 
 
 def _load_shard(path: Path, key: str, rows: list[int]) -> Tensor | None:
@@ -577,6 +609,131 @@ def no_text_message(texts: Sequence[str | Mapping[str, Any] | None], template: s
             f"embed); the items' fields are {shown}: fix data.text.template")
 
 
+@dataclass
+class TextBuild:
+    """One item-text table before any model is loaded: the rendered texts, their key and the cache file stem.
+
+    ``plan_text_build`` makes it; ``load_or_build_text_embeddings`` (one process) and
+    ``datamodules.text_embedding_job`` (one process per device) then embed its shards and ``assemble`` the table.
+    """
+
+    item_ids: Sequence[Any]
+    rendered: list[str]
+    key: str
+    stem: Path
+    resolved: ResolvedModel
+    model: str
+    template: str | None  # as keyed (a named template resolved to its format string)
+    pooling: Pooling
+    normalize: bool
+    max_length: int
+    dtype: DType
+    trust_remote_code: bool
+
+    def cached(self) -> TextEmbeddings | None:
+        return _load_verified(self.stem, self.key)
+
+    def lock(self) -> FileLock:
+        return FileLock(str(self.stem.with_suffix(".lock")))
+
+    def encoder(self, batch_size: int, device: str) -> TextEncoder:
+        return TextEncoder(
+            self.resolved.source, self.pooling, self.normalize, self.max_length, batch_size, self.dtype, device,
+            None if self.resolved.local else self.resolved.revision, self.trust_remote_code,
+        )
+
+    def plan(self, encoder: TextEncoder, shard_size: int) -> ShardPlan:
+        """Tokenize the texts that have any and split them, longest first, into shards of ``shard_size``."""
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        present = [i for i, t in enumerate(self.rendered) if t]
+        token_ids, cut = encoder.tokenize([self.rendered[i] for i in present])
+        keep = [j for j, ids in enumerate(token_ids) if ids]  # a non-empty text can still give no tokens
+        if not keep:
+            raise TemplateError(f"none of the {len(self.item_ids)} items has text to embed: the tokenizer of "
+                                f"{self.model} gives no tokens for any text that template {self.template!r} renders")
+        return ShardPlan(self.key, self.stem.with_suffix(".shards"), token_ids, length_order(token_ids, keep),
+                         shard_size, present, sum(cut), len(self.item_ids))
+
+    def assemble(self, encoder: TextEncoder, plan: ShardPlan, progress: bool, start: float) -> TextEmbeddings:
+        """Embed the shards not on disk yet (none after a distributed build), write the table and its sidecar,
+        and remove the shard files. Call it holding ``lock()``."""
+        table = _shard_results(encoder, plan, progress)  # (N+1, d), row 0 = padding
+        n = len(self.item_ids)
+        mask = torch.zeros(n + 1, dtype=torch.bool)  # (N+1,)
+        mask[torch.as_tensor(plan.items)[plan.order] + 1] = True
+        num_missing = n - len(plan.order)
+        num_truncated = plan.truncated
+        if num_missing:
+            log.warning("%d of %d items have no text: zero rows, mask False", num_missing, n)
+        if num_truncated:
+            log.info("%d of %d item texts were cut to %d tokens", num_truncated, n, self.max_length)
+
+        tensor_file = self.stem.with_suffix(".safetensors")
+        _atomic_write(tensor_file, lambda tmp: save_file(
+            {"embeddings": table, "mask": mask}, str(tmp), metadata={"key": self.key}
+        ))
+        import transformers
+
+        meta = dict(
+            format=CACHE_FORMAT, key=self.key, model=self.model, model_id=self.resolved.model_id,
+            model_source=self.resolved.source, revision=self.resolved.revision, pooling=self.pooling,
+            normalize=self.normalize, max_length=self.max_length, template=self.template, dtype=self.dtype,
+            num_items=n, dim=table.shape[1], num_missing=num_missing, num_truncated=num_truncated,
+            tensor_file=tensor_file.name, tensor_bytes=tensor_file.stat().st_size,
+            tensor_sha256=_sha256_file(tensor_file),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            build_seconds=round(time.perf_counter() - start, 3), device=str(encoder.device),
+            versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+        )
+        _atomic_write(self.stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
+        shutil.rmtree(plan.shard_dir, ignore_errors=True)
+        log.info("text embeddings (%d, %d) written to %s", *table.shape, tensor_file)
+        return TextEmbeddings(table, mask, self.key, self.model, num_missing, num_truncated, tensor_file)
+
+
+def plan_text_build(
+    cache_dir: str | Path,
+    item_ids: Sequence[Any],
+    texts: Sequence[str | Mapping[str, Any] | None],
+    *,
+    template: str | Sequence[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    pooling: Pooling = "mean",
+    normalize: bool = True,
+    max_length: int = 256,
+    dtype: DType = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> TextBuild:
+    """Check and render the texts, resolve the model and compute the key (arguments as in
+    ``load_or_build_text_embeddings``). Loads no model."""
+    if len(item_ids) != len(texts):
+        raise ValueError(f"{len(item_ids)} item ids but {len(texts)} texts")
+    if len(set(map(str, item_ids))) != len(item_ids):
+        raise ValueError("item_ids has duplicates (compared as strings)")
+    if template is not None:
+        check_template_fields([t for t in texts if isinstance(t, Mapping)], template)
+    rendered = []
+    for i, t in enumerate(texts):
+        if t is None or isinstance(t, Mapping):
+            rendered.append(render_item_text(t, template))
+        elif isinstance(t, str):
+            rendered.append(t.strip())
+        else:
+            raise TypeError(f"texts[{i}] (item {item_ids[i]!r}) is a {type(t).__name__}, not str, dict or None")
+    if not any(rendered):
+        raise TemplateError(no_text_message(texts, template))
+    warn_if_few_distinct(rendered, template)
+    template_str = resolve_template(template)
+    resolved = resolve_model(model, revision)
+    key = text_embedding_key(item_ids, rendered, resolved, pooling, normalize, max_length, template_str, dtype)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return TextBuild(item_ids, rendered, key, cache_dir / f"text_emb-{key[:24]}", resolved, model, template_str,
+                     pooling, normalize, max_length, dtype, trust_remote_code)
+
+
 def load_or_build_text_embeddings(
     cache_dir: str | Path,
     item_ids: Sequence[Any],
@@ -618,88 +775,24 @@ def load_or_build_text_embeddings(
         shard_size: items per resumable shard file.
         progress: show a tqdm progress bar while embedding.
     """
-    if len(item_ids) != len(texts):
-        raise ValueError(f"{len(item_ids)} item ids but {len(texts)} texts")
-    if len(set(map(str, item_ids))) != len(item_ids):
-        raise ValueError("item_ids has duplicates (compared as strings)")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if template is not None:
-        check_template_fields([t for t in texts if isinstance(t, Mapping)], template)
-    rendered = []
-    for i, t in enumerate(texts):
-        if t is None or isinstance(t, Mapping):
-            rendered.append(render_item_text(t, template))
-        elif isinstance(t, str):
-            rendered.append(t.strip())
-        else:
-            raise TypeError(f"texts[{i}] (item {item_ids[i]!r}) is a {type(t).__name__}, not str, dict or None")
-    if not any(rendered):
-        raise TemplateError(no_text_message(texts, template))
-    warn_if_few_distinct(rendered, template)
-    template_str = resolve_template(template)
-    resolved = resolve_model(model, revision)
-    key = text_embedding_key(item_ids, rendered, resolved, pooling, normalize, max_length, template_str, dtype)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    stem = cache_dir / f"text_emb-{key[:24]}"
-
-    if (hit := _load_verified(stem, key)) is not None:
+    build = plan_text_build(cache_dir, item_ids, texts, template=template, model=model, pooling=pooling,
+                            normalize=normalize, max_length=max_length, dtype=dtype, revision=revision,
+                            trust_remote_code=trust_remote_code)
+    if (hit := build.cached()) is not None:
         return hit
-    lock = FileLock(str(stem.with_suffix(".lock")))
+    lock = build.lock()
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        log.info("another process is building %s; waiting for it", stem.name)
+        log.info("another process is building %s; waiting for it", build.stem.name)
         lock.acquire()
     try:
-        if (hit := _load_verified(stem, key)) is not None:  # built while we waited
+        if (hit := build.cached()) is not None:  # built while we waited
             return hit
         start = time.perf_counter()
-        encoder = TextEncoder(
-            resolved.source, pooling, normalize, max_length, batch_size, dtype, device,
-            None if resolved.local else resolved.revision, trust_remote_code,
-        )
-        present = [i for i, t in enumerate(rendered) if t]
-        token_ids, cut = encoder.tokenize([rendered[i] for i in present])
-        keep = [j for j, ids in enumerate(token_ids) if ids]  # a non-empty text can still give no tokens
-        if not keep:
-            raise TemplateError(f"none of the {len(item_ids)} items has text to embed: the tokenizer of {model} "
-                                f"gives no tokens for any text that template {template!r} renders")
-        vec = _shard_results(
-            encoder, token_ids, length_order(token_ids, keep), stem.with_suffix(".shards"), key, shard_size, progress
-        )
-        table = torch.zeros(len(item_ids) + 1, vec.shape[1])  # (N+1, d), row 0 = padding
-        mask = torch.zeros(len(item_ids) + 1, dtype=torch.bool)  # (N+1,)
-        rows = torch.as_tensor([present[j] + 1 for j in keep])
-        table[rows] = vec[keep]
-        mask[rows] = True
-        num_missing = len(item_ids) - len(keep)
-        num_truncated = sum(cut)
-        if num_missing:
-            log.warning("%d of %d items have no text: zero rows, mask False", num_missing, len(item_ids))
-        if num_truncated:
-            log.info("%d of %d item texts were cut to %d tokens", num_truncated, len(item_ids), max_length)
-
-        tensor_file = stem.with_suffix(".safetensors")
-        _atomic_write(tensor_file, lambda tmp: save_file(
-            {"embeddings": table, "mask": mask}, str(tmp), metadata={"key": key}
-        ))
-        import transformers
-
-        meta = dict(
-            format=CACHE_FORMAT, key=key, model=model, model_id=resolved.model_id, model_source=resolved.source,
-            revision=resolved.revision, pooling=pooling, normalize=normalize, max_length=max_length,
-            template=template_str, dtype=dtype, num_items=len(item_ids), dim=table.shape[1],
-            num_missing=num_missing, num_truncated=num_truncated, tensor_file=tensor_file.name,
-            tensor_bytes=tensor_file.stat().st_size, tensor_sha256=_sha256_file(tensor_file),
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            build_seconds=round(time.perf_counter() - start, 3), device=str(encoder.device),
-            versions=dict(torch=torch.__version__, transformers=transformers.__version__),
-        )
-        _atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta, indent=1) + "\n"))
-        shutil.rmtree(stem.with_suffix(".shards"), ignore_errors=True)
-        log.info("text embeddings (%d, %d) written to %s", *table.shape, tensor_file)
-        return TextEmbeddings(table, mask, key, model, num_missing, num_truncated, tensor_file)
+        encoder = build.encoder(batch_size, device)
+        return build.assemble(encoder, build.plan(encoder, shard_size), progress, start)
     finally:
         lock.release()
