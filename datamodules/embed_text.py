@@ -25,7 +25,7 @@ def _devices(value: str) -> int | str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m datamodules.embed_text", description=__doc__.split("\n\n")[0],
+        prog="m2rec embed-text", description=__doc__.split("\n\n")[0],
         epilog="Every other argument (--config, --data...) is read as by m2rec stats.")
     parser.add_argument("--devices", type=_devices, default=1, help="processes / devices (default 1), or 'auto'")
     parser.add_argument("--accelerator", default="auto", help="cpu, gpu, auto (default auto)")

@@ -49,6 +49,7 @@ SUBCOMMANDS = {
     "predict": "write each user's top-K items (raw ids, with scores) to a CSV or Parquet file",
     "stats": "prepare a dataset and print its statistics (takes the --config and --data... options of fit)",
     "serve": "answer top-K requests over HTTP from a checkpoint, with a live state per user (m2rec serve --help)",
+    "embed-text": "embed the item texts of a config's dataset as a predict job, across devices, resumable",
 }
 OVERVIEW = "\n".join([
     "usage: m2rec SUBCOMMAND [--config FILE ...] [--OPTION VALUE ...]",
@@ -542,6 +543,10 @@ def main(args: list[str] | None = None) -> None:
             from datamodules.stats import main as stats_main
 
             stats_main(argv[1:])
+        elif argv[:1] == ["embed-text"]:
+            from datamodules.embed_text import main as embed_main
+
+            embed_main(argv[1:])
         elif argv[:1] == ["serve"]:
             from .serve import main as serve_main
 
