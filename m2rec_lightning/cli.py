@@ -57,7 +57,7 @@ OVERVIEW = "\n".join([
     "M2Rec sequential recommendation: train, evaluate and apply a model, and inspect a dataset.",
     "",
     "subcommands (`m2rec SUBCOMMAND --help` lists every option of one):",
-    *(f"  {name:<10}{text}" for name, text in SUBCOMMANDS.items()),
+    *(f"  {name:<12}{text}" for name, text in SUBCOMMANDS.items()),
     "",
     "options every subcommand takes:",
     "  -c, --config FILE   a YAML config; repeat it to layer configs (later ones override earlier ones)",
