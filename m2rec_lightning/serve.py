@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from .models.encoder import SequenceEncoder
+from .models.sasrec import SASRecEncoder
 from .models.state import cat_states, detach_state, select_state
 from .ops.chunked_softmax import chunked_rank_and_top_k
 
@@ -109,6 +110,11 @@ class Recommender:
             raise ValueError(f"history must be 'whole' or 'window', got {history!r}")
         self.model = model.eval()
         self.encoder: SequenceEncoder = model.encoder
+        if history == "whole" and type(self.encoder).encode_state is SequenceEncoder.encode_state:
+            raise ValueError(f"{type(self.encoder).__name__} has no recurrent state (encode_state / step): serve it "
+                             "with --history window")
+        # SASRec's state is bounded by its position table: it reads the last max_len items in both modes
+        self.bounded = isinstance(self.encoder, SASRecEncoder)
         self.history_mode = history
         self.max_users, self.max_items, self.max_history = max_users, max_items, max_history
         self.max_len = getattr(self.encoder, "max_len", None)
@@ -169,7 +175,7 @@ class Recommender:
         """(state or None, (B, d) hidden at each history's last item), as the history mode reads them."""
         if self.history_mode == "window":
             return None, self.model.encode_last(self._padded([self._window(h) for h in histories]))
-        return self.encoder.encode_state(self._padded(histories))
+        return self.encoder.encode_state(self._padded([self._window(h) if self.bounded else h for h in histories]))
 
     @torch.inference_mode()
     def recommend(self, queries: list[Query]) -> list[dict]:
@@ -251,7 +257,8 @@ class Recommender:
         score = self.model.seen_score
         seen_ids = None
         if score is not None:  # as the module ranks: the items the encoder read, and (scope history) the older ones
-            read = seen if self.history_mode == "whole" else self._padded([self._window(q.history) for q in queries])
+            reads_all = self.history_mode == "whole" and not self.bounded
+            read = seen if reads_all else self._padded([self._window(q.history) for q in queries])
             seen_ids = score.seen_ids(read, seen)
         weight = score.weight if score is not None else None
         answers: list[dict | None] = [None] * len(queries)

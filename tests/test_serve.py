@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+import torch
 from test_cli import m2rec, write_config
 
 from m2rec_lightning.serve import (
@@ -210,3 +211,56 @@ def test_window_mode_equals_predict_for_every_history(trained):
     assert known["items"] == answers[0]["items"] and known["scores"] == pytest.approx(answers[0]["scores"], abs=1e-5)
     with pytest.raises(RequestError, match="unknown user"):
         window.query(UserRequest(user="nobody"))
+
+
+def tiny_recommender(encoder_cls, history, **options):
+    import numpy as np
+
+    from m2rec_lightning import SequentialRecommender
+    from m2rec_lightning.serve import Recommender
+
+    torch.manual_seed(0)
+    model = SequentialRecommender(lambda n, t: encoder_cls(n, t, hidden_size=16, max_len=MAX_LEN, **options),
+                                  num_items=30)
+    items = np.array([-1] + [100 + i for i in range(30)])
+    return Recommender(model, items, np.array([7]), lambda u: np.arange(1, 13), history=history)
+
+
+def test_sasrec_reads_its_last_max_len_items_in_both_modes():
+    from m2rec_lightning import SASRecEncoder
+
+    history = [100 + i % 30 for i in range(3, 15)]  # 12 items > max_len
+    answers = []
+    for mode in ("whole", "window"):
+        r = tiny_recommender(SASRecEncoder, mode)
+        answers.append(r.recommend([r.query(RecommendRequest(items=history, k=5))])[0])
+        # the live user of the training data (12 items) steps past its position table: still the last window
+        stepped = r.users_step([r.query(UserRequest(user=7, append=[105, 106], k=5))])[0]
+        again = r.recommend([r.query(RecommendRequest(items=[100 + i for i in range(1, 13)] + [105, 106], k=5))])[0]
+        assert stepped["items"] == again["items"]
+    assert answers[0]["items"] == answers[1]["items"]
+    assert answers[0]["scores"] == pytest.approx(answers[1]["scores"], abs=1e-5)
+
+
+def test_an_encoder_without_a_state_is_served_in_window_mode_only():
+    from torch import nn
+
+    from m2rec_lightning.models.encoder import SequenceEncoder
+
+    class GRU(SequenceEncoder):
+        def __init__(self, num_items, text_dim=0, hidden_size=16, max_len=MAX_LEN):
+            super().__init__()
+            self.hidden_size, self.max_len = hidden_size, max_len
+            self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
+            self.gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+
+        def forward(self, input_ids):
+            return self.gru(self.item_embedding(input_ids))[0]
+
+        def item_embeddings(self):
+            return self.item_embedding.weight
+
+    with pytest.raises(ValueError, match="no recurrent state .* --history window"):
+        tiny_recommender(GRU, "whole")
+    r = tiny_recommender(GRU, "window")
+    assert len(r.recommend([r.query(RecommendRequest(items=[101, 102], k=3))])[0]["items"]) == 3
