@@ -205,13 +205,24 @@ class Mamba(nn.Module):
     def _scan_inputs(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (batch, E·D, seqlen) after the causal conv; z, dt (batch, seqlen, E·D), dt without its bias (the scan adds
         it); B, C (batch, seqlen, N)."""
-        seqlen = hidden_states.size(1)
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
         x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen])  # (batch, E·D, seqlen)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2N)
+        x = self.act(self._conv(x))  # (batch, seqlen, E·D)
+        x_dbl = self.x_proj(x)  # (batch, seqlen, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+        # x stays (batch, seqlen, E·D) in memory: the scan reads it time-step by time-step
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def _conv(self, x: Tensor) -> Tensor:
+        """conv1d's causal depthwise convolution, (batch, seqlen, E·D) -> (batch, seqlen, E·D), in that layout.
+
+        conv1d wants (batch, E·D, seqlen): a transpose in and out, each a copy on CPU. The same convolution as a conv2d
+        over the left-padded input seen as a channels-last (batch, E·D, 1, K-1+seqlen) image needs neither (oneDNN runs
+        channels-last natively), which halves its forward and backward time on CPU.
+        """
+        x = F.pad(x, (0, 0, self.d_conv - 1, 0)).transpose(1, 2).unsqueeze(2)  # (batch, E·D, 1, K-1+seqlen)
+        y = F.conv2d(x, self.conv1d.weight.unsqueeze(2), self.conv1d.bias, groups=self.d_inner)  # (batch, E·D, 1, seqlen)
+        return y.squeeze(2).transpose(1, 2)
 
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).

@@ -338,6 +338,8 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
 
     Inference only (no autograd). It runs the recurrence as the fast path does, but only up to the largest index,
     and skips the C contraction, the skip term and the gate at every step: the caller applies them once, at index.
+    A row's steps after its own index get step size 0, so exp(0·A) = 1 and no input: its state stays, bit for bit,
+    the state at its index, and every row is read once, at the end.
 
     Args:
         u, delta, A, B, delta_bias, delta_softplus: as in :func:`selective_scan_ref`.
@@ -352,11 +354,18 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     dtype = _scan_dtype(u)
     n = A.shape[1]
     with torch.autocast(u.device.type, enabled=False):
-        bl = lambda t: t.to(dtype).transpose(1, 2).contiguous()  # noqa: E731  (b, ·, L) -> (b, L, ·)
-        u, delta, B = bl(u), bl(delta), bl(B)
+        stop = int(index.max()) + 1 if batch else 1  # no row needs the steps after the largest index
+        # (b, ·, L) -> time-major (stop, b, ·) in one copy; with L = 1 that can be the input itself: never write into it
+        tm = lambda t: t.to(dtype)[..., :stop].permute(2, 0, 1).contiguous()  # noqa: E731
+        u, dt, B = tm(u), tm(delta), tm(B)
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(dtype)
+        if delta_softplus:
+            dt = F.softplus(dt)
+        dt = dt * (torch.arange(stop, device=u.device)[:, None, None] <= index[None, :, None])  # (stop, b, d)
+        dtu = dt * u
         A2 = A.to(dtype) * _LOG2E
-        delta_bias = None if delta_bias is None else delta_bias.to(dtype)
-        chunk = max(1, min(chunk, seqlen))
+        chunk = max(1, min(chunk, stop))
         if slab is None:
             slab = batch if u.is_cuda else _SLAB_CELLS // (chunk * dim * n)
         slab = max(1, min(slab, batch))
@@ -364,16 +373,10 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
         ws = _Workspace(u, chunk, slab, dim, n, 2)
         for s0 in range(0, batch, slab):
             s = slice(s0, min(s0 + slab, batch))
-            stop = int(index[s].max()) + 1  # no row needs the steps after its own index
-            u_s, dt_s, B_s, _, _ = _slab_inputs(s, u[:, :stop], delta[:, :stop], B[:, :stop], B[:, :stop], None,
-                                                delta_bias, delta_softplus)
-            dtu = dt_s * u_s
-            h = u.new_zeros(s.stop - s0, dim, n)
+            h = out[s].zero_()
             for t0 in range(0, stop, chunk):
                 t1 = min(t0 + chunk, stop)
                 (dA, dA_t), (hs, hs_t) = ws(0, t1 - t0, s.stop - s0), ws(1, t1 - t0, s.stop - s0)
-                _chunk_states(dt_s[t0:t1], A2, dtu[t0:t1], B_s[t0:t1], h, dA, dA_t, hs, hs_t)
-                rows = ((index[s] >= t0) & (index[s] < t1)).nonzero().flatten()
-                out[s0 + rows] = hs[index[s][rows] - t0, rows]
-                h = hs_t[-1].clone()  # the next chunk overwrites hs before reading its initial state
+                _chunk_states(dt[t0:t1, s], A2, dtu[t0:t1, s], B[t0:t1, s], h, dA, dA_t, hs, hs_t)
+                h.copy_(hs_t[-1])  # the next chunk overwrites hs before reading its initial state
     return out
