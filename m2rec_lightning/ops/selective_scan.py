@@ -119,7 +119,9 @@ _SLAB_CELLS = 1 << 20  # chunk·slab·dim·dstate per work buffer (4 MiB in floa
 class _SelectiveScanFn(torch.autograd.Function):
     """The whole selective scan with a hand-written backward, batch slab by batch slab, chunk by chunk.
 
-    Inside a slab the layout is time-major, (L, bs, ·), so one step and one chunk are contiguous blocks.
+    The inputs come time-major, (L, b, ·), so one step and one chunk of a slab are blocks of rows, and forward and
+    backward read them in place; the output and the gradients are written batch-major, (b, L, ·), the layout of
+    the Mamba block around the scan.
     Forward keeps only the state at each chunk start; backward recomputes the states inside a chunk from it
     (as mamba_ssm's kernel does), so memory is O(batch·dim·dstate·(L/chunk)) plus a few (batch, dim, L)
     tensors, instead of O(batch·dim·dstate·L). The per-cell work is a few flops, so memory traffic, page
@@ -129,8 +131,8 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, slab: int | None):
-        # u, delta, z: (b, L, d); B, C: (b, L, n); A: (d, n); D, delta_bias: (d,); all contiguous
-        b, L, d = u.shape
+        # u, delta, z: (L, b, d); B, C: (L, b, n); A: (d, n); D, delta_bias: (d,); all contiguous
+        L, b, d = u.shape
         n = A.shape[1]
         chunk = max(1, min(chunk, L))
         if slab is None:  # on a GPU there is no cache to fit, only kernel launches to save
@@ -140,7 +142,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         h0s = u.new_empty((L + chunk - 1) // chunk, b, d, n)  # state entering each chunk
         out = u.new_empty(b, L, d)
         # C.h + D u, the gate's input: needed for z's gradient
-        pre_gate = u.new_empty(b, L, d) if z is not None and ctx.needs_input_grad[6] else None
+        pre_gate = u.new_empty(L, b, d) if z is not None and ctx.needs_input_grad[6] else None
         ws = _Workspace(u, chunk, slab, d, n, 2)
         for s0 in range(0, b, slab):
             s = slice(s0, min(s0 + slab, b))
@@ -150,7 +152,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 y.addcmul_(u_s, D)
             if z is not None:
                 if pre_gate is not None:
-                    pre_gate[s] = y.transpose(0, 1)
+                    pre_gate[:, s] = y
                 y.mul_(F.silu(z_s))
             out[s] = y.transpose(0, 1)
         ctx.delta_softplus, ctx.chunk, ctx.slab = delta_softplus, chunk, slab
@@ -162,21 +164,22 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, gout):
         u, delta, A, B, C, D, z, delta_bias, h0s, pre_gate = ctx.saved_tensors
         chunk, slab = ctx.chunk, ctx.slab
-        b, L, d = u.shape
+        L, b, d = u.shape
         A2 = A * _LOG2E
-        g_u, g_delta, gB, gC = (torch.empty_like(t) for t in (u, delta, B, C))
-        gz = torch.empty_like(z) if pre_gate is not None else None
+        # batch-major gradients, handed back as (L, b, ·) views
+        g_u, g_delta, gB, gC = (t.new_empty(b, L, t.shape[2]) for t in (u, delta, B, C))
+        gz = z.new_empty(b, L, d) if pre_gate is not None else None
         gA = torch.zeros_like(A)
         gD = torch.zeros_like(D) if D is not None else None
         ws = _Workspace(u, chunk, slab, d, A.shape[1], 3)
         for s0 in range(0, b, slab):
             s = slice(s0, min(s0 + slab, b))
             u_s, dt_s, B_s, C_s, z_s = _slab_inputs(s, u, delta, B, C, z, delta_bias, ctx.delta_softplus)
-            gy = _time_major(gout[s])  # (L, bs, d); may alias gout, so no in-place writes
+            gy = gout[s].transpose(0, 1).contiguous()  # (L, bs, d); may alias gout, so no in-place writes
             if z is not None:
                 sig = torch.sigmoid(z_s)
             if gz is not None:  # d silu(z)/dz = sig (1 + z (1 - sig))
-                gz[s] = (gy * _time_major(pre_gate[s]) * sig * (1 + z_s * (1 - sig))).transpose(0, 1)
+                gz[s] = (gy * pre_gate[:, s] * sig * (1 + z_s * (1 - sig))).transpose(0, 1)
             if z is not None:
                 gy = gy * z_s * sig
             if D is not None:
@@ -191,27 +194,27 @@ class _SelectiveScanFn(torch.autograd.Function):
             g_u[s], g_delta[s] = g_u_s.transpose(0, 1), g_dt.transpose(0, 1)
             gB[s], gC[s] = gB_s.transpose(0, 1), gC_s.transpose(0, 1)
         g_bias = g_delta.sum((0, 1)) if delta_bias is not None else None
-        return g_u, g_delta, gA, gB, gC, gD, gz, g_bias, None, None, None
+        tm = lambda t: None if t is None else t.transpose(0, 1)  # noqa: E731
+        return tm(g_u), tm(g_delta), gA, tm(gB), tm(gC), gD, tm(gz), g_bias, None, None, None
 
 
 def _time_major(x: Tensor) -> Tensor:
-    """(bs, L, ·) -> contiguous (L, bs, ·); may return x itself when that is already the layout."""
-    return x.transpose(0, 1).contiguous()
+    """(b, ·, L) -> contiguous (L, b, ·), one copy; may return x itself when that is already the layout."""
+    return x.permute(2, 0, 1).contiguous()
 
 
 def _slab_inputs(s, u, delta, B, C, z, delta_bias, delta_softplus):
-    """Batch rows s of the (b, L, ·) inputs, time-major and contiguous, with the step size made final.
+    """Batch rows s of the time-major (L, b, ·) inputs, with the step size made final.
 
-    With L = 1 or one row the slice can already be time-major, so these may alias the inputs: never write
+    All but the step size are views of the inputs, and so is the step size without bias and softplus: never write
     into them.
     """
-    dt = _time_major(delta[s])
+    dt = delta[:, s]
     if delta_bias is not None:
         dt = dt + delta_bias
     if delta_softplus:
         dt = F.softplus(dt)
-    return (_time_major(u[s]), dt, _time_major(B[s]), _time_major(C[s]),
-            _time_major(z[s]) if z is not None else None)
+    return u[:, s], dt, B[:, s], C[:, s], z[:, s] if z is not None else None
 
 
 class _Workspace:
@@ -262,7 +265,7 @@ def _forward_slab(u, dt, A2, B, C, h0s, chunk, ws):
     """y_t = C_t . h_t for one slab: u, dt (L, bs, d), B, C (L, bs, n); fills h0s (n_chunks, bs, d, n)."""
     L, bs, d = u.shape
     dtu = dt * u
-    y = torch.empty_like(u)
+    y = u.new_empty(L, bs, d)
     h0s[0].zero_()
     for k, t0 in enumerate(range(0, L, chunk)):
         t1 = min(t0 + chunk, L)
@@ -282,7 +285,7 @@ def _backward_slab(dt, A, A2, u, B, C, h0s, gy, gA, chunk, ws):
     """
     L, bs, d = u.shape
     dtu = dt * u
-    g_dtu, g_dt, gB, gC = (torch.empty_like(t) for t in (u, dt, B, C))
+    g_dtu, g_dt, gB, gC = (t.new_empty(t.shape) for t in (u, dt, B, C))
     carry = u.new_zeros(bs, d, A.shape[1])  # exp(dt_{t1} A) dL/dh_{t1}: what the next chunk sends into h_{t1-1}
     for k in reversed(range(h0s.shape[0])):
         t0 = k * chunk
@@ -322,10 +325,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _scan_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
-        # (b, ·, L) -> (b, L, ·): free for the Mamba block, whose tensors are (b, L, ·) memory seen transposed
-        bl = lambda t: None if t is None else t.to(dtype).transpose(1, 2).contiguous()  # noqa: E731
+        tm = lambda t: None if t is None else _time_major(t.to(dtype))  # noqa: E731
         vec = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-        y = _SelectiveScanFn.apply(bl(u), bl(delta), vec(A), bl(B), bl(C), vec(D), bl(z), vec(delta_bias),
+        y = _SelectiveScanFn.apply(tm(u), tm(delta), vec(A), tm(B), tm(C), vec(D), tm(z), vec(delta_bias),
                                    delta_softplus, chunk, slab)  # (b, L, d)
     return y.transpose(1, 2).to(dtype_in)
 
@@ -356,8 +358,7 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     with torch.autocast(u.device.type, enabled=False):
         stop = int(index.max()) + 1 if batch else 1  # no row needs the steps after the largest index
         # (b, ·, L) -> time-major (stop, b, ·) in one copy; with L = 1 that can be the input itself: never write into it
-        tm = lambda t: t.to(dtype)[..., :stop].permute(2, 0, 1).contiguous()  # noqa: E731
-        u, dt, B = tm(u), tm(delta), tm(B)
+        u, dt, B = (_time_major(t.to(dtype)[..., :stop]) for t in (u, delta, B))
         if delta_bias is not None:
             dt = dt + delta_bias.to(dtype)
         if delta_softplus:
