@@ -113,7 +113,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 _LOG2E = 1.4426950408889634
-_SLAB_CELLS = 1 << 20  # chunk·slab·dim·dstate per work buffer (4 MiB in float32): stays in cache
+_SLAB_CELLS = 1 << 19  # chunk·slab·dim·dstate per work buffer (2 MiB in float32): stays in cache
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -319,7 +319,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     Args:
         chunk: time steps per chunk; the backward pass keeps one state per chunk and recomputes the rest.
-        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 4 MiB
+        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 2 MiB
             (on CUDA: the whole batch).
     """
     B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
