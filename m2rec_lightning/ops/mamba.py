@@ -235,13 +235,26 @@ class Mamba(nn.Module):
         backend = self._resolve_backend(hidden_states)
         if torch.is_grad_enabled() or backend not in ("torch", "triton"):
             return self(hidden_states)[rows, index]
-        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        x, z, dt, B, C = self._last_inputs(hidden_states, index)
         state_fn = selective_scan_state if backend == "torch" else _triton_scan()[1]
         h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
         )  # (batch, E·D, N), float32
         u = x[rows, :, index]  # (batch, E·D)
-        y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
-        y = y * F.silu(z[rows, index].to(h.dtype))
+        y = (h * C[:, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
+        y = y * F.silu(z.to(h.dtype))
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def _last_inputs(self, hidden_states: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """_scan_inputs for forward_last: x, dt and B at every position (the recurrence reads them), but z (batch, E·D)
+        and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row."""
+        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
+        w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
+        b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
+        x = self.act(self._conv(F.linear(hidden_states, w_x, b_x)))  # (batch, seqlen, E·D)
+        z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
+        w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
+        dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)
+        C = F.linear(x[rows, index], w_c)  # (batch, N)
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
