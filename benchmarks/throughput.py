@@ -13,7 +13,8 @@ What one measurement is:
 Inputs are random item ids filling all L positions (no padding), so every model does its full work. The models are
 the repository's configs: M2Rec = configs/models/m2rec.yaml (scales 1/2/4, causal Fourier filter, a random frozen
 text table of `--text-dim` columns on input and output side, softmax gate), Mamba4Rec = mamba4rec.yaml, SASRec =
-sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default.
+sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default; the recorded CPU run uses
+MovieLens-1M's 3,706 (`--num-items 3706`), the catalogue of the efficiency issue's targets. The record states N.
 
 Timing: one warm-up call per model and mode, then `--reps` rounds in which every (model, mode) pair runs once, so
 load from other processes hits all of them alike; the table reports medians and the ratios of medians. Memory: on
@@ -23,7 +24,8 @@ OS (so it is the step's working set: activations, gradients, temporaries; an est
 between samples).
 
     python benchmarks/throughput.py --quick                       # B=32, L in {50, 200}: ~1 min on 2 CPUs
-    python benchmarks/throughput.py --out benchmarks/results/throughput   # the recorded run (.md, .png)
+    python benchmarks/throughput.py --lengths 50 200 800 3200 --batch-for 50=32 200=32 800=8 3200=2 --reps 7 \
+        --threads 1 --num-items 3706 --out benchmarks/results/throughput   # the recorded CPU run (.md, .png)
     python benchmarks/throughput.py --device cuda --lengths 50 200 800 3200 --batch 256
 
 Batch per L defaults to 256 at L <= 200, 64 at L = 800 and 16 at L = 3200 on CPU (SASRec's (B, heads, L, L)
@@ -54,6 +56,7 @@ from m2rec_lightning.module import SequentialRecommender  # noqa: E402
 
 MODELS = ("m2rec", "mamba4rec", "sasrec")
 BEAUTY_ITEMS = 12101
+ML1M_ITEMS = 3706
 DEFAULT_BATCH = {50: 256, 200: 256, 800: 64, 3200: 16}
 
 
@@ -232,19 +235,25 @@ def machine(device: str) -> str:
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
-    """M2Rec and Mamba4Rec against SASRec at each L: time ratios of medians (train) and throughput ratios (infer)."""
+    """M2Rec and Mamba4Rec against SASRec, then M2Rec against Mamba4Rec, at each L: time ratios of medians (train)
+    and throughput ratios (infer)."""
     out = ["| L | batch | M2Rec / SASRec train time | Mamba4Rec / SASRec train time | "
-           "M2Rec / SASRec inference seq/s | Mamba4Rec / SASRec inference seq/s |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "M2Rec / SASRec inference seq/s | Mamba4Rec / SASRec inference seq/s | "
+           "M2Rec / Mamba4Rec train time | M2Rec / Mamba4Rec inference seq/s |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     get = {(r["model"], r["mode"], r["length"]): r for r in rows}
+    pairs = [("m2rec", "sasrec"), ("mamba4rec", "sasrec")]
     for length in sorted({r["length"] for r in rows}):
         cells = []
         for mode, key in (("train", "median_s"), ("infer", "seq_per_s")):
-            for m in ("m2rec", "mamba4rec"):
-                a, b = get.get((m, mode, length)), get.get(("sasrec", mode, length))
+            for m, base in pairs:
+                a, b = get.get((m, mode, length)), get.get((base, mode, length))
                 cells.append(f"{a[key] / b[key]:.2f}" if a and b else "-")
+        for mode, key in (("train", "median_s"), ("infer", "seq_per_s")):
+            a, b = get.get(("m2rec", mode, length)), get.get(("mamba4rec", mode, length))
+            cells.append(f"{a[key] / b[key]:.2f}" if a and b else "-")
         batch = next(r["batch"] for r in rows if r["length"] == length)
-        out.append(f"| {length} | {batch} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        out.append(f"| {length} | {batch} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -263,12 +272,15 @@ def last_position_lines(rows: list[dict]) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def markdown(rows: list[dict], command: str, device: str, reps: int) -> str:
+def markdown(rows: list[dict], command: str, device: str, reps: int, num_items: int, text_dim: int) -> str:
     lines = ["# Throughput and peak memory against sequence length", "",
              f"Command: `{command}`", "",
              f"Machine: {machine(device)}. The CPU is shared with other jobs, so absolute numbers are contended; "
              f"the models ran interleaved so the ratios are fairer than the absolutes. Medians of {reps} timed "
              "steps after one warm-up. d=64 for all; at each L all models use the same batch.", "",
+             f"Catalogue: N = {num_items:,} items"
+             + {BEAUTY_ITEMS: " (Beauty's)", ML1M_ITEMS: " (MovieLens-1M's)"}.get(num_items, "")
+             + f"; M2Rec's random frozen text table is {text_dim} wide.", "",
              "| L | batch | mode | model | median ms/step | min ms | sequences/s | peak memory MB |",
              "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r["length"], r["mode"] != "train", MODELS.index(r["model"]))):
@@ -334,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer", "infer_full"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS)
+    p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS,
+                   help=f"catalogue size N (Beauty: {BEAUTY_ITEMS}, MovieLens-1M: {ML1M_ITEMS})")
     p.add_argument("--text-dim", type=int, default=384, help="M2Rec's text table width (all-MiniLM-L6-v2: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mamba-backend", default="auto", choices=["auto", "torch", "cuda", "triton"])
@@ -356,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += measure_length(args.models, length, batch, args.reps, args.modes, args.num_items, args.text_dim,
                                args.device, args.mamba_backend, args.compile)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command.strip(), args.device, args.reps)
+    text = markdown(rows, command.strip(), args.device, args.reps, args.num_items, args.text_dim)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -268,13 +268,15 @@ def speed_block(root: Path) -> str:
         ratio = next((t for t in tables(text) if "M2Rec / SASRec train time" in t[0]), None)
         if ratio is None:
             continue
-        header, body = cells(ratio[0]), [dict(zip(cells(ratio[0]), cells(line))) for line in ratio[2:]]
-        if not lines:
+        body = [dict(zip(cells(ratio[0]), cells(line))) for line in ratio[2:]]
+        if not lines:  # the first record's columns head the table
+            header = cells(ratio[0])
             lines = ["| machine | " + " | ".join(header) + " | record |", "|---|" + "---:|" * len(header) + "---|"]
         longest = max(int(r["L"]) for r in body)
         for r in body:
             if int(r["L"]) in (200, longest):
-                lines.append(f"| {machine(text)} | " + " | ".join(r[h] for h in header)
+                # a record from before a column was added shows "-" there
+                lines.append(f"| {machine(text)} | " + " | ".join(r.get(h, "-") for h in header)
                              + f" | `{path.relative_to(root).as_posix()}` |")
     note = ("Train: time per step relative to SASRec (lower is faster); inference: sequences/s relative to SASRec "
             "(higher is faster); d=64, medians of timed steps. All speed tables: `docs/results/speed.md`.")
