@@ -221,8 +221,8 @@ class Mamba(nn.Module):
         channels-last natively), which halves its forward and backward time on CPU.
         """
         x = F.pad(x, (0, 0, self.d_conv - 1, 0)).transpose(1, 2).unsqueeze(2)  # (batch, E·D, 1, K-1+seqlen)
-        y = F.conv2d(x, self.conv1d.weight.unsqueeze(2), self.conv1d.bias, groups=self.d_inner)  # (batch, E·D, 1, seqlen)
-        return y.squeeze(2).transpose(1, 2)
+        y = F.conv2d(x, self.conv1d.weight.unsqueeze(2), self.conv1d.bias, groups=self.d_inner)
+        return y.squeeze(2).transpose(1, 2)  # (batch, E·D, 1, seqlen) channels-last -> (batch, seqlen, E·D)
 
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).

@@ -358,7 +358,7 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     n = A.shape[1]
     with torch.autocast(u.device.type, enabled=False):
         stop = int(index.max()) + 1 if batch else 1  # no row needs the steps after the largest index
-        # (b, ·, L) -> time-major (stop, b, ·) in one copy; with L = 1 that can be the input itself: never write into it
+        # (b, ·, L) -> time-major (stop, b, ·); with L = 1 that can be the input itself: never write into it
         u, dt, B = (_time_major(t.to(dtype)[..., :stop]) for t in (u, delta, B))
         if delta_bias is not None:
             dt = dt + delta_bias.to(dtype)
