@@ -252,12 +252,13 @@ def cells(line: str) -> list[str]:
 
 
 def machine(text: str) -> str:
-    """The device of a throughput record, from its 'Machine:' line and the scan backend of its command."""
+    """The device of a throughput record, from its 'Machine:' line and the scan backend and clock of its command."""
     found = re.search(r"^Machine: (.*?)(\.\s|$)", text, re.MULTILINE)
     fields = found.group(1).split(", ") if found else ["?"]
     name = ", ".join([fields[0]] + [f for f in fields[1:] if "CPU" in f or "thread" in f])
     backend = re.search(r"--mamba-backend (\w+)", text)
-    return name + (f", Mamba scan: {backend.group(1)}" if backend else "")
+    clock = ", CPU time" if re.search(r"--clock cpu\b", text) else ""
+    return name + (f", Mamba scan: {backend.group(1)}" if backend else "") + clock
 
 
 def speed_block(root: Path) -> str:
