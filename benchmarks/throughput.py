@@ -13,17 +13,21 @@ What one measurement is:
 Inputs are random item ids filling all L positions (no padding), so every model does its full work. The models are
 the repository's configs: M2Rec = configs/models/m2rec.yaml (scales 1/2/4, causal Fourier filter, a random frozen
 text table of `--text-dim` columns on input and output side, softmax gate), Mamba4Rec = mamba4rec.yaml, SASRec =
-sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default.
+sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default; the recorded CPU run uses
+MovieLens-1M's 3,706 (`--num-items 3706`), the catalogue of the efficiency issue's targets. The record states N.
 
 Timing: one warm-up call per model and mode, then `--reps` rounds in which every (model, mode) pair runs once, so
-load from other processes hits all of them alike; the table reports medians and the ratios of medians. Memory: on
+load from other processes hits all of them alike; the table reports medians and the ratios of medians. `--clock cpu`
+times the process's CPU time instead of wall-clock time: on a CPU shared with other jobs it leaves out the waits for
+a core, which otherwise dominate the spread (medians twice the minima at a load average of 6 on 2 CPUs). Memory: on
 CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident set during one step
 minus the resident set just before it, sampled every 0.2 ms by a thread after `malloc_trim` returns freed heap to the
 OS (so it is the step's working set: activations, gradients, temporaries; an estimate that can miss short spikes
 between samples).
 
     python benchmarks/throughput.py --quick                       # B=32, L in {50, 200}: ~1 min on 2 CPUs
-    python benchmarks/throughput.py --out benchmarks/results/throughput   # the recorded run (.md, .png)
+    python benchmarks/throughput.py --lengths 50 200 800 3200 --batch-for 50=32 200=32 800=8 3200=2 --reps 7 \
+        --threads 1 --num-items 3706 --clock cpu --out benchmarks/results/throughput   # the recorded CPU run
     python benchmarks/throughput.py --device cuda --lengths 50 200 800 3200 --batch 256
 
 Batch per L defaults to 256 at L <= 200, 64 at L = 800 and 16 at L = 3200 on CPU (SASRec's (B, heads, L, L)
@@ -54,6 +58,7 @@ from m2rec_lightning.module import SequentialRecommender  # noqa: E402
 
 MODELS = ("m2rec", "mamba4rec", "sasrec")
 BEAUTY_ITEMS = 12101
+ML1M_ITEMS = 3706
 DEFAULT_BATCH = {50: 256, 200: 256, 800: 64, 3200: 16}
 
 
@@ -147,12 +152,17 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str) -> float:
+# wall-clock, or the process's CPU time: on a CPU shared with other jobs the latter leaves out the time spent waiting
+# for a core (not their contention for caches and memory bandwidth)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, device: str, clock=time.perf_counter) -> float:
     synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -200,17 +210,17 @@ def peak_memory(fn, device: str) -> float:
 
 def measure_length(models: list[str], length: int, batch: int, reps: int, modes: list[str], num_items: int,
                    text_dim: int, device: str, mamba_backend: str = "auto", compile_model: bool = False,
-                   log=print) -> list[dict]:
+                   clock: str = "wall", log=print) -> list[dict]:
     """All models at one L: interleaved timings (medians) and one memory measurement per (model, mode)."""
     built = {m: build_model(m, length, num_items, text_dim, device, mamba_backend) for m in models}
     steps = {m: make_steps(built[m], batch, length, device, compile_model) for m in models}
     rows = []
     times = {(m, mode): [] for mode in modes for m in models}
     for m, mode in times:
-        timed(steps[m][mode], device)  # warm-up: first-touch allocations, autotuning, compilation
+        timed(steps[m][mode], device, CLOCKS[clock])  # warm-up: first-touch allocations, autotuning, compilation
     for _ in range(reps):  # interleaved over modes and models, so changing load hits every pair alike
         for m, mode in times:
-            times[m, mode].append(timed(steps[m][mode], device))
+            times[m, mode].append(timed(steps[m][mode], device, CLOCKS[clock]))
     for mode in modes:
         for m in models:
             memory = peak_memory(steps[m][mode], device)
@@ -232,19 +242,25 @@ def machine(device: str) -> str:
 
 
 def ratio_lines(rows: list[dict]) -> list[str]:
-    """M2Rec and Mamba4Rec against SASRec at each L: time ratios of medians (train) and throughput ratios (infer)."""
+    """M2Rec and Mamba4Rec against SASRec, then M2Rec against Mamba4Rec, at each L: time ratios of medians (train)
+    and throughput ratios (infer)."""
     out = ["| L | batch | M2Rec / SASRec train time | Mamba4Rec / SASRec train time | "
-           "M2Rec / SASRec inference seq/s | Mamba4Rec / SASRec inference seq/s |",
-           "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "M2Rec / SASRec inference seq/s | Mamba4Rec / SASRec inference seq/s | "
+           "M2Rec / Mamba4Rec train time | M2Rec / Mamba4Rec inference seq/s |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     get = {(r["model"], r["mode"], r["length"]): r for r in rows}
+    pairs = [("m2rec", "sasrec"), ("mamba4rec", "sasrec")]
     for length in sorted({r["length"] for r in rows}):
         cells = []
         for mode, key in (("train", "median_s"), ("infer", "seq_per_s")):
-            for m in ("m2rec", "mamba4rec"):
-                a, b = get.get((m, mode, length)), get.get(("sasrec", mode, length))
+            for m, base in pairs:
+                a, b = get.get((m, mode, length)), get.get((base, mode, length))
                 cells.append(f"{a[key] / b[key]:.2f}" if a and b else "-")
+        for mode, key in (("train", "median_s"), ("infer", "seq_per_s")):
+            a, b = get.get(("m2rec", mode, length)), get.get(("mamba4rec", mode, length))
+            cells.append(f"{a[key] / b[key]:.2f}" if a and b else "-")
         batch = next(r["batch"] for r in rows if r["length"] == length)
-        out.append(f"| {length} | {batch} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
+        out.append(f"| {length} | {batch} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -263,12 +279,20 @@ def last_position_lines(rows: list[dict]) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def markdown(rows: list[dict], command: str, device: str, reps: int) -> str:
+def markdown(rows: list[dict], command: str, device: str, reps: int, num_items: int, text_dim: int,
+             clock: str = "wall") -> str:
     lines = ["# Throughput and peak memory against sequence length", "",
              f"Command: `{command}`", "",
              f"Machine: {machine(device)}. The CPU is shared with other jobs, so absolute numbers are contended; "
              f"the models ran interleaved so the ratios are fairer than the absolutes. Medians of {reps} timed "
-             "steps after one warm-up. d=64 for all; at each L all models use the same batch.", "",
+             "steps after one warm-up. d=64 for all; at each L all models use the same batch. "
+             + ("Times are wall-clock." if clock == "wall" else
+                "Times are the process's CPU time (`--clock cpu`): on this shared machine it leaves out the time "
+                "spent waiting for a core, though not the other jobs' contention for caches and memory bandwidth."),
+             "",
+             f"Catalogue: N = {num_items:,} items"
+             + {BEAUTY_ITEMS: " (Beauty's)", ML1M_ITEMS: " (MovieLens-1M's)"}.get(num_items, "")
+             + f"; M2Rec's random frozen text table is {text_dim} wide.", "",
              "| L | batch | mode | model | median ms/step | min ms | sequences/s | peak memory MB |",
              "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in sorted(rows, key=lambda r: (r["length"], r["mode"] != "train", MODELS.index(r["model"]))):
@@ -334,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer", "infer_full"])
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS)
+    p.add_argument("--num-items", type=int, default=BEAUTY_ITEMS,
+                   help=f"catalogue size N (Beauty: {BEAUTY_ITEMS}, MovieLens-1M: {ML1M_ITEMS})")
     p.add_argument("--text-dim", type=int, default=384, help="M2Rec's text table width (all-MiniLM-L6-v2: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mamba-backend", default="auto", choices=["auto", "torch", "cuda", "triton"])
@@ -342,11 +367,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 thread avoids "
                         "OpenMP workers spinning while their partner is descheduled (3-4x faster here)")
+    p.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                   help="wall: wall-clock time; cpu: the process's CPU time, steadier on a CPU shared with other jobs "
+                        "(with one thread the two agree on an idle machine; CPU only)")
     p.add_argument("--quick", action="store_true", help="B=32, L in {50, 200}, 2 reps")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.png")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.batch, args.reps = [50, 200], 32, 2
+    if args.clock == "cpu" and args.device.startswith("cuda"):
+        raise SystemExit("--clock cpu counts CPU time only, not the GPU's: use --clock wall with --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     batch_for = parse_batch_for(args.batch_for)
@@ -354,9 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     for length in args.lengths:
         batch = batch_for.get(length, args.batch or DEFAULT_BATCH.get(length, 256))
         rows += measure_length(args.models, length, batch, args.reps, args.modes, args.num_items, args.text_dim,
-                               args.device, args.mamba_backend, args.compile)
+                               args.device, args.mamba_backend, args.compile, args.clock)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command.strip(), args.device, args.reps)
+    text = markdown(rows, command.strip(), args.device, args.reps, args.num_items, args.text_dim, args.clock)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -252,12 +252,13 @@ def cells(line: str) -> list[str]:
 
 
 def machine(text: str) -> str:
-    """The device of a throughput record, from its 'Machine:' line and the scan backend of its command."""
+    """The device of a throughput record, from its 'Machine:' line and the scan backend and clock of its command."""
     found = re.search(r"^Machine: (.*?)(\.\s|$)", text, re.MULTILINE)
     fields = found.group(1).split(", ") if found else ["?"]
     name = ", ".join([fields[0]] + [f for f in fields[1:] if "CPU" in f or "thread" in f])
     backend = re.search(r"--mamba-backend (\w+)", text)
-    return name + (f", Mamba scan: {backend.group(1)}" if backend else "")
+    clock = ", CPU time" if re.search(r"--clock cpu\b", text) else ""
+    return name + (f", Mamba scan: {backend.group(1)}" if backend else "") + clock
 
 
 def speed_block(root: Path) -> str:
@@ -268,13 +269,15 @@ def speed_block(root: Path) -> str:
         ratio = next((t for t in tables(text) if "M2Rec / SASRec train time" in t[0]), None)
         if ratio is None:
             continue
-        header, body = cells(ratio[0]), [dict(zip(cells(ratio[0]), cells(line))) for line in ratio[2:]]
-        if not lines:
+        body = [dict(zip(cells(ratio[0]), cells(line))) for line in ratio[2:]]
+        if not lines:  # the first record's columns head the table
+            header = cells(ratio[0])
             lines = ["| machine | " + " | ".join(header) + " | record |", "|---|" + "---:|" * len(header) + "---|"]
         longest = max(int(r["L"]) for r in body)
         for r in body:
             if int(r["L"]) in (200, longest):
-                lines.append(f"| {machine(text)} | " + " | ".join(r[h] for h in header)
+                # a record from before a column was added shows "-" there
+                lines.append(f"| {machine(text)} | " + " | ".join(r.get(h, "-") for h in header)
                              + f" | `{path.relative_to(root).as_posix()}` |")
     note = ("Train: time per step relative to SASRec (lower is faster); inference: sequences/s relative to SASRec "
             "(higher is faster); d=64, medians of timed steps. All speed tables: `docs/results/speed.md`.")

@@ -98,6 +98,20 @@ def test_fourier_filter_equals_time_domain_convolution(length):
     torch.testing.assert_close(filt(h), expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("length", [L, 5, 1])
+def test_fourier_filter_gradients_equal_time_domain_convolution(length):
+    # the filter's hand-written backward against autograd through the explicit convolution, both in float64
+    torch.manual_seed(0)
+    filt = CausalFourierFilter(D, max_len=L).double()
+    h = torch.randn(3, length, D, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, length, D, dtype=torch.float64)
+    grads = torch.autograd.grad((filt(h) * g).sum(), [h, filt.weight])
+    expected = torch.autograd.grad((explicit_causal_conv(h, filt.kernel(length, torch.float64)) * g).sum(),
+                                   [h, filt.weight])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 def test_fourier_response_is_a_frequency_response():
     filt = CausalFourierFilter(D, max_len=L).double()
     h = torch.randn(2, L, D, dtype=torch.float64)

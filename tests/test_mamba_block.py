@@ -118,6 +118,19 @@ def test_strictly_causal():
     assert torch.all(g[:, 11:] == 0) and g[:, :11].abs().sum() > 0
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_last_equals_forward_at_the_index(bias):
+    # without autograd forward_last projects z and C at the index only and runs the state-only scan
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8, bias=bias, backend="torch").double()
+    if bias:
+        torch.nn.init.normal_(m.in_proj.bias)
+    x = torch.randn(5, 23, 16, dtype=torch.float64)
+    index = torch.tensor([22, 0, 9, 22, 14])
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_last(x, index), m(x)[torch.arange(5), index], rtol=1e-10, atol=1e-12)
+
+
 def test_bfloat16_autocast_runs_scan_in_float32():
     torch.manual_seed(0)
     m = Mamba(16, d_state=8, backend="torch")

@@ -178,6 +178,20 @@ def test_the_speed_block_takes_the_ratios_at_200_and_the_longest_length(tree):
     assert page.startswith(render.GENERATED) and "| 50 | 32 | 1.46 |" in page
 
 
+def test_a_record_without_a_newer_ratio_column_shows_a_dash_there_and_the_clock_is_named(tree):
+    results = tree / "benchmarks" / "results"
+    (results / "throughput_old.md").write_text(THROUGHPUT)  # sorts after throughput.md, whose header is used
+    newer = (THROUGHPUT.replace(RATIOS, RATIOS + " M2Rec / Mamba4Rec train time |").replace("800`", "800 --clock cpu`")
+             .replace("| ---: |\n", "| ---: | ---: |\n", 1)
+             .replace("| 200 | 32 | 1.17 | 0.96 | 0.45 | 0.90 |", "| 200 | 32 | 1.17 | 0.96 | 0.45 | 0.90 | 1.22 |"))
+    (results / "throughput.md").write_text(newer)
+    rows = [line for line in render.speed_block(tree).splitlines() if line.startswith("| x86_64") and "| 200 |" in line]
+    assert rows == ["| x86_64, 2 CPUs, 1 threads, CPU time | 200 | 32 | 1.17 | 0.96 | 0.45 | 0.90 | 1.22 | "
+                    "`benchmarks/results/throughput.md` |",
+                    "| x86_64, 2 CPUs, 1 threads | 200 | 32 | 1.17 | 0.96 | 0.45 | 0.90 | - | "
+                    "`benchmarks/results/throughput_old.md` |"]
+
+
 def test_every_generated_page_says_so_and_links_nothing_outside_docs(tree):
     shutil.copy(tree / "benchmarks" / "results" / "throughput.md", tree / "benchmarks" / "results" / "other.md")
     for path, text in render.render(tree, readme=False).items():

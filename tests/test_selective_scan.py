@@ -188,8 +188,10 @@ def test_state_at_index_matches_per_step_states(L, chunk, slab, softplus):
     index = torch.randint(0, L, (6,), generator=g)
     index[0], index[-1] = 0, L - 1
     args = (x["u"], x["delta"], x["A"], x["B"])
+    before = [t.clone() for t in args]
     h = selective_scan_state(*args, index, delta_bias=x["delta_bias"], delta_softplus=softplus, chunk=chunk,
                              slab=slab)
+    assert all(torch.equal(a, b) for a, b in zip(args, before)), "the inputs were modified"
     expected = states_per_step(*args, x["delta_bias"], softplus)[torch.arange(6), index]
     assert h.dtype == torch.float64 and rel_err(h, expected) <= 1e-12
     # C . h + D u at the index is the fast scan's output there

@@ -28,8 +28,15 @@ from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
 from .encoder import (
-    FeedForward, SequenceEncoder, check_ids, check_serving, check_step_ids, history_lengths, init_recbole_,
-    last_positions, lookup,
+    FeedForward,
+    SequenceEncoder,
+    check_ids,
+    check_serving,
+    check_step_ids,
+    history_lengths,
+    init_recbole_,
+    last_positions,
+    lookup,
 )
 from .fourier import CausalFourierFilter
 from .gate import StreamGate

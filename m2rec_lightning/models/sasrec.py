@@ -22,8 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import (
-    FeedForward, SequenceEncoder, check_ids, check_serving, check_step_ids, history_lengths, init_recbole_,
-    last_positions, lookup,
+    FeedForward,
+    SequenceEncoder,
+    check_ids,
+    check_serving,
+    check_step_ids,
+    history_lengths,
+    init_recbole_,
+    last_positions,
+    lookup,
 )
 from .state import SASRecState, map_state
 

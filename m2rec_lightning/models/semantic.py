@@ -30,5 +30,7 @@ class SemanticProjection(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., text_dim) -> (..., d)
-        z = self.whiten(self.dropout(x) - self.offset)
+        # (x - b) W = x W - b W: the text vectors are frozen, so backward skips the (..., text_dim) gradient of the
+        # matmul's input that only b's gradient would need; b's goes through the one vector b W
+        z = self.whiten(self.dropout(x)) - self.whiten(self.offset)
         return self.out(self.dropout(self.act(z)))

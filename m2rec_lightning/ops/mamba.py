@@ -206,13 +206,24 @@ class Mamba(nn.Module):
     def _scan_inputs(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (batch, E·D, seqlen) after the causal conv; z, dt (batch, seqlen, E·D), dt without its bias (the scan adds
         it); B, C (batch, seqlen, N)."""
-        seqlen = hidden_states.size(1)
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
         x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
-        x = self.act(self.conv1d(x.transpose(1, 2))[..., :seqlen])  # (batch, E·D, seqlen)
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2N)
+        x = self.act(self._conv(x))  # (batch, seqlen, E·D)
+        x_dbl = self.x_proj(x)  # (batch, seqlen, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        return x, z, F.linear(dt, self.dt_proj.weight), B, C
+        # x stays (batch, seqlen, E·D) in memory: the scan reads it time-step by time-step
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def _conv(self, x: Tensor) -> Tensor:
+        """conv1d's causal depthwise convolution, (batch, seqlen, E·D) -> (batch, seqlen, E·D), in that layout.
+
+        conv1d wants (batch, E·D, seqlen): a transpose in and out, each a copy on CPU. The same convolution as a conv2d
+        over the left-padded input seen as a channels-last (batch, E·D, 1, K-1+seqlen) image needs neither (oneDNN runs
+        channels-last natively), which halves its forward and backward time on CPU.
+        """
+        x = F.pad(x, (0, 0, self.d_conv - 1, 0)).transpose(1, 2).unsqueeze(2)  # (batch, E·D, 1, K-1+seqlen)
+        y = F.conv2d(x, self.conv1d.weight.unsqueeze(2), self.conv1d.bias, groups=self.d_inner)
+        return y.squeeze(2).transpose(1, 2)  # (batch, E·D, 1, seqlen) channels-last -> (batch, seqlen, E·D)
 
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
@@ -225,15 +236,15 @@ class Mamba(nn.Module):
         backend = self._resolve_backend(hidden_states)
         if torch.is_grad_enabled() or backend not in ("torch", "triton"):
             return self(hidden_states)[rows, index]
-        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        x, z, dt, B, C = self._last_inputs(hidden_states, index)
         state_fn = selective_scan_state if backend == "torch" else _triton_scan()[1]
         h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
         )  # (batch, E·D, N), float32
         u = x[rows, :, index]  # (batch, E·D)
-        y = (h * C[rows, index, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
-        y = y * F.silu(z[rows, index].to(h.dtype))
+        y = (h * C[:, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
+        y = y * F.silu(z.to(h.dtype))
         return self.out_proj(y.to(hidden_states.dtype))
 
     def init_state(self, batch_size: int) -> MambaState:
@@ -295,3 +306,16 @@ class Mamba(nn.Module):
         tail = hidden_states[rows[:, None], source.clamp(min=0)]  # (batch, d_conv-1, d_model)
         conv = self.in_proj(tail)[..., : self.d_inner] * (source >= 0)[:, :, None]  # (batch, d_conv-1, E·D)
         return MambaState(conv=conv.transpose(1, 2), ssm=h), y
+
+    def _last_inputs(self, hidden_states: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """_scan_inputs for forward_last: x, dt and B at every position (the recurrence reads them), but z (batch, E·D)
+        and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row."""
+        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
+        w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
+        b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
+        x = self.act(self._conv(F.linear(hidden_states, w_x, b_x)))  # (batch, seqlen, E·D)
+        z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
+        w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
+        dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)
+        C = F.linear(x[rows, index], w_c)  # (batch, N)
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C

@@ -113,13 +113,15 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 
 _LOG2E = 1.4426950408889634
-_SLAB_CELLS = 1 << 20  # chunk·slab·dim·dstate per work buffer (4 MiB in float32): stays in cache
+_SLAB_CELLS = 1 << 19  # chunk·slab·dim·dstate per work buffer (2 MiB in float32): stays in cache
 
 
 class _SelectiveScanFn(torch.autograd.Function):
     """The whole selective scan with a hand-written backward, batch slab by batch slab, chunk by chunk.
 
-    Inside a slab the layout is time-major, (L, bs, ·), so one step and one chunk are contiguous blocks.
+    The inputs come time-major, (L, b, ·), so one step and one chunk of a slab are blocks of rows, and forward and
+    backward read them in place; the output and the gradients are written batch-major, (b, L, ·), the layout of
+    the Mamba block around the scan.
     Forward keeps only the state at each chunk start; backward recomputes the states inside a chunk from it
     (as mamba_ssm's kernel does), so memory is O(batch·dim·dstate·(L/chunk)) plus a few (batch, dim, L)
     tensors, instead of O(batch·dim·dstate·L). The per-cell work is a few flops, so memory traffic, page
@@ -129,8 +131,8 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, chunk: int, slab: int | None):
-        # u, delta, z: (b, L, d); B, C: (b, L, n); A: (d, n); D, delta_bias: (d,); all contiguous
-        b, L, d = u.shape
+        # u, delta, z: (L, b, d); B, C: (L, b, n); A: (d, n); D, delta_bias: (d,); all contiguous
+        L, b, d = u.shape
         n = A.shape[1]
         chunk = max(1, min(chunk, L))
         if slab is None:  # on a GPU there is no cache to fit, only kernel launches to save
@@ -140,7 +142,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         h0s = u.new_empty((L + chunk - 1) // chunk, b, d, n)  # state entering each chunk
         out = u.new_empty(b, L, d)
         # C.h + D u, the gate's input: needed for z's gradient
-        pre_gate = u.new_empty(b, L, d) if z is not None and ctx.needs_input_grad[6] else None
+        pre_gate = u.new_empty(L, b, d) if z is not None and ctx.needs_input_grad[6] else None
         ws = _Workspace(u, chunk, slab, d, n, 2)
         for s0 in range(0, b, slab):
             s = slice(s0, min(s0 + slab, b))
@@ -150,7 +152,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 y.addcmul_(u_s, D)
             if z is not None:
                 if pre_gate is not None:
-                    pre_gate[s] = y.transpose(0, 1)
+                    pre_gate[:, s] = y
                 y.mul_(F.silu(z_s))
             out[s] = y.transpose(0, 1)
         ctx.delta_softplus, ctx.chunk, ctx.slab = delta_softplus, chunk, slab
@@ -162,21 +164,22 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, gout):
         u, delta, A, B, C, D, z, delta_bias, h0s, pre_gate = ctx.saved_tensors
         chunk, slab = ctx.chunk, ctx.slab
-        b, L, d = u.shape
+        L, b, d = u.shape
         A2 = A * _LOG2E
-        g_u, g_delta, gB, gC = (torch.empty_like(t) for t in (u, delta, B, C))
-        gz = torch.empty_like(z) if pre_gate is not None else None
+        # batch-major gradients, handed back as (L, b, ·) views
+        g_u, g_delta, gB, gC = (t.new_empty(b, L, t.shape[2]) for t in (u, delta, B, C))
+        gz = z.new_empty(b, L, d) if pre_gate is not None else None
         gA = torch.zeros_like(A)
         gD = torch.zeros_like(D) if D is not None else None
         ws = _Workspace(u, chunk, slab, d, A.shape[1], 3)
         for s0 in range(0, b, slab):
             s = slice(s0, min(s0 + slab, b))
             u_s, dt_s, B_s, C_s, z_s = _slab_inputs(s, u, delta, B, C, z, delta_bias, ctx.delta_softplus)
-            gy = _time_major(gout[s])  # (L, bs, d); may alias gout, so no in-place writes
+            gy = gout[s].transpose(0, 1).contiguous()  # (L, bs, d); may alias gout, so no in-place writes
             if z is not None:
                 sig = torch.sigmoid(z_s)
             if gz is not None:  # d silu(z)/dz = sig (1 + z (1 - sig))
-                gz[s] = (gy * _time_major(pre_gate[s]) * sig * (1 + z_s * (1 - sig))).transpose(0, 1)
+                gz[s] = (gy * pre_gate[:, s] * sig * (1 + z_s * (1 - sig))).transpose(0, 1)
             if z is not None:
                 gy = gy * z_s * sig
             if D is not None:
@@ -191,27 +194,27 @@ class _SelectiveScanFn(torch.autograd.Function):
             g_u[s], g_delta[s] = g_u_s.transpose(0, 1), g_dt.transpose(0, 1)
             gB[s], gC[s] = gB_s.transpose(0, 1), gC_s.transpose(0, 1)
         g_bias = g_delta.sum((0, 1)) if delta_bias is not None else None
-        return g_u, g_delta, gA, gB, gC, gD, gz, g_bias, None, None, None
+        tm = lambda t: None if t is None else t.transpose(0, 1)  # noqa: E731
+        return tm(g_u), tm(g_delta), gA, tm(gB), tm(gC), gD, tm(gz), g_bias, None, None, None
 
 
 def _time_major(x: Tensor) -> Tensor:
-    """(bs, L, ·) -> contiguous (L, bs, ·); may return x itself when that is already the layout."""
-    return x.transpose(0, 1).contiguous()
+    """(b, ·, L) -> contiguous (L, b, ·), one copy; may return x itself when that is already the layout."""
+    return x.permute(2, 0, 1).contiguous()
 
 
 def _slab_inputs(s, u, delta, B, C, z, delta_bias, delta_softplus):
-    """Batch rows s of the (b, L, ·) inputs, time-major and contiguous, with the step size made final.
+    """Batch rows s of the time-major (L, b, ·) inputs, with the step size made final.
 
-    With L = 1 or one row the slice can already be time-major, so these may alias the inputs: never write
+    All but the step size are views of the inputs, and so is the step size without bias and softplus: never write
     into them.
     """
-    dt = _time_major(delta[s])
+    dt = delta[:, s]
     if delta_bias is not None:
         dt = dt + delta_bias
     if delta_softplus:
         dt = F.softplus(dt)
-    return (_time_major(u[s]), dt, _time_major(B[s]), _time_major(C[s]),
-            _time_major(z[s]) if z is not None else None)
+    return u[:, s], dt, B[:, s], C[:, s], z[:, s] if z is not None else None
 
 
 class _Workspace:
@@ -262,7 +265,7 @@ def _forward_slab(u, dt, A2, B, C, h0s, chunk, ws):
     """y_t = C_t . h_t for one slab: u, dt (L, bs, d), B, C (L, bs, n); fills h0s (n_chunks, bs, d, n)."""
     L, bs, d = u.shape
     dtu = dt * u
-    y = torch.empty_like(u)
+    y = u.new_empty(L, bs, d)
     h0s[0].zero_()
     for k, t0 in enumerate(range(0, L, chunk)):
         t1 = min(t0 + chunk, L)
@@ -282,7 +285,7 @@ def _backward_slab(dt, A, A2, u, B, C, h0s, gy, gA, chunk, ws):
     """
     L, bs, d = u.shape
     dtu = dt * u
-    g_dtu, g_dt, gB, gC = (torch.empty_like(t) for t in (u, dt, B, C))
+    g_dtu, g_dt, gB, gC = (t.new_empty(t.shape) for t in (u, dt, B, C))
     carry = u.new_zeros(bs, d, A.shape[1])  # exp(dt_{t1} A) dL/dh_{t1}: what the next chunk sends into h_{t1-1}
     for k in reversed(range(h0s.shape[0])):
         t0 = k * chunk
@@ -316,16 +319,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 
     Args:
         chunk: time steps per chunk; the backward pass keeps one state per chunk and recomputes the rest.
-        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 4 MiB
+        slab: batch rows processed together; None = as many as keep a chunk's work buffers near 2 MiB
             (on CUDA: the whole batch).
     """
     B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _scan_dtype(u)
     with torch.autocast(u.device.type, enabled=False):
-        # (b, ·, L) -> (b, L, ·): free for the Mamba block, whose tensors are (b, L, ·) memory seen transposed
-        bl = lambda t: None if t is None else t.to(dtype).transpose(1, 2).contiguous()  # noqa: E731
+        tm = lambda t: None if t is None else _time_major(t.to(dtype))  # noqa: E731
         vec = lambda t: None if t is None else t.to(dtype).contiguous()  # noqa: E731
-        y = _SelectiveScanFn.apply(bl(u), bl(delta), vec(A), bl(B), bl(C), vec(D), bl(z), vec(delta_bias),
+        y = _SelectiveScanFn.apply(tm(u), tm(delta), vec(A), tm(B), tm(C), vec(D), tm(z), vec(delta_bias),
                                    delta_softplus, chunk, slab)  # (b, L, d)
     return y.transpose(1, 2).to(dtype_in)
 
@@ -333,16 +335,19 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
 @torch.no_grad()
 def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
                          delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                         chunk: int = 16, slab: int | None = None) -> Tensor:
+                         chunk: int = 4, slab: int | None = None) -> Tensor:
     """The scan state h_t at t = index[i] of each batch row i, without the outputs y: (batch, dim, dstate).
 
     Inference only (no autograd). It runs the recurrence as the fast path does, but only up to the largest index,
     and skips the C contraction, the skip term and the gate at every step: the caller applies them once, at index.
+    A row's steps after its own index get step size 0, so exp(0·A) = 1 and no input: its state stays, bit for bit,
+    the state at its index, and every row is read once, at the end.
 
     Args:
         u, delta, A, B, delta_bias, delta_softplus: as in :func:`selective_scan_ref`.
         index: (batch,) integer step of each row, in [0, seqlen).
-        chunk, slab: as in :func:`selective_scan`.
+        chunk, slab: as in :func:`selective_scan`. With no states kept for a backward, short chunks are cheaper here:
+            the 2 MiB buffers then hold more rows, so one op per step covers more of the batch.
 
     Returns:
         (batch, dim, dstate) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
@@ -352,11 +357,17 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
     dtype = _scan_dtype(u)
     n = A.shape[1]
     with torch.autocast(u.device.type, enabled=False):
-        bl = lambda t: t.to(dtype).transpose(1, 2).contiguous()  # noqa: E731  (b, ·, L) -> (b, L, ·)
-        u, delta, B = bl(u), bl(delta), bl(B)
+        stop = int(index.max()) + 1 if batch else 1  # no row needs the steps after the largest index
+        # (b, ·, L) -> time-major (stop, b, ·); with L = 1 that can be the input itself: never write into it
+        u, dt, B = (_time_major(t.to(dtype)[..., :stop]) for t in (u, delta, B))
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(dtype)
+        if delta_softplus:
+            dt = F.softplus(dt)
+        dt = dt * (torch.arange(stop, device=u.device)[:, None, None] <= index[None, :, None])  # (stop, b, d)
+        dtu = dt * u
         A2 = A.to(dtype) * _LOG2E
-        delta_bias = None if delta_bias is None else delta_bias.to(dtype)
-        chunk = max(1, min(chunk, seqlen))
+        chunk = max(1, min(chunk, stop))
         if slab is None:
             slab = batch if u.is_cuda else _SLAB_CELLS // (chunk * dim * n)
         slab = max(1, min(slab, batch))
@@ -364,16 +375,10 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
         ws = _Workspace(u, chunk, slab, dim, n, 2)
         for s0 in range(0, batch, slab):
             s = slice(s0, min(s0 + slab, batch))
-            stop = int(index[s].max()) + 1  # no row needs the steps after its own index
-            u_s, dt_s, B_s, _, _ = _slab_inputs(s, u[:, :stop], delta[:, :stop], B[:, :stop], B[:, :stop], None,
-                                                delta_bias, delta_softplus)
-            dtu = dt_s * u_s
-            h = u.new_zeros(s.stop - s0, dim, n)
+            h = out[s].zero_()
             for t0 in range(0, stop, chunk):
                 t1 = min(t0 + chunk, stop)
                 (dA, dA_t), (hs, hs_t) = ws(0, t1 - t0, s.stop - s0), ws(1, t1 - t0, s.stop - s0)
-                _chunk_states(dt_s[t0:t1], A2, dtu[t0:t1], B_s[t0:t1], h, dA, dA_t, hs, hs_t)
-                rows = ((index[s] >= t0) & (index[s] < t1)).nonzero().flatten()
-                out[s0 + rows] = hs[index[s][rows] - t0, rows]
-                h = hs_t[-1].clone()  # the next chunk overwrites hs before reading its initial state
+                _chunk_states(dt[t0:t1, s], A2, dtu[t0:t1, s], B[t0:t1, s], h, dA, dA_t, hs, hs_t)
+                h.copy_(hs_t[-1])  # the next chunk overwrites hs before reading its initial state
     return out
