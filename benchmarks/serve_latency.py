@@ -1,17 +1,26 @@
-"""Serving latency.
+"""Serving latency of the encoders alone, batch 1, CPU by default (the HTTP server: benchmarks/serve_load.py).
 
-`step_vs_reencode`: at batch 1, appending one interaction to a user's recurrent state (`encoder.step`) against
-re-encoding the user's whole history (`encoder.forward_last`), for M2Rec with the ML-1M config's sizes (d=64,
-d_state=32, d_conv=4, expand=2, scales [1, 2, 4], Fourier, 384-d item text) and an encoder max_len of at least the
-history. Random weights: the work per call does not depend on their values. Both are timed interleaved in one run,
-in eval mode under no_grad, on whatever device and torch thread count the caller set.
+`latency_table`: for M2Rec and SASRec at history lengths 50, 200 and 1,000, the latency of one appended interaction
+(`encoder.step` on the user's state: what `m2rec serve` does for POST /users) against a stateless call that encodes
+the whole history (`encoder.encode_state`: what it does for POST /recommend), as p50 / p99 over many calls and calls
+per second. M2Rec has the released widths with ML-1M's catalogue and a 384-d text table; SASRec RecBole's (2 layers,
+2 heads, d=64) with a 1,000-position table, so its key/value cache holds every history here. Random weights: the work
+per call does not depend on their values. Append and stateless calls alternate round by round, so both see the same
+machine load.
 
-    python benchmarks/serve_latency.py --history 1000
+`step_vs_reencode`: the M2Rec detail, one step against re-encoding with `forward_last`, with the cost of a step at
+which every pooled scale's window completes.
+
+    python benchmarks/serve_latency.py --out benchmarks/results/serve_latency     # the recorded run (.md/.json/.png)
+    python benchmarks/serve_latency.py --history 1000 --detail                    # step_vs_reencode only
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
 import statistics
 import sys
 import time
@@ -22,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from m2rec_lightning.models.m2rec import M2RecEncoder  # noqa: E402
+from m2rec_lightning.models.sasrec import SASRecEncoder  # noqa: E402
 
 ML1M = dict(num_items=3416, text_dim=384, hidden_size=64, d_state=32, d_conv=4, expand=2, scales=[1, 2, 4])
 
@@ -110,24 +120,133 @@ def step_vs_reencode(history: int = 1000, repeats: int = 50, rounds: int = 5, de
     return out
 
 
-def main() -> None:
+def _encoder(name: str, max_len: int, seed: int = 0):
+    torch.manual_seed(seed)
+    if name == "sasrec":
+        return SASRecEncoder(ML1M["num_items"], hidden_size=64, n_layers=2, n_heads=2, inner_size=256,
+                             max_len=max_len).eval()
+    encoder = M2RecEncoder(**ML1M, max_len=max_len).eval()
+    table = torch.randn(ML1M["num_items"] + 1, ML1M["text_dim"])
+    table[0] = 0
+    encoder.set_text_table(table)
+    return encoder
+
+
+@torch.no_grad()
+def latency_table(histories=(50, 200, 1000), models=("m2rec", "sasrec"), calls: int = 200, rounds: int = 5,
+                  seed: int = 0) -> list[dict]:
+    """Per (model, history): p50 / p99 / mean milliseconds and calls per second of `append` (one step on the state of
+    the items before the last, at each of M2Rec's lcm(scales) last positions in turn) and `stateless` (encode_state of
+    all history items), `calls` calls each in `rounds` alternating rounds."""
+    out = []
+    for name in models:
+        encoder = _encoder(name, max(histories), seed)
+        for history in histories:
+            ids = torch.randint(1, ML1M["num_items"] + 1, (1, history), generator=torch.Generator().manual_seed(seed))
+            # appends at the last lcm(scales) positions in turn: M2Rec's pooled scales step only where their windows
+            # complete, so the positions of one cycle are the mix that steady traffic sees
+            cycle = math.lcm(*ML1M["scales"]) if name == "m2rec" else 1
+            befores = [encoder.encode_state(ids[:, :t])[0] for t in range(history - cycle, history)]
+            appends = [lambda b=b, t=t: encoder.step(b, ids[:, t])
+                       for b, t in zip(befores, range(history - cycle, history))]
+            sides = {"append": appends, "stateless": [lambda: encoder.encode_state(ids)]}
+            times = {side: [] for side in sides}
+            for fns in sides.values():
+                for fn in fns:
+                    fn()  # warm-up (and the step constants)
+            for _ in range(rounds):
+                for side, fns in sides.items():
+                    for i in range(max(1, calls // rounds)):
+                        fn = fns[i % len(fns)]
+                        start = time.perf_counter()
+                        fn()
+                        times[side].append(time.perf_counter() - start)
+            for side, t in times.items():
+                t = sorted(t)
+                out.append({"model": name, "history": history, "kind": side, "calls": len(t),
+                            "p50_ms": t[len(t) // 2] * 1e3, "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))] * 1e3,
+                            "mean_ms": statistics.fmean(t) * 1e3, "per_s": 1 / statistics.fmean(t)})
+    return out
+
+
+def markdown(record: dict) -> str:
+    rows = record["rows"]
+    lines = ["# Serving latency of the encoders: one appended interaction against re-encoding the history", "",
+             f"Command: `{record['command']}`", "", f"Machine: {record['machine']}. Batch 1, eval mode, no_grad; "
+             "append = `encoder.step` on the state of the history's first items, at M2Rec's last 4 positions in "
+             "turn (its pooled scales step only where their windows complete), what `m2rec serve` does for POST "
+             "/users; stateless = `encoder.encode_state` of the whole history (POST /recommend). M2Rec: released "
+             "widths (d=64, d_state 32, scales 1/2/4, Fourier, 384-d text), 3,416 items; SASRec: 2 layers, 2 heads, "
+             "d=64, a 1,000-position table. Append and stateless calls alternate in rounds.", "",
+             "| model | history | kind | p50 ms | p99 ms | calls/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['history']:,} | {r['kind']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['per_s']:.0f} |")
+    get = {(r["model"], r["history"], r["kind"]): r for r in rows}
+    lines += ["", "| history | M2Rec append / stateless (p50) | M2Rec append p50 / SASRec append p50 |",
+              "| ---: | ---: | ---: |"]
+    for h in sorted({r["history"] for r in rows}):
+        m_a, m_s, s_a = get.get(("m2rec", h, "append")), get.get(("m2rec", h, "stateless")), get.get(
+            ("sasrec", h, "append"))
+        own = f"1/{m_s['p50_ms'] / m_a['p50_ms']:.0f}" if m_a and m_s else "-"
+        vs = f"{m_a['p50_ms'] / s_a['p50_ms']:.2f}" if m_a and s_a else "-"
+        lines.append(f"| {h:,} | {own} | {vs} |")
+    detail = record.get("detail")
+    if detail:
+        lines += ["", f"M2Rec detail at {detail['history']:,} items (`step_vs_reencode`): a step costs "
+                      f"{detail['step_s'] * 1e3:.2f} ms on average over a cycle of {detail['cycle']} steps, "
+                      f"{detail['step_worst_s'] * 1e3:.2f} ms when every pooled scale's window completes; re-encoding "
+                      f"with `forward_last` costs {detail['reencode_s'] * 1e3:.2f} ms, so a step is "
+                      f"1/{1 / detail['ratio']:.0f} of it (process CPU time: 1/{1 / detail['ratio_cpu']:.0f})."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, kind), style in {("m2rec", "append"): "o-", ("m2rec", "stateless"): "o--",
+                                 ("sasrec", "append"): "s-", ("sasrec", "stateless"): "s--"}.items():
+        rows = [r for r in record["rows"] if r["model"] == model and r["kind"] == kind]
+        ax.plot([r["history"] for r in rows], [r["p50_ms"] for r in rows], style, label=f"{model} {kind}")
+    ax.set(xscale="log", yscale="log", xlabel="history length", ylabel="p50 latency, ms (batch 1)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--history", type=int, default=1000, help="history length after the new item")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--history", type=int, nargs="+", default=[50, 200, 1000], help="history lengths")
+    parser.add_argument("--calls", type=int, default=200, help="calls per (model, history, kind)")
+    parser.add_argument("--repeats", type=int, default=50, help="step_vs_reencode: calls per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    r = step_vs_reencode(args.history, args.repeats, args.rounds, args.device)
-    print(f"M2Rec (ML-1M sizes), batch 1, {args.device}, {r['threads']} threads, history {r['history']}; "
-          "median ms, wall (process CPU):")
-    for name, label in (("step", f"step (mean of {r['cycle']})"), ("step_worst", "step (all windows complete)"),
-                        ("reencode", "forward_last (re-encode all)"),
-                        ("prefill", "encode_state (prefill)")):
-        print(f"  {label:30s} {r[name + '_s'] * 1e3:8.3f} ({r[name + '_cpu_s'] * 1e3:.3f})")
-    print(f"  step / re-encode = 1/{1 / r['ratio']:.0f} wall, 1/{1 / r['ratio_cpu']:.0f} CPU")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--device", default="cpu", help="step_vs_reencode's device")
+    parser.add_argument("--detail", action="store_true", help="only step_vs_reencode at the largest --history")
+    parser.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    detail = step_vs_reencode(max(args.history), args.repeats, args.rounds, args.device)
+    if args.detail:
+        print(json.dumps(detail, indent=1))
+        return
+    record = {"command": "python benchmarks/serve_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                         f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at the start",
+              "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail}
+    text = markdown(record)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        args.out.with_suffix(".md").write_text(text)
+        plot(record, args.out.with_suffix(".png"))
+
 
 if __name__ == "__main__":
     main()
