@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+import litserve as ls
 import numpy as np
 import torch
 from pydantic import BaseModel, Field
@@ -322,13 +323,7 @@ def _error_response(err: RequestError):
     return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
-def _lit_api():
-    import litserve as ls
-
-    return ls.LitAPI
-
-
-class _API(_lit_api()):
+class _API(ls.LitAPI):
     """One endpoint over a `Recommender` built in the worker process. Requests are checked one at a time in
     decode_request, so a bad one becomes its own 4xx answer instead of failing the batch it arrived in."""
 
@@ -423,8 +418,6 @@ def parser() -> argparse.ArgumentParser:
 
 def serve(spec: ServeSpec, host: str, port: int, max_batch_size: int, batch_timeout: float,
           timeout: float) -> None:
-    import litserve as ls
-
     kw = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
     server = ls.LitServer([RecommendAPI(spec, api_path="/recommend", **kw), UsersAPI(spec, api_path="/users", **kw)],
                           accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
