@@ -92,7 +92,7 @@ def test_allocation_beyond_the_cap_is_recorded(scale):
                            "length": 50, "steps": 1, "warmup": 1, "seed": 0, "mem_cap_gb": 3, "threads": 1})
     assert out["status"] == "oom" and out["returncode"] == 0
     assert out["requested_bytes"] == 32 * 50 * 10**6 * 4
-    assert out["failed_in"] == "loss"
+    assert out["failed_in"] == "forward"  # the loss is computed in the forward phase (training_loss)
     assert "fails to allocate 6.40 GB under the 3 GB cap" in scale.status_cell(out)
 
 
