@@ -59,8 +59,10 @@ def measure(model, dm, batch_size: int, users: int | None = None) -> dict:
     if users is not None:
         order = order[np.linspace(0, len(order) - 1, min(users, len(order))).round().astype(int)]
     max_len = dm.max_len
-    metrics = {(side, group): RankingMetrics((5, 10, 20)) for side in ("window", "whole") for group in ("all", "long")}
+    metrics = {(side, group): RankingMetrics((5, 10, 20)) for side in ("window", "whole")
+               for group in ("all", "short", "long")}
     table = model.encoder.item_embeddings()
+    better = worse = 0  # long users whose target ranks higher / lower with the whole history
     start = time.perf_counter()
     for chunk in np.array_split(order, max(1, len(order) // batch_size)):
         batch = collate(dataset.__getitems__(chunk.tolist()))
@@ -70,12 +72,18 @@ def measure(model, dm, batch_size: int, users: int | None = None) -> dict:
         exclude = batch["seen"] if model.hparams.exclude_seen else None
         whole, _, _ = chunked_rank_and_top_k(hidden, table, target, 0, None, None, exclude)
         long = torch.as_tensor(history[chunk] > max_len)
+        better += int((whole < window)[long].sum())
+        worse += int((whole > window)[long].sum())
         for side, ranks in (("window", window), ("whole", whole)):
             metrics[side, "all"].update(ranks)
-            if long.any():
-                metrics[side, "long"].update(ranks[long])
+            for group, rows in (("short", ~long), ("long", long)):  # short: the same input both ways
+                if rows.any():
+                    metrics[side, group].update(ranks[rows])
+    # a group with no user (a quick run of short users only) has no metrics
+    metrics = {key: m for key, m in metrics.items() if m.count > 0}
     out = {"users": len(order), "users_longer_than_max_len": int((history[order] > max_len).sum()), "max_len": max_len,
-           "longest_history": int(history[order].max()), "seconds": round(time.perf_counter() - start, 1)}
+           "longest_history": int(history[order].max()),
+           "long_users_ranked_higher_by_whole": better, "long_users_ranked_lower_by_whole": worse, "seconds": round(time.perf_counter() - start, 1)}
     for (side, group), m in metrics.items():
         out[f"{side}_{group}"] = {k: float(v) for k, v in m.compute().items()}
     return out
@@ -92,10 +100,13 @@ def markdown(record: dict) -> str:
               f"before their test target (longest {r['longest_history']})."),
              "",
              "| users | input | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-    for group, name in (("all", "all"), ("long", f"history > {r['max_len']}")):
+    for group, name in (("all", "all"), ("short", f"history <= {r['max_len']}"), ("long", f"history > {r['max_len']}")):
         for side, label in (("window", f"last {r['max_len']} items (m2rec test)"), ("whole", "whole history")):
-            lines.append(f"| {name} | {label} | " + " | ".join(f"{r[f'{side}_{group}'][m]:.4f}" for m in METRICS)
-                         + " |")
+            if f"{side}_{group}" in r:
+                lines.append(f"| {name} | {label} | " + " | ".join(f"{r[f'{side}_{group}'][m]:.4f}" for m in METRICS)
+                             + " |")
+    lines += ["", (f"Of the users with history > {r['max_len']}, the whole history ranks the target higher for "
+                   f"{r['long_users_ranked_higher_by_whole']} and lower for {r['long_users_ranked_lower_by_whole']}.")]
     return "\n".join(lines) + "\n"
 
 

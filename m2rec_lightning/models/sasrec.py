@@ -218,8 +218,8 @@ class SASRecEncoder(SequenceEncoder):
         """Prefill from (B, L <= max_len) right-padded histories -> (state, (B, d)): forward, keeping every layer's
         keys and values (SASRec cannot read more than max_len items; longer histories raise)."""
         check_serving(self)
-        lengths = history_lengths(input_ids)
         h, bias = self._embed(input_ids)  # checks the ids and L <= max_len
+        lengths = history_lengths(input_ids)
         pad = self.max_len - input_ids.size(1)
         keys, values = [], []
         for attention, ffn in zip(self.attention, self.ffn):
