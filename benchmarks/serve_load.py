@@ -122,11 +122,12 @@ def markdown(record: dict) -> str:
     lines = [
         "# `m2rec serve` under load: requests per second and latency against concurrent clients", "",
         f"Command: `{m['command']}`", "",
-        f"Machine: {m['machine']}. Checkpoint: `{m['checkpoint']}` ({m['dataset']}, {m['num_items']:,} items). Server: "
-        f"`m2rec serve` defaults (history whole, dynamic batching up to {m['max_batch_size']} requests within "
-        f"{m['batch_timeout'] * 1e3:g} ms), one inference worker per endpoint; the load generator (asyncio + httpx) runs "
-        "on the same machine and competes with the server for its cores. Latency = client-side, request sent to answer "
-        f"read. append = POST /users with one new item for the client's own live user (recurrent state); stateless = "
+        f"Machine: {m['machine']}. Checkpoint: `{m['checkpoint']}` ({m['dataset']}, {m['num_items']:,} items). "
+        f"Server: `m2rec serve --history {m.get('history_mode', 'whole')}` (dynamic batching up to "
+        f"{m['max_batch_size']} requests within {m['batch_timeout'] * 1e3:g} ms), one inference worker per endpoint; "
+        "the load generator (asyncio + httpx) runs on the same machine and competes with the server for its cores. "
+        "Latency = client-side, request sent to answer read. append = POST /users with one new item for the client's "
+        "own live user; stateless = "
         f"POST /recommend with a {m['history']}-item random history, encoded anew. k = {m['k']}. Each point ran "
         f"{m['duration']:g} s.", "",
         "| kind | clients | requests | errors | requests/s | p50 ms | p99 ms |",
@@ -185,13 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--soak-duration", type=float, default=60.0, help="0 = no soak")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout", type=float, default=0.002)
+    p.add_argument("--history-mode", choices=["whole", "window"], default="whole",
+                   help="the server's --history (whole: an append steps the recurrent state)")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
     args = p.parse_args(argv)
 
     items = catalogue(args.config)
     port = free_port()
     proc = start_server(args.config, args.ckpt_path, port, ["--max_batch_size", str(args.max_batch_size),
-                                                             "--batch_timeout", str(args.batch_timeout)])
+                                                             "--batch_timeout", str(args.batch_timeout),
+                                                             "--history", args.history_mode])
     url = f"http://127.0.0.1:{port}"
     points, soak = [], None
     try:
@@ -219,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                                   f"average {os.getloadavg()[0]:.1f} at the end",
                        "checkpoint": checkpoint, "dataset": Path(args.config[-1]).stem, "num_items": len(items),
                        "history": args.history, "k": args.k, "duration": args.duration,
-                       "max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout},
+                       "max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout,
+                       "history_mode": args.history_mode},
               "points": points, "soak": soak}
     text = markdown(record)
     print(text)

@@ -56,7 +56,7 @@ def server(trained):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "m2rec_lightning.cli", "serve", "--config", str(config),
-                             "--ckpt_path", "best", "--port", str(port), "--max_items", "50"],
+                             "--ckpt_path", "best", "--port", str(port), "--max_items", "50", "--history", "whole"],
                             cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
@@ -87,7 +87,8 @@ def predicted(predictions: pd.DataFrame, user: int) -> list[int]:
 
 
 def test_answers_equal_m2rec_predict(server, trained):
-    """For histories within max_len, the whole-history server reads what predict reads: the same top-5."""
+    """For histories within max_len, the whole-history (recurrent) server reads what predict reads: the same top-5.
+    (The default, history "window", equals predict for every history: the in-process test below.)"""
     _, _, predictions, sequences = trained
     users = [u for u, s in sequences.items() if len(s) <= MAX_LEN][:20]
     assert len(users) >= 10
