@@ -2,16 +2,16 @@
 SASRec at N = 10^4 .. 10^7 items, with the dense, the chunked (exact) and a sampled (approximate) softmax loss.
 
 What one measurement is (each in a FRESH worker process, so its peak resident set is its own):
-  * train: one optimiser step of the real module: `SequentialRecommender.encode` over (B, L), `module.loss` at all
-    B·L positions (every position real: M = B·L targets), backward, the module's own optimiser
-    (`configure_optimizers`: Adam, lr 1e-3). The loss is chosen by replacing the cross-entropy function that
-    `module.loss` calls (`m2rec_lightning.module.chunked_cross_entropy`):
-      - dense:   `dense_cross_entropy`, the previous behaviour: (M, N) logits and F.cross_entropy;
+  * train: one optimiser step of the real module: `SequentialRecommender.training_loss` (encode over (B, L), the loss
+    at all B·L positions: every position real, M = B·L targets), backward, the module's own optimiser
+    (`configure_optimizers`: fused Adam, lr 1e-3). The loss:
+      - dense:   `dense_cross_entropy` swapped in for the cross-entropy that `module.loss` calls
+                 (`m2rec_lightning.module.chunked_cross_entropy`): the reference, (M, N) logits and F.cross_entropy;
       - chunked: the module as it is: `chunked_cross_entropy`, exact, O(M·chunk) scores at a time;
-      - sampled: `sampled_softmax_loss` with in-batch targets plus `--negatives` negatives drawn per step from the
-        items' popularity (the Zipf law the ids are drawn from) with logQ correction: an APPROXIMATION of the training
-        loss, not the same objective.
-    Time: the median of `steps` timed steps after one warm-up step (the warm-up also allocates Adam's state).
+      - sampled: the module option `SampledSoftmax(--negatives, --sampler)`: in-batch targets plus negatives drawn per
+        step from the items' popularity (the Zipf law the ids are drawn from) with logQ correction: an APPROXIMATION
+        of the training loss, not the same objective.
+    Time: the median of `steps` timed steps after one warm-up step (`default_warmup`: none at 10^7 items).
   * eval: one evaluation batch of `--eval-batch` users under inference_mode: `module.rank_and_top_k(batch, target,
     k)` (chunked: two passes over item chunks, no (B, N+1) matrix) against the dense path, `module.score` (the
     (B, N+1) masked scores) + `pessimistic_rank` + topk.
@@ -618,13 +618,15 @@ def markdown(record: dict) -> str:
              f"{meta['mem_cap_gb']:g} GB. GB = 10^9 bytes.", "",
              f"Setup: d=64, B={meta['batch']}, L={meta['length']}, every position real (M = {meta['batch'] * meta['length']:,} "
              f"targets per step), item ids Zipf(exponent {meta['zipf']:g}) over a random permutation of the catalogue, no "
-             "item text. Training step = `module.encode` + `module.loss` + backward + the module's Adam step; the "
-             "loss is swapped by replacing the cross-entropy function that `module.loss` calls: dense = "
-             "`dense_cross_entropy` ((M, N) logits, F.cross_entropy: the previous behaviour), chunked = the module "
-             f"as it is (`chunked_cross_entropy`, exact), sampled = `sampled_softmax_loss` with {meta['negatives']:,} "
+             "item text. Training step = `module.training_loss` (encode + loss) + backward + the module's fused "
+             "Adam step. dense = `dense_cross_entropy` swapped in for the cross-entropy `module.loss` calls ((M, N) "
+             "logits, F.cross_entropy: the reference), chunked = the module as it is (`chunked_cross_entropy`, "
+             f"exact), sampled = the module option `SampledSoftmax` with {meta['negatives']:,} "
              f"{meta['sampler']}-sampled negatives + in-batch targets and logQ correction (an APPROXIMATION of the "
              "training loss, a different objective). Step time = median of the timed steps after one warm-up step "
-             "(fewer at large N: the 'timed steps' column; timings are noisy, another job shared the CPU). "
+             "up to 10^6 items; at 10^7 the one timed step is the first, which also allocates Adam's state (its time "
+             "is an upper bound; 'RSS before step' is then without that state). Fewer steps at large N: the 'timed "
+             "steps' column; timings are noisy, other jobs shared the CPU. "
              "Peak RSS = the worker's ru_maxrss: it includes the Python/torch/Lightning import (about "
              f"{meta.get('import_rss_gb', 0.6):.1f} GB), the model, its gradients, Adam's two state tensors and the "
              "step's transients. 'RSS before step' = resident set at the start of the last step, after "
