@@ -197,3 +197,8 @@ def test_every_generated_page_says_so_and_links_nothing_outside_docs(tree):
     for path, text in render.render(tree, readme=False).items():
         assert text.startswith(render.GENERATED + "\n"), path
         assert "](" not in text, path  # records are named in code spans: mkdocs --strict rejects unknown links
+
+
+def test_readme_stays_a_users_document_under_20_kb():
+    """Results tables are generated into README.md; the narrative belongs in docs/, so the file stays small."""
+    assert (ROOT / "README.md").stat().st_size < 20_000
