@@ -41,7 +41,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(configs: list[str], ckpt_path: str, port: int, extra: list[str]) -> subprocess.Popen:
+def start_server(configs: list[str], ckpt_path: str, port: int, extra: list[str]) -> tuple[subprocess.Popen, Path]:
+    """`m2rec serve` on the port, once /health answers; the process and its log file."""
     cmd = [sys.executable, "-m", "m2rec_lightning.cli", "serve", *[a for c in configs for a in ("--config", c)],
            "--ckpt_path", ckpt_path, "--port", str(port), *extra]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"m2rec-serve-{port}.log", "w")
@@ -52,7 +53,7 @@ def start_server(configs: list[str], ckpt_path: str, port: int, extra: list[str]
             raise RuntimeError(f"the server exited (log: {log.name})")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
+                return proc, Path(log.name)
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
@@ -193,14 +194,14 @@ def main(argv: list[str] | None = None) -> None:
 
     items = catalogue(args.config)
     port = free_port()
-    proc = start_server(args.config, args.ckpt_path, port, ["--max_batch_size", str(args.max_batch_size),
+    proc, log = start_server(args.config, args.ckpt_path, port, ["--max_batch_size", str(args.max_batch_size),
                                                              "--batch_timeout", str(args.batch_timeout),
                                                              "--history", args.history_mode])
     url = f"http://127.0.0.1:{port}"
     points, soak = [], None
     try:
         checkpoint = next((line.split("serving ")[1].split(" on http")[0]
-                           for line in Path(f"/tmp/m2rec-serve-{port}.log").read_text().splitlines()
+                           for line in log.read_text().splitlines()
                            if line.startswith("serving ")), args.ckpt_path)
         for kind in ("append", "stateless"):
             asyncio.run(load(url, kind, 2, 2.0, items, args.history, args.k, 99, "warm"))  # warm-up

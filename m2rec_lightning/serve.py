@@ -256,8 +256,10 @@ class Recommender:
     # ---- ranking -----------------------------------------------------------------------------------------------------
     def _rank(self, queries: list[Query], hidden: Tensor) -> list[dict]:
         """Top-K of each query from its hidden vector (B, d), as the module ranks (seen score, exclusion)."""
-        seen = self._padded([q.history for q in queries])  # (B, H): the user's items, which exclude_seen leaves out
         score = self.model.seen_score
+        seen = None  # (B, H): the users' items, which exclude_seen leaves out; built only when something reads them
+        if score is not None or any(q.exclude_seen for q in queries):
+            seen = self._padded([q.history for q in queries])
         seen_ids = None
         if score is not None:  # as the module ranks: the items the encoder read, and (scope history) the older ones
             reads_all = self.history_mode == "whole" and not self.bounded
@@ -269,7 +271,8 @@ class Recommender:
         if whole:
             rows = torch.tensor(whole)
             k = max(queries[i].k for i in whole)
-            exclude = seen[rows] * torch.tensor([queries[i].exclude_seen for i in whole])[:, None]  # 0 = excludes none
+            flags = torch.tensor([queries[i].exclude_seen for i in whole])
+            exclude = seen[rows] * flags[:, None] if flags.any() else None  # a row of 0s (padding) excludes nothing
             _, scores, items = chunked_rank_and_top_k(hidden[rows], self.table, None, k,
                                                       None if seen_ids is None else seen_ids[rows], weight, exclude)
             for j, i in enumerate(whole):
@@ -278,11 +281,10 @@ class Recommender:
             if q.candidates is None:
                 continue
             s = (hidden[i] @ self.table[q.candidates].T).float()  # (C,)
-            history = torch.tensor(q.history, dtype=torch.long)
             if weight is not None:
                 s = s + weight * torch.isin(q.candidates, seen_ids[i])
             if q.exclude_seen:
-                s = s.masked_fill(torch.isin(q.candidates, history), float("-inf"))
+                s = s.masked_fill(torch.isin(q.candidates, seen[i]), float("-inf"))  # padding 0 is no candidate
             top = s.topk(min(q.k, len(s)))
             keep = torch.isfinite(top.values)
             answers[i] = self._answer(q.candidates[top.indices][keep], top.values[keep])

@@ -265,3 +265,14 @@ def test_an_encoder_without_a_state_is_served_in_window_mode_only():
         tiny_recommender(GRU, "whole")
     r = tiny_recommender(GRU, "window")
     assert len(r.recommend([r.query(RecommendRequest(items=[101, 102], k=3))])[0]["items"]) == 3
+
+
+def test_candidates_with_exclude_seen_leave_out_the_history():
+    from m2rec_lightning import M2RecEncoder
+
+    r = tiny_recommender(M2RecEncoder, "window", mamba_backend="torch")
+    history, candidates = [101, 102, 103], [101, 102, 110, 111]
+    kept = r.recommend([r.query(RecommendRequest(items=history, k=4, candidates=candidates, exclude_seen=True)),
+                        r.query(RecommendRequest(items=history, k=4, candidates=candidates))])
+    assert sorted(kept[0]["items"]) == [110, 111]
+    assert sorted(kept[1]["items"]) == sorted(candidates)
