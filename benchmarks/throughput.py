@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"catalogue size N (Beauty: {BEAUTY_ITEMS}, MovieLens-1M: {ML1M_ITEMS})")
     p.add_argument("--text-dim", type=int, default=384, help="M2Rec's text table width (all-MiniLM-L6-v2: 384)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--mamba-backend", default="auto", choices=["auto", "torch", "cuda", "triton"])
+    p.add_argument("--mamba-backend", default="auto", choices=["auto", "torch", "cpu", "cuda", "triton"])
     p.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a CPU shared with other jobs, 1 thread avoids "

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from m2rec_lightning.metrics import mask_scores
+from m2rec_lightning.metrics import mask_scores, seen_items
 from m2rec_lightning.ops.chunked_softmax import (
     chunked_cross_entropy,
     chunked_rank_and_top_k,
@@ -16,7 +16,6 @@ from m2rec_lightning.ops.chunked_softmax import (
     dense_rank_and_top_k,
     sampled_softmax_loss,
 )
-from m2rec_lightning.metrics import seen_items
 
 
 def make_loss_inputs(M, N, d, K=6, seed=0, dtype=torch.float64):

@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import load_benchmark
+
 from datamodules import Amazon2023, InteractionTable
 from datamodules.preprocess import MIN_SPLITTABLE, EmptyDataError, Interactions, kcore, preprocess
 from datamodules.sources.sequence_files import read_user_items

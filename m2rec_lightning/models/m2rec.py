@@ -79,7 +79,7 @@ class M2RecBlock(nn.Module):
         gate: Literal["softmax", "sum"],
         residual: bool | Literal["gated"],
         max_len: int,
-        mamba_backend: Literal["auto", "torch", "cuda", "triton"],
+        mamba_backend: Literal["auto", "torch", "cpu", "cuda", "triton"],
     ) -> None:
         super().__init__()
         self.temporal = MultiScaleMamba(hidden_size, scales, d_state, d_conv, expand, mamba_backend)
@@ -211,8 +211,9 @@ class M2RecEncoder(SequenceEncoder):
             (1 - g) ⊙ Dropout(mix)) with g = sigmoid(W [h; mix] + b) per position and channel, starting as the plain
             residual (see M2RecBlock).
         max_len: longest input sequence (the Fourier kernel has max_len taps; longer inputs raise).
-        mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, else
-            PyTorch), "torch", "cuda" or "triton" (the Triton scan; see Mamba).
+        mamba_backend: Mamba implementation: "auto" (the mamba_ssm CUDA kernels when installed and on GPU, the
+            compiled CPU scan on CPU when g++ builds it, else PyTorch), "torch", "cpu", "cuda" or "triton" (the Triton
+            scan; see Mamba).
     """
 
     def __init__(
@@ -231,7 +232,7 @@ class M2RecEncoder(SequenceEncoder):
         gate: Literal["softmax", "sum"] = "softmax",
         residual: bool | Literal["gated"] = True,
         max_len: int = 50,
-        mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
+        mamba_backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto",
     ) -> None:
         super().__init__()
         if num_items < 1:

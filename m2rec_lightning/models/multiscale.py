@@ -57,7 +57,7 @@ class MultiScaleMamba(nn.Module):
         d_state: int = 32,
         d_conv: int = 4,
         expand: int = 2,
-        mamba_backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
+        mamba_backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto",
     ) -> None:
         super().__init__()
         if not scales or any(s < 1 for s in scales) or len(set(scales)) != len(scales):

@@ -1,7 +1,8 @@
 """Mamba-1 block with the parameter names, shapes and initialisation of ``mamba_ssm.modules.mamba_simple.Mamba``.
 
-A state dict moves unchanged between this block and mamba_ssm's. The scan runs either in mamba_ssm's CUDA
-kernels (``backend="cuda"``) or in the pure-PyTorch scan of :mod:`m2rec_lightning.ops.selective_scan`.
+A state dict moves unchanged between this block and mamba_ssm's. The scan runs in mamba_ssm's CUDA kernels
+(``backend="cuda"``), the Triton scan (``"triton"``), the compiled CPU scan of :mod:`.selective_scan_cpu` (``"cpu"``)
+or the pure-PyTorch scan of :mod:`.selective_scan` (``"torch"``), all with one signature.
 """
 
 import functools
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from m2rec_lightning.models.state import MambaState, step_constant
 from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_state
+from m2rec_lightning.ops.selective_scan_cpu import cpu_scan_unavailable, selective_scan_cpu, selective_scan_state_cpu
 
 log = logging.getLogger("m2rec")
 
@@ -70,7 +72,7 @@ class Mamba(nn.Module):
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
         bias: bool = False,
-        backend: Literal["auto", "torch", "cuda", "triton"] = "auto",
+        backend: Literal["auto", "torch", "cpu", "cuda", "triton"] = "auto",
         layer_idx: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -93,16 +95,17 @@ class Mamba(nn.Module):
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
                 conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
                 CUDA tensors, no compiled extension; checked against the PyTorch scan on a GPU, but not yet what
-                "auto" picks); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
-                is on CUDA, else torch.
+                "auto" picks); "cpu" = the compiled CPU scan of selective_scan_cpu.py (built with g++ on first use,
+                CPU tensors); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
+                is on CUDA, else cpu on CPU tensors when the compiled scan builds here, else torch.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
             device: device of the parameters.
             dtype: dtype of the parameters (A_log and D stay float32, as in mamba_ssm).
         """
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
-        if backend not in ("auto", "torch", "cuda", "triton"):
-            raise ValueError(f"Mamba: backend must be 'auto', 'torch', 'cuda' or 'triton', got {backend!r}")
+        if backend not in ("auto", "torch", "cpu", "cuda", "triton"):
+            raise ValueError(f"Mamba: backend must be 'auto', 'torch', 'cpu', 'cuda' or 'triton', got {backend!r}")
         if dt_init not in ("random", "constant"):
             raise ValueError(f"Mamba: dt_init must be 'random' or 'constant', got {dt_init!r}")
         self.d_model = d_model
@@ -147,10 +150,19 @@ class Mamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory_kwargs)
 
     def _resolve_backend(self, hidden_states: Tensor) -> str:
-        """'torch', 'triton', 'cuda' (mamba_ssm scan, PyTorch conv) or 'cuda-fused' (mamba_inner_fn)."""
+        """'torch', 'cpu', 'triton', 'cuda' (mamba_ssm scan, PyTorch conv) or 'cuda-fused' (mamba_inner_fn)."""
         if self.backend == "torch":
             _log_once("Mamba backend: torch (requested)")
             return "torch"
+        if self.backend == "cpu":
+            why = cpu_scan_unavailable()
+            if why:
+                raise RuntimeError(f"Mamba(backend='cpu'): {why}")
+            if hidden_states.is_cuda:
+                raise ValueError("Mamba(backend='cpu') needs CPU tensors, got input on "
+                                 f"{hidden_states.device}; use backend='auto', 'cuda' or 'triton' on a GPU")
+            _log_once("Mamba backend: cpu (requested)")
+            return "cpu"
         if self.backend == "triton":
             why = _triton_scan()[2]
             if why:
@@ -166,9 +178,13 @@ class Mamba(nn.Module):
                 raise ImportError(f"Mamba(backend='cuda'): {why}")
             if not hidden_states.is_cuda:
                 raise ValueError(f"Mamba(backend='cuda') needs CUDA tensors, got input on {hidden_states.device}")
+        elif not hidden_states.is_cuda and not cpu_scan_unavailable():
+            _log_once("Mamba backend: cpu (auto; the compiled CPU scan)")
+            return "cpu"
         elif scan_fn is None or not hidden_states.is_cuda:
+            reasons = [r for r in (why, None if hidden_states.is_cuda else cpu_scan_unavailable()) if r]
             _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device}"
-                      + (f", {why})" if why else ")"))
+                      + (f"; {'; '.join(reasons)})" if reasons else ")"))
             return "torch"
         if inner_fn is None:
             _log_once("Mamba backend: cuda (mamba_ssm selective_scan_fn; causal_conv1d missing, so PyTorch conv)")
@@ -196,7 +212,8 @@ class Mamba(nn.Module):
             )
 
         x, z, dt, B, C = self._scan_inputs(hidden_states)
-        scan = {"torch": selective_scan, "triton": _triton_scan()[0]}.get(backend) or _mamba_ssm_kernels()[0]
+        scan = {"torch": selective_scan, "cpu": selective_scan_cpu, "triton": _triton_scan()[0]}.get(backend) \
+            or _mamba_ssm_kernels()[0]
         y = scan(
             x, dt.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
             _fp32(self.D), z=z.transpose(1, 2), delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
@@ -228,16 +245,16 @@ class Mamba(nn.Module):
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
 
-        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch and triton backends it
-        runs the recurrence only up to each row's index (selective_scan_state / its Triton kernel) and forms C·h + D·u,
-        the gate and out_proj at the index alone; otherwise it is that expression.
+        Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch, cpu and triton backends
+        it runs the recurrence only up to each row's index (selective_scan_state / its compiled or Triton kernel) and
+        forms C·h + D·u, the gate and out_proj at the index alone; otherwise it is that expression.
         """
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         backend = self._resolve_backend(hidden_states)
-        if torch.is_grad_enabled() or backend not in ("torch", "triton"):
+        if torch.is_grad_enabled() or backend not in ("torch", "cpu", "triton"):
             return self(hidden_states)[rows, index]
         x, z, dt, B, C = self._last_inputs(hidden_states, index)
-        state_fn = selective_scan_state if backend == "torch" else _triton_scan()[1]
+        state_fn = {"torch": selective_scan_state, "cpu": selective_scan_state_cpu}.get(backend) or _triton_scan()[1]
         h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,

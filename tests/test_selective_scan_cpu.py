@@ -1,0 +1,182 @@
+"""The compiled CPU scan (ops/selective_scan_cpu.cpp) against the float64 one-step reference and the PyTorch scan."""
+import logging
+
+import pytest
+import torch
+
+import m2rec_lightning.ops.mamba as mamba_module
+import m2rec_lightning.ops.selective_scan_cpu as cpu_scan
+from m2rec_lightning.ops.mamba import Mamba
+from m2rec_lightning.ops.selective_scan import selective_scan_ref
+from m2rec_lightning.ops.selective_scan_cpu import selective_scan_cpu, selective_scan_state_cpu
+from tests.test_selective_scan import NAMES, make_inputs, rel_err, states_per_step
+
+pytestmark = pytest.mark.skipif(cpu_scan.cpu_scan_unavailable() is not None,
+                                reason=f"the CPU scan does not build here: {cpu_scan.cpu_scan_unavailable()}")
+
+
+def scan_and_grads(fn, inputs, use, softplus):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    args = {k: (leaves[k] if k in use or k in ("u", "delta", "A", "B", "C") else None) for k in NAMES}
+    y = fn(**args, delta_softplus=softplus)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    used = [k for k in NAMES if args[k] is not None]
+    return y, dict(zip(used, torch.autograd.grad(y, [leaves[k] for k in used], g)))
+
+
+# L = 16, 17, 37 cross the kernel's 16-step chunks (backward recomputes each chunk's states from its first)
+@pytest.mark.parametrize("L", [1, 2, 7, 16, 17, 37])
+@pytest.mark.parametrize("use", [("D", "z", "delta_bias"), ("D",), ("z",), ("delta_bias",), ()])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_matches_reference_float64(L, use, softplus):
+    inputs = make_inputs(3, 5, 4, L, seed=L)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()
+    y, g = scan_and_grads(selective_scan_cpu, inputs, use, softplus)
+    y_ref, g_ref = scan_and_grads(selective_scan_ref, inputs, use, softplus)
+    assert y.dtype == torch.float64 and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) <= 1e-12
+    assert g.keys() == g_ref.keys()
+    for k in g_ref:
+        assert rel_err(g[k], g_ref[k]) <= 1e-12, k
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_close_to_float64_reference(threads):
+    # the float32 path uses the kernel's own exp2 (a degree-6 polynomial); Mamba's ranges at L = 200
+    inputs = make_inputs(5, 16, 16, 200, seed=3, realistic=True)
+    inputs["delta"] *= 6.0  # raw delta up to a few units: decays from ~1 to ~0
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, g = scan_and_grads(selective_scan_cpu, {k: v.float() for k, v in inputs.items()}, NAMES, True)
+    finally:
+        torch.set_num_threads(old)
+    y_ref, g_ref = scan_and_grads(selective_scan_ref, inputs, NAMES, True)
+    assert y.dtype == torch.float32
+    assert rel_err(y.double(), y_ref) <= 2e-6
+    for k in g_ref:
+        assert rel_err(g[k].double(), g_ref[k]) <= 2e-6, k
+
+
+def test_exp2_over_its_range():
+    # the decay exp(dt A) of one cell: u = 1, B = 1, C = 1, one step from h = 0 then one decay step with no input
+    x = torch.linspace(-80, 5, 4001, dtype=torch.float64)  # dt A, with A = -1 and dt = -x
+    b = len(x)
+    u = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(b, 1, 2)
+    dt = torch.stack([torch.ones(b, dtype=torch.float64), -x], 1)[:, None, :]
+    ones = torch.ones(b, 1, 2, dtype=torch.float64)
+    A = -torch.ones(1, 1, dtype=torch.float64)
+    y = selective_scan_cpu(u.float(), dt.float(), A.float(), ones.float(), ones.float())[:, 0, 1].double()
+    expected = torch.exp(x.float().double())  # h_1 = exp(dt_1 A) h_0, h_0 = 1
+    # the polynomial's own error is below 2.5e-7; dt A log2(e) rounded to float32 adds about |x| · 6e-8
+    assert (((y - expected).abs() / expected) / (2.5e-7 + 8e-8 * x.abs())).max() <= 1
+
+
+def test_inputs_not_modified_and_no_grad_paths():
+    x = {k: v.requires_grad_() for k, v in make_inputs(2, 3, 4, 9).items()}
+    before = {k: v.detach().clone() for k, v in x.items()}
+    y = selective_scan_cpu(**x, delta_softplus=True)
+    g = torch.randn_like(y)
+    g_before = g.clone()
+    y.backward(g)
+    assert all(torch.equal(x[k].detach(), before[k]) for k in x) and torch.equal(g, g_before)
+    with torch.no_grad():
+        y0 = selective_scan_cpu(**before, delta_softplus=True)
+    torch.testing.assert_close(y0, selective_scan_ref(**before, delta_softplus=True), rtol=1e-12, atol=1e-12)
+    u = before["u"].clone().requires_grad_()  # only u needs a gradient
+    (gu,) = torch.autograd.grad(selective_scan_cpu(**{**before, "u": u}, delta_softplus=True).sum(), u)
+    u2 = before["u"].clone().requires_grad_()
+    (gu_ref,) = torch.autograd.grad(selective_scan_ref(**{**before, "u": u2}, delta_softplus=True).sum(), u2)
+    torch.testing.assert_close(gu, gu_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_bfloat16_inputs_scan_in_float32_and_bad_inputs_are_refused():
+    x = make_inputs(2, 8, 4, 20, dtype=torch.float32, seed=4)
+    xb = {k: v.bfloat16() for k, v in x.items()}
+    y = selective_scan_cpu(**xb, delta_softplus=True)
+    assert y.dtype == torch.bfloat16
+    y32 = selective_scan_ref(**{k: v.float() for k, v in xb.items()}, delta_softplus=True)
+    assert torch.allclose(y.float(), y32, rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match=r"C must be \(batch=2, dstate=4, seqlen=20\)"):
+        selective_scan_cpu(x["u"], x["delta"], x["A"], x["B"], x["C"][..., :4])
+
+
+@pytest.mark.parametrize("L", [1, 7, 40])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_state_at_index_matches_per_step_states(L, softplus):
+    x = make_inputs(6, 5, 4, L, seed=L)
+    index = torch.randint(0, L, (6,), generator=torch.Generator().manual_seed(7))
+    index[0], index[-1] = 0, L - 1
+    args = (x["u"], x["delta"], x["A"], x["B"])
+    h = selective_scan_state_cpu(*args, index, delta_bias=x["delta_bias"], delta_softplus=softplus)
+    expected = states_per_step(*args, x["delta_bias"], softplus)[torch.arange(6), index]
+    assert h.dtype == torch.float64 and h.shape == (6, 5, 4) and rel_err(h, expected) <= 1e-12
+    if softplus:  # (a raw delta can be negative: the states grow without bound, beyond float32's precision)
+        h32 = selective_scan_state_cpu(*(t.float() for t in args), index, delta_bias=x["delta_bias"].float(),
+                                       delta_softplus=True)
+        assert h32.dtype == torch.float32 and rel_err(h32.double(), expected) <= 1e-5
+    with pytest.raises(ValueError, match=r"index must lie in \[0, %d\)" % L):
+        selective_scan_state_cpu(*args, torch.full((6,), L))
+
+
+def test_mamba_block_cpu_backend_equals_torch_backend():
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8, backend="cpu").double()
+    m_torch = Mamba(16, d_state=8, backend="torch").double()
+    m_torch.load_state_dict(m.state_dict())
+    x = torch.randn(4, 21, 16, dtype=torch.float64, requires_grad=True)
+    y, y_t = m(x), m_torch(x)
+    torch.testing.assert_close(y, y_t, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(y)
+    params = [x, *m.parameters()]
+    grads = torch.autograd.grad(y, params, g)
+    grads_t = torch.autograd.grad(y_t, [x, *m_torch.parameters()], g)
+    for a, b in zip(grads, grads_t):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    index = torch.tensor([20, 0, 9, 13])
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_last(x, index), y[torch.arange(4), index], rtol=1e-10, atol=1e-12)
+
+
+def test_auto_uses_it_and_falls_back_without_a_compiler(monkeypatch, tmp_path, caplog):
+    x = torch.randn(1, 5, 16)
+    mamba_module._log_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="m2rec"):
+        Mamba(16, backend="auto")(x)
+    assert [r.getMessage() for r in caplog.records if r.name == "m2rec"] == ["Mamba backend: cpu (auto; the compiled "
+                                                                             "CPU scan)"]
+    # a machine without g++: an empty cache and a compiler that does not exist
+    monkeypatch.setenv("M2REC_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    cpu_scan._library.cache_clear()
+    mamba_module._log_once.cache_clear()
+    caplog.clear()
+    try:
+        assert "no-such-g++" in cpu_scan.cpu_scan_unavailable()
+        with caplog.at_level(logging.INFO, logger="m2rec"):
+            y = Mamba(16, backend="auto")(x)
+        (msg,) = [r.getMessage() for r in caplog.records if r.name == "m2rec"]
+        assert msg.startswith("Mamba backend: torch") and "no-such-g++" in msg and torch.isfinite(y).all()
+        with pytest.raises(RuntimeError, match="Mamba\\(backend='cpu'\\): building selective_scan_cpu.cpp"):
+            Mamba(16, backend="cpu")(x)
+    finally:
+        monkeypatch.undo()
+        cpu_scan._library.cache_clear()
+        mamba_module._log_once.cache_clear()
+    assert cpu_scan.cpu_scan_unavailable() is None
+
+
+def test_a_failing_build_reports_the_compiler_error(monkeypatch, tmp_path):
+    bad = tmp_path / "broken.cpp"
+    bad.write_text("this is not C++\n")
+    monkeypatch.setenv("M2REC_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_scan, "SOURCE", bad)
+    cpu_scan._library.cache_clear()
+    try:
+        why = cpu_scan.cpu_scan_unavailable()
+        assert why.startswith("building broken.cpp with") and "error" in why
+        assert list((tmp_path / "cache").iterdir()) == []  # no half-built library is left for the next process
+    finally:
+        monkeypatch.undo()
+        cpu_scan._library.cache_clear()
