@@ -162,7 +162,7 @@ def test_backend_selection_and_errors(caplog):
         m(x)
         m(x)
     msgs = [r.getMessage() for r in caplog.records if r.name == "m2rec"]
-    expected = "torch" if mamba_module.cpu_scan_unavailable() else "cpu"  # the compiled CPU scan when g++ builds it
+    expected = "torch" if mamba_module.cpu_kernels_unavailable() else "cpu"  # the compiled CPU scan when g++ builds it
     assert len(msgs) == 1 and msgs[0].startswith(f"Mamba backend: {expected}")
 
 

@@ -1,7 +1,7 @@
 """Mamba-1 block with the parameter names, shapes and initialisation of ``mamba_ssm.modules.mamba_simple.Mamba``.
 
 A state dict moves unchanged between this block and mamba_ssm's. The scan runs in mamba_ssm's CUDA kernels
-(``backend="cuda"``), the Triton scan (``"triton"``), the compiled CPU scan of :mod:`.selective_scan_cpu` (``"cpu"``)
+(``backend="cuda"``), the Triton scan (``"triton"``), the compiled CPU kernels of :mod:`.mamba_cpu` (``"cpu"``)
 or the pure-PyTorch scan of :mod:`.selective_scan` (``"torch"``), all with one signature.
 """
 
@@ -17,8 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2rec_lightning.models.state import MambaState, step_constant
+from m2rec_lightning.ops.mamba_cpu import (
+    causal_conv1d_silu_cpu,
+    cpu_kernels_unavailable,
+    selective_scan_cpu,
+    selective_scan_state_cpu,
+)
 from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_state
-from m2rec_lightning.ops.selective_scan_cpu import cpu_scan_unavailable, selective_scan_cpu, selective_scan_state_cpu
 
 log = logging.getLogger("m2rec")
 
@@ -95,8 +100,8 @@ class Mamba(nn.Module):
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
                 conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
                 CUDA tensors, no compiled extension; checked against the PyTorch scan on a GPU, but not yet what
-                "auto" picks); "cpu" = the compiled CPU scan of selective_scan_cpu.py (built with g++ on first use,
-                CPU tensors); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
+                "auto" picks); "cpu" = the compiled CPU scan and conv of mamba_cpu.py (built with g++ on first
+                use, CPU tensors); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
                 is on CUDA, else cpu on CPU tensors when the compiled scan builds here, else torch.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).
             device: device of the parameters.
@@ -155,7 +160,7 @@ class Mamba(nn.Module):
             _log_once("Mamba backend: torch (requested)")
             return "torch"
         if self.backend == "cpu":
-            why = cpu_scan_unavailable()
+            why = cpu_kernels_unavailable()
             if why:
                 raise RuntimeError(f"Mamba(backend='cpu'): {why}")
             if hidden_states.is_cuda:
@@ -178,11 +183,11 @@ class Mamba(nn.Module):
                 raise ImportError(f"Mamba(backend='cuda'): {why}")
             if not hidden_states.is_cuda:
                 raise ValueError(f"Mamba(backend='cuda') needs CUDA tensors, got input on {hidden_states.device}")
-        elif not hidden_states.is_cuda and not cpu_scan_unavailable():
+        elif not hidden_states.is_cuda and not cpu_kernels_unavailable():
             _log_once("Mamba backend: cpu (auto; the compiled CPU scan)")
             return "cpu"
         elif scan_fn is None or not hidden_states.is_cuda:
-            reasons = [r for r in (why, None if hidden_states.is_cuda else cpu_scan_unavailable()) if r]
+            reasons = [r for r in (why, None if hidden_states.is_cuda else cpu_kernels_unavailable()) if r]
             _log_once(f"Mamba backend: torch (auto; input on {hidden_states.device}"
                       + (f"; {'; '.join(reasons)})" if reasons else ")"))
             return "torch"
@@ -225,11 +230,18 @@ class Mamba(nn.Module):
         it); B, C (batch, seqlen, N)."""
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
         x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
-        x = self.act(self._conv(x))  # (batch, seqlen, E·D)
+        x = self._conv_silu(x)  # (batch, seqlen, E·D)
         x_dbl = self.x_proj(x)  # (batch, seqlen, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # x stays (batch, seqlen, E·D) in memory: the scan reads it time-step by time-step
         return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
+
+    def _conv_silu(self, x: Tensor) -> Tensor:
+        """silu(causal depthwise conv(x)), (batch, seqlen, E·D) -> (batch, seqlen, E·D); the compiled kernel on the cpu
+        backend (it reads x, a column slice of in_proj's output, in place), else conv1d's convolution then SiLU."""
+        if self._resolve_backend(x) == "cpu":
+            return causal_conv1d_silu_cpu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        return self.act(self._conv(x))
 
     def _conv(self, x: Tensor) -> Tensor:
         """conv1d's causal depthwise convolution, (batch, seqlen, E·D) -> (batch, seqlen, E·D), in that layout.
@@ -330,7 +342,7 @@ class Mamba(nn.Module):
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
-        x = self.act(self._conv(F.linear(hidden_states, w_x, b_x)))  # (batch, seqlen, E·D)
+        x = self._conv_silu(F.linear(hidden_states, w_x, b_x))  # (batch, seqlen, E·D)
         z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
         w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
         dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)

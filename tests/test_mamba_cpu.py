@@ -1,18 +1,19 @@
-"""The compiled CPU scan (ops/selective_scan_cpu.cpp) against the float64 one-step reference and the PyTorch scan."""
+"""The compiled CPU kernels (ops/mamba_cpu.cpp) against the float64 one-step reference and the PyTorch paths."""
 import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import m2rec_lightning.ops.mamba as mamba_module
-import m2rec_lightning.ops.selective_scan_cpu as cpu_scan
+import m2rec_lightning.ops.mamba_cpu as cpu_scan
 from m2rec_lightning.ops.mamba import Mamba
+from m2rec_lightning.ops.mamba_cpu import causal_conv1d_silu_cpu, selective_scan_cpu, selective_scan_state_cpu
 from m2rec_lightning.ops.selective_scan import selective_scan_ref
-from m2rec_lightning.ops.selective_scan_cpu import selective_scan_cpu, selective_scan_state_cpu
 from tests.test_selective_scan import NAMES, make_inputs, rel_err, states_per_step
 
-pytestmark = pytest.mark.skipif(cpu_scan.cpu_scan_unavailable() is not None,
-                                reason=f"the CPU scan does not build here: {cpu_scan.cpu_scan_unavailable()}")
+pytestmark = pytest.mark.skipif(cpu_scan.cpu_kernels_unavailable() is not None,
+                                reason=f"the CPU scan does not build here: {cpu_scan.cpu_kernels_unavailable()}")
 
 
 def scan_and_grads(fn, inputs, use, softplus):
@@ -120,6 +121,52 @@ def test_state_at_index_matches_per_step_states(L, softplus):
         selective_scan_state_cpu(*args, torch.full((6,), L))
 
 
+def test_inputs_read_in_place_from_wider_rows():
+    # the Mamba block passes column slices (x, z of in_proj's output; B, C of x_proj's): the kernel reads them at their
+    # row stride; other layouts (here a time-major tensor) are copied
+    b, d, n, L = 3, 5, 4, 19
+    x = make_inputs(b, d, n, L, seed=5)
+    wide = torch.randn(b, L, 2 * d + 2 * n + 3, dtype=torch.float64)
+    u, z = wide[..., :d].transpose(1, 2), wide[..., d:2 * d].transpose(1, 2)  # (b, d, L) views, row stride 2d+2n+3
+    B, C = wide[..., 2 * d:2 * d + n].transpose(1, 2), wide[..., 2 * d + n:2 * d + 2 * n].transpose(1, 2)
+    delta = torch.randn(L, b, d, dtype=torch.float64).permute(1, 2, 0)  # time-major memory
+    args = dict(u=u, delta=delta, A=x["A"], B=B, C=C, D=x["D"], z=z, delta_bias=x["delta_bias"], delta_softplus=True)
+    y = selective_scan_cpu(**args)
+    assert rel_err(y, selective_scan_ref(**args)) <= 1e-12
+    index = torch.tensor([0, 18, 7])
+    h = selective_scan_state_cpu(u, delta, x["A"], B, index, delta_bias=x["delta_bias"], delta_softplus=True)
+    assert rel_err(h, states_per_step(u, delta, x["A"], B, x["delta_bias"], True)[torch.arange(3), index]) <= 1e-12
+
+
+def conv_silu_reference(x, weight, bias):
+    """conv1d with padding K-1, cropped to seqlen, then SiLU, as Mamba's block computes it; x (b, L, d)."""
+    K, L = weight.shape[1], x.shape[1]
+    y = F.conv1d(x.transpose(1, 2), weight[:, None, :], bias, padding=K - 1, groups=x.shape[2])[..., :L]
+    return F.silu(y).transpose(1, 2)
+
+
+@pytest.mark.parametrize("L,K", [(1, 4), (3, 4), (4, 4), (25, 4), (9, 1), (9, 2)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_causal_conv_silu_matches_conv1d(L, K, with_bias):
+    g = torch.Generator().manual_seed(L * 10 + K)
+    wide = torch.randn(3, L, 13, generator=g, dtype=torch.float64)
+    x = wide[..., 2:9].requires_grad_()  # a column slice, row stride 13
+    assert x.stride() == (L * 13, 13, 1)
+    weight = torch.randn(7, K, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True) if with_bias else None
+    leaves = [t for t in (x, weight, bias) if t is not None]
+    y = causal_conv1d_silu_cpu(x, weight, bias)
+    y_ref = conv_silu_reference(x, weight, bias)
+    assert rel_err(y, y_ref) <= 1e-12
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, leaves, gy)):
+        assert rel_err(a, b) <= 1e-12
+    y32 = causal_conv1d_silu_cpu(x.float(), weight.float(), None if bias is None else bias.float())
+    assert y32.dtype == torch.float32 and rel_err(y32.double(), y_ref) <= 1e-6
+    with pytest.raises(ValueError, match=r"weight \(dim, K\)"):
+        causal_conv1d_silu_cpu(x, weight[:3])
+
+
 def test_mamba_block_cpu_backend_equals_torch_backend():
     torch.manual_seed(0)
     m = Mamba(16, d_state=8, backend="cpu").double()
@@ -153,18 +200,18 @@ def test_auto_uses_it_and_falls_back_without_a_compiler(monkeypatch, tmp_path, c
     mamba_module._log_once.cache_clear()
     caplog.clear()
     try:
-        assert "no-such-g++" in cpu_scan.cpu_scan_unavailable()
+        assert "no-such-g++" in cpu_scan.cpu_kernels_unavailable()
         with caplog.at_level(logging.INFO, logger="m2rec"):
             y = Mamba(16, backend="auto")(x)
         (msg,) = [r.getMessage() for r in caplog.records if r.name == "m2rec"]
         assert msg.startswith("Mamba backend: torch") and "no-such-g++" in msg and torch.isfinite(y).all()
-        with pytest.raises(RuntimeError, match="Mamba\\(backend='cpu'\\): building selective_scan_cpu.cpp"):
+        with pytest.raises(RuntimeError, match="Mamba\\(backend='cpu'\\): building mamba_cpu.cpp"):
             Mamba(16, backend="cpu")(x)
     finally:
         monkeypatch.undo()
         cpu_scan._library.cache_clear()
         mamba_module._log_once.cache_clear()
-    assert cpu_scan.cpu_scan_unavailable() is None
+    assert cpu_scan.cpu_kernels_unavailable() is None
 
 
 def test_a_failing_build_reports_the_compiler_error(monkeypatch, tmp_path):
@@ -174,7 +221,7 @@ def test_a_failing_build_reports_the_compiler_error(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_scan, "SOURCE", bad)
     cpu_scan._library.cache_clear()
     try:
-        why = cpu_scan.cpu_scan_unavailable()
+        why = cpu_scan.cpu_kernels_unavailable()
         assert why.startswith("building broken.cpp with") and "error" in why
         assert list((tmp_path / "cache").iterdir()) == []  # no half-built library is left for the next process
     finally:

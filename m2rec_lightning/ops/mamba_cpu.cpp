@@ -1,16 +1,22 @@
-// Selective scan (Mamba-1's S6 recurrence) for the CPU: the fast path beside selective_scan.py's PyTorch scan.
+// Mamba-1's two sequence kernels for the CPU, the fast paths beside their PyTorch references (mamba_cpu.py):
 //
+// the selective scan (S6 recurrence)
 //     dt  = softplus(delta + delta_bias)        (each part optional)
 //     h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t    h: (dstate, dim) per batch row, h_{-1} = 0
 //     y_t = (C_t . h_t + D u_t) silu(z_t)
+// and the causal depthwise convolution with its SiLU
+//     y_t = silu(bias + sum_j w_j x_{t-K+1+j})  (x_{<0} = 0)
 //
-// Built by selective_scan_cpu.py with g++ -O3 -march=native -ffast-math -fopenmp; the inner loops are vectorised
-// over dim (`omp simd`), with fast_exp2 inlined for float32. Layouts: u, delta, z, y and their gradients (batch, seqlen, dim); B, C
-// (batch, seqlen, dstate); A (dstate, dim), the transpose of Mamba's, so the innermost loop runs over dim with unit
-// stride and no reduction; D, delta_bias (dim). Batch rows run in parallel, one OpenMP thread each.
+// Built by mamba_cpu.py with g++ -O3 -march=native -ffast-math -fopenmp. The inner loops run over dim with unit
+// stride and no reduction, vectorised (`omp simd`), with fast_exp2 inlined for float32. Layouts: every sequence
+// tensor is batch-major, (batch, seqlen, ·), its last dimension contiguous; an input may have any row stride (so the
+// x and z halves of in_proj's output and the B and C columns of x_proj's are read in place), outputs and gradients
+// are contiguous. A is (dstate, dim), the transpose of Mamba's; the conv weight (K, dim). Batch rows run in
+// parallel, one OpenMP thread each.
 //
-// Why it is fast: the PyTorch scan makes about four passes over memory per state cell; here each cell is one exp and
-// three multiply-adds on data in L1 (a row's state is dstate x dim values), and B_t, C_t are read once per step.
+// Why it is fast: the PyTorch scan makes about four passes over memory per state cell; here each cell is one exp2
+// and three multiply-adds on data in L1 or L2 (a row's state is dstate x dim values), and B_t, C_t are read once
+// per step. The convolution needs no padded copy, no layout change and no separate activation pass.
 #include <omp.h>
 
 #include <algorithm>
@@ -48,12 +54,13 @@ template <typename T>
 inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }  // torch's threshold
 
 template <typename T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+inline T sigmoid(T x) { return T(1) / (T(1) + fast_exp2(x * T(-1.4426950408889634))); }
 
 template <typename T>
 struct Args {
     int64_t batch, seqlen, dim, dstate;
     const T *u, *delta, *A, *B, *C, *D, *z, *bias;  // D, z, bias may be null
+    int64_t su, sdelta, sB, sC, sz;                    // row strides of the sequence inputs
     int softplus_on;
     const T* A2;  // A log2(e): exp(dt A) = 2^(dt A2)
 };
@@ -67,33 +74,35 @@ inline void step_size(const Args<T>& a, const T* delta_t, T* out) {
     }
 }
 
-// One recurrence step for one batch row: h <- exp(dt A) h + dt u B_t; writes exp(dt A) into dA when given and
-// C_t . h into y when given.
+// One recurrence step for one batch row: h_out <- exp(dt A) h_in + dt u B_t (h_out may be h_in); writes exp(dt A)
+// into dA when given and C_t . h_out into y when given.
 template <typename T>
-inline void advance(const Args<T>& a, const T* dt, const T* dtu, const T* B_t, const T* C_t, T* h, T* dA, T* y) {
+inline void advance(const Args<T>& a, const T* dt, const T* dtu, const T* B_t, const T* C_t, const T* h_in, T* h_out,
+                    T* dA, T* y) {
     const int64_t dim = a.dim;
     if (y) std::fill(y, y + dim, T(0));
     for (int64_t k = 0; k < a.dstate; ++k) {
         const T b = B_t[k];
         const T* A2k = a.A2 + k * dim;
-        T* hk = h + k * dim;
+        const T* hi = h_in + k * dim;
+        T* ho = h_out + k * dim;
         if (dA) {
             T* dAk = dA + k * dim;
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) {
                 dAk[d] = fast_exp2(dt[d] * A2k[d]);
-                hk[d] = dAk[d] * hk[d] + dtu[d] * b;
+                ho[d] = dAk[d] * hi[d] + dtu[d] * b;
             }
         } else if (y) {
             const T c = C_t[k];
 #pragma omp simd
             for (int64_t d = 0; d < dim; ++d) {
-                hk[d] = fast_exp2(dt[d] * A2k[d]) * hk[d] + dtu[d] * b;
-                y[d] += hk[d] * c;
+                ho[d] = fast_exp2(dt[d] * A2k[d]) * hi[d] + dtu[d] * b;
+                y[d] += ho[d] * c;
             }
         } else {
 #pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) hk[d] = fast_exp2(dt[d] * A2k[d]) * hk[d] + dtu[d] * b;
+            for (int64_t d = 0; d < dim; ++d) ho[d] = fast_exp2(dt[d] * A2k[d]) * hi[d] + dtu[d] * b;
         }
     }
 }
@@ -116,14 +125,14 @@ void forward(const Args<T>& a, T* out, T* hsave, int64_t chunk, int threads) {
                 const int64_t row = i * L + t;
                 if (hsave && t % chunk == 0)
                     std::memcpy(hsave + (i * nchunks + t / chunk) * n * dim, h.data(), n * dim * sizeof(T));
-                const T* u_t = a.u + row * dim;
-                step_size(a, a.delta + row * dim, dt.data());
+                const T* u_t = a.u + row * a.su;
+                step_size(a, a.delta + row * a.sdelta, dt.data());
                 for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * u_t[d];
                 T* y = out + row * dim;
-                advance(a, dt.data(), dtu.data(), a.B + row * n, a.C + row * n, h.data(), (T*)nullptr, y);
+                advance(a, dt.data(), dtu.data(), a.B + row * a.sB, a.C + row * a.sC, h.data(), h.data(), (T*)nullptr, y);
                 for (int64_t d = 0; d < dim; ++d) {
                     T v = y[d] + (a.D ? a.D[d] * u_t[d] : T(0));
-                    y[d] = a.z ? v * silu(a.z[row * dim + d]) : v;
+                    y[d] = a.z ? v * silu(a.z[row * a.sz + d]) : v;
                 }
             }
         }
@@ -142,9 +151,10 @@ void state(const Args<T>& a, const int64_t* index, T* out, int threads) {
             std::fill(h.begin(), h.end(), T(0));
             for (int64_t t = 0; t <= index[i]; ++t) {
                 const int64_t row = i * L + t;
-                step_size(a, a.delta + row * dim, dt.data());
-                for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * dim + d];
-                advance(a, dt.data(), dtu.data(), a.B + row * n, (const T*)nullptr, h.data(), (T*)nullptr, (T*)nullptr);
+                step_size(a, a.delta + row * a.sdelta, dt.data());
+                for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
+                advance(a, dt.data(), dtu.data(), a.B + row * a.sB, (const T*)nullptr, h.data(), h.data(), (T*)nullptr,
+                        (T*)nullptr);
             }
             for (int64_t d = 0; d < dim; ++d)
                 for (int64_t k = 0; k < n; ++k) out[(i * dim + d) * n + k] = h[k * dim + d];
@@ -180,11 +190,10 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     const int64_t s = t - t0, row = i * L + t;
                     T* dt = dts.data() + s * dim;
                     T* dtu = dtus.data() + s * dim;
-                    step_size(a, a.delta + row * dim, dt);
-                    for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * dim + d];
-                    std::memcpy(hs.data() + (s + 1) * n * dim, hs.data() + s * n * dim, n * dim * sizeof(T));
-                    advance(a, dt, dtu, a.B + row * n, (const T*)nullptr, hs.data() + (s + 1) * n * dim,
-                            dAs.data() + s * n * dim, (T*)nullptr);
+                    step_size(a, a.delta + row * a.sdelta, dt);
+                    for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
+                    advance(a, dt, dtu, a.B + row * a.sB, (const T*)nullptr, hs.data() + s * n * dim,
+                            hs.data() + (s + 1) * n * dim, dAs.data() + s * n * dim, (T*)nullptr);
                 }
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     const int64_t s = t - t0, row = i * L + t;
@@ -193,9 +202,9 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     const T* h = hs.data() + (s + 1) * n * dim;
                     const T* h_prev = hs.data() + s * n * dim;
                     const T* dA = dAs.data() + s * n * dim;
-                    const T* u_t = a.u + row * dim;
-                    const T* B_t = a.B + row * n;
-                    const T* C_t = a.C + row * n;
+                    const T* u_t = a.u + row * a.su;
+                    const T* B_t = a.B + row * a.sB;
+                    const T* C_t = a.C + row * a.sC;
                     const T* go = gout + row * dim;
                     // gy: the gradient of C.h + D u; the gate's gradient needs C.h itself, so it is recomputed
                     if (a.z) {
@@ -206,7 +215,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                             for (int64_t d = 0; d < dim; ++d) y[d] += h[k * dim + d] * ck;
                         }
                         for (int64_t d = 0; d < dim; ++d) {
-                            const T zv = a.z[row * dim + d], sg = sigmoid(zv);
+                            const T zv = a.z[row * a.sz + d], sg = sigmoid(zv);
                             const T pre = y[d] + (a.D ? a.D[d] * u_t[d] : T(0));
                             g_z[row * dim + d] = go[d] * pre * sg * (T(1) + zv * (T(1) - sg));
                             gy[d] = go[d] * zv * sg;
@@ -248,7 +257,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                         g_u[row * dim + d] = gu;
                         T gd = g_dt[d] + g_dtu[d] * u_t[d];  // dL/d dt
                         if (a.softplus_on) {  // softplus'(x) = sigmoid(x)
-                            gd *= sigmoid(a.delta[row * dim + d] + (a.bias ? a.bias[d] : T(0)));
+                            gd *= sigmoid(a.delta[row * a.sdelta + d] + (a.bias ? a.bias[d] : T(0)));
                         }
                         g_delta[row * dim + d] = gd;
                         myBias[d] += gd;
@@ -266,64 +275,168 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
     }
 }
 
-// The arguments, with A log2(e) computed into a2 (which must outlive them).
+// pre = bias + sum_j w_j x_{t-K+1+j}: the causal depthwise convolution at step t of row i, before its SiLU.
+template <typename T>
+inline void conv_pre(const T* x, int64_t sx, const T* w, const T* bias, int64_t K, int64_t L, int64_t dim,
+                     int64_t i, int64_t t, T* pre) {
+    for (int64_t d = 0; d < dim; ++d) pre[d] = bias ? bias[d] : T(0);
+    for (int64_t j = std::max<int64_t>(0, K - 1 - t); j < K; ++j) {
+        const T* xr = x + (i * L + t - K + 1 + j) * sx;
+        const T* wj = w + j * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) pre[d] += wj[d] * xr[d];
+    }
+}
+
+// y = silu(conv(x)): x (batch, L, dim) with row stride sx, w (K, dim), bias (dim) or null; y contiguous.
+template <typename T>
+void conv_forward(int64_t batch, int64_t L, int64_t dim, int64_t K, const T* x, int64_t sx, const T* w,
+                  const T* bias, T* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < batch; ++i) {
+        for (int64_t t = 0; t < L; ++t) {
+            T* yt = y + (i * L + t) * dim;
+            conv_pre(x, sx, w, bias, K, L, dim, i, t, yt);
+#pragma omp simd
+            for (int64_t d = 0; d < dim; ++d) yt[d] = silu(yt[d]);
+        }
+    }
+}
+
+// Gradients of sum(gy . y): gx contiguous; gw (K, dim) and gbias (dim, or null) summed over the batch.
+template <typename T>
+void conv_backward(int64_t batch, int64_t L, int64_t dim, int64_t K, const T* x, int64_t sx, const T* w,
+                   const T* bias, const T* gy, T* gx, T* gw, T* gbias, int threads) {
+    const int nt = std::max(1, std::min<int>(threads, (int)batch));
+    std::vector<T> accW(nt * K * dim, T(0)), accB(nt * dim, T(0));
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        T* myW = accW.data() + tid * K * dim;
+        T* myB = accB.data() + tid * dim;
+        std::vector<T> gpre(L * dim), pre(dim);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batch; ++i) {
+            for (int64_t t = 0; t < L; ++t) {  // gpre = gy silu'(pre), silu'(p) = s (1 + p (1 - s)), s = sigmoid(p)
+                conv_pre(x, sx, w, bias, K, L, dim, i, t, pre.data());
+                const T* g = gy + (i * L + t) * dim;
+                T* gp = gpre.data() + t * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) {
+                    const T sg = sigmoid(pre[d]);
+                    gp[d] = g[d] * sg * (T(1) + pre[d] * (T(1) - sg));
+                    myB[d] += gp[d];
+                }
+                for (int64_t j = std::max<int64_t>(0, K - 1 - t); j < K; ++j) {
+                    const T* xr = x + (i * L + t - K + 1 + j) * sx;
+                    T* gwj = myW + j * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) gwj[d] += gp[d] * xr[d];
+                }
+            }
+            for (int64_t s = 0; s < L; ++s) {  // x_s feeds y_{s+K-1-j} through w_j
+                T* gxs = gx + (i * L + s) * dim;
+                std::fill(gxs, gxs + dim, T(0));
+                for (int64_t j = std::max<int64_t>(0, s + K - L); j < K; ++j) {
+                    const T* gp = gpre.data() + (s + K - 1 - j) * dim;
+                    const T* wj = w + j * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) gxs[d] += wj[d] * gp[d];
+                }
+            }
+        }
+    }
+    for (int t = 0; t < nt; ++t) {
+        for (int64_t j = 0; j < K * dim; ++j) gw[j] += accW[t * K * dim + j];
+        if (gbias)
+            for (int64_t d = 0; d < dim; ++d) gbias[d] += accB[t * dim + d];
+    }
+}
+
+// The arguments, with A log2(e) computed into a2 (which must outlive them). strides: the row strides of u, delta,
+// B, C, z.
 template <typename T>
 Args<T> args(int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u, const void* delta,
              const void* A, const void* B, const void* C, const void* D, const void* z, const void* bias,
-             int softplus_on, std::vector<T>& a2) {
+             const int64_t* strides, int softplus_on, std::vector<T>& a2) {
     a2.resize(dim * dstate);
     for (int64_t j = 0; j < dim * dstate; ++j) a2[j] = ((const T*)A)[j] * T(1.4426950408889634);
     return Args<T>{batch,       seqlen,      dim,         dstate,      (const T*)u,    (const T*)delta,
                    (const T*)A, (const T*)B, (const T*)C, (const T*)D, (const T*)z,    (const T*)bias,
-                   softplus_on, a2.data()};
+                   strides[0],  strides[1],  strides[2],  strides[3],  strides[4],     softplus_on,
+                   a2.data()};
 }
 
 }  // namespace
 
-// The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional.
+// The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional;
+// `strides` holds the row strides of u, delta, B, C, z (z's is read only when z is given).
 extern "C" {
 
 void scan_forward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
                   const void* delta, const void* A, const void* B, const void* C, const void* D, const void* z,
-                  const void* bias, int softplus_on, void* out, void* hsave, int64_t chunk, int threads) {
+                  const void* bias, const int64_t* strides, int softplus_on, void* out, void* hsave, int64_t chunk,
+                  int threads) {
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
-        forward(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, softplus_on, a2d),
+        forward(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2d),
                 (double*)out, (double*)hsave, chunk, threads);
     else
-        forward(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, softplus_on, a2f),
+        forward(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2f),
                 (float*)out, (float*)hsave, chunk, threads);
 }
 
 void scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
-                const void* delta, const void* A, const void* B, const void* bias, int softplus_on,
-                const int64_t* index, void* out, int threads) {
+                const void* delta, const void* A, const void* B, const void* bias, const int64_t* strides,
+                int softplus_on, const int64_t* index, void* out, int threads) {
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
-        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, softplus_on,
-                           a2d),
+        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
+                           softplus_on, a2d),
               index, (double*)out, threads);
     else
-        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, softplus_on,
-                          a2f),
+        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
+                          softplus_on, a2f),
               index, (float*)out, threads);
 }
 
 void scan_backward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
                    const void* delta, const void* A, const void* B, const void* C, const void* D, const void* z,
-                   const void* bias, int softplus_on, const void* hsave, int64_t chunk, const void* gout, void* g_u,
+                   const void* bias, const int64_t* strides, int softplus_on, const void* hsave, int64_t chunk,
+                   const void* gout, void* g_u,
                    void* g_delta, void* g_z, void* gB, void* gC, void* gA, void* gD, void* g_bias, int threads) {
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
-        backward(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, softplus_on, a2d),
+        backward(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2d),
                  (const double*)hsave, chunk, (const double*)gout, (double*)g_u, (double*)g_delta, (double*)g_z,
                  (double*)gB, (double*)gC, (double*)gA, (double*)gD, (double*)g_bias, threads);
     else
-        backward(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, softplus_on, a2f),
+        backward(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2f),
                  (const float*)hsave, chunk, (const float*)gout, (float*)g_u, (float*)g_delta, (float*)g_z,
                  (float*)gB, (float*)gC, (float*)gA, (float*)gD, (float*)g_bias, threads);
+}
+
+void conv_forward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t width, const void* x,
+                  int64_t x_stride, const void* w, const void* bias, void* y, int threads) {
+    if (is_double)
+        conv_forward(batch, seqlen, dim, width, (const double*)x, x_stride, (const double*)w, (const double*)bias,
+                     (double*)y, threads);
+    else
+        conv_forward(batch, seqlen, dim, width, (const float*)x, x_stride, (const float*)w, (const float*)bias,
+                     (float*)y, threads);
+}
+
+void conv_backward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t width, const void* x,
+                   int64_t x_stride, const void* w, const void* bias, const void* gy, void* gx, void* gw, void* gbias,
+                   int threads) {
+    if (is_double)
+        conv_backward(batch, seqlen, dim, width, (const double*)x, x_stride, (const double*)w, (const double*)bias,
+                      (const double*)gy, (double*)gx, (double*)gw, (double*)gbias, threads);
+    else
+        conv_backward(batch, seqlen, dim, width, (const float*)x, x_stride, (const float*)w, (const float*)bias,
+                      (const float*)gy, (float*)gx, (float*)gw, (float*)gbias, threads);
 }
 }

@@ -1,0 +1,264 @@
+"""Mamba's sequence kernels for the CPU in compiled C++: the selective scan and the causal depthwise conv + SiLU.
+
+Same signatures and results as the PyTorch paths they replace (:func:`.selective_scan.selective_scan`,
+:func:`.selective_scan.selective_scan_state`, and the conv + SiLU of the Mamba block), checked against them and
+against the float64 one-step reference.
+
+Why: the PyTorch scan is bound by memory traffic (about four passes over the (batch, dim, dstate) state per step)
+and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. mamba_cpu.cpp
+keeps one sequence's state in cache and does one vector exp2 and three multiply-adds per state cell, with the step
+size's bias and softplus, the D skip and the silu(z) gate fused in, one OpenMP thread per sequence, and reads the
+x/z halves of in_proj's output and the B/C columns of x_proj's in place. Forward keeps the state entering every chunk
+of steps; backward recomputes a chunk's states from it, as mamba_ssm's CUDA kernel does.
+
+The library is compiled on first use with the machine's g++ (about 3 s) into a cache folder, ``$M2REC_KERNEL_CACHE``
+or ``~/.cache/m2rec/kernels``, under a name that hashes the source, the flags and the CPU, so a changed source or a
+different machine builds anew. It is built with ``-march=native``: it is made for the machine that runs it.
+:func:`cpu_kernels_unavailable` says why it cannot be used (no compiler, a failed build); Mamba's ``backend="auto"``
+then falls back to the PyTorch paths.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.profiler import record_function
+
+from m2rec_lightning.ops.selective_scan import _check_inputs, _check_state_inputs, _scan_dtype
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+CHUNK = 16  # steps per chunk: backward recomputes a chunk's states, (chunk+1)·dim·dstate values per thread
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (a library built with -march=native runs only where they match)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return "\n".join([line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2])
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("M2REC_KERNEL_CACHE") or Path.home() / ".cache" / "m2rec" / "kernels")
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """(the loaded library, None) or (None, why it is unavailable). Builds it when the cache has none."""
+    compiler = os.environ.get("CXX", "g++")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(),
+                                     _cpu_signature().encode()])).hexdigest()[:16]
+    path = _cache_dir() / f"{SOURCE.stem}-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # build under a temporary name, then rename: concurrent processes (test workers) never load half a file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+            if result.returncode != 0:
+                return None, f"building {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}"
+            os.replace(tmp, path)
+        except OSError as e:
+            return None, f"building {SOURCE.name} failed: cannot run the compiler {compiler!r} ({e}); install g++ " \
+                         f"or name one in $CXX"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"loading {path} failed: {e!r}"
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    dims = [c_int, i64, i64, i64, i64]  # is_double, batch, seqlen, dim, dstate (or conv width)
+    lib.scan_forward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, ptr, i64, c_int]
+    lib.scan_state.argtypes = [*dims, *[ptr] * 6, c_int, ptr, ptr, c_int]
+    lib.scan_backward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, *[ptr] * 9, c_int]
+    lib.conv_forward.argtypes = [*dims, ptr, i64, ptr, ptr, ptr, c_int]
+    lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
+    for fn in (lib.scan_forward, lib.scan_state, lib.scan_backward, lib.conv_forward, lib.conv_backward):
+        fn.restype = None
+    return lib, None
+
+
+def cpu_kernels_unavailable() -> str | None:
+    """None when the compiled kernels can run here, else why not (they are built on the first call)."""
+    return _library()[1]
+
+
+def _require(name: str) -> ctypes.CDLL:
+    lib, why = _library()
+    if why:
+        raise RuntimeError(f"{name}: {why}")
+    return lib
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(batch: int) -> int:
+    return max(1, min(torch.get_num_threads(), batch))
+
+
+def _rows(t: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, int]:
+    """A batch-major (b, L, k) tensor as the kernels read it: (t itself, its row stride) when its last dimension is
+    contiguous and its rows (b, L) lie at one stride, e.g. a column slice of a (b, L, ·) matmul output; else a
+    contiguous copy."""
+    if t is None:
+        return None, 0
+    t = t.to(dtype)
+    b, L, k = t.shape
+    rs = t.stride(0) if L == 1 else t.stride(1)
+    if (t.stride(2) == 1 or k == 1) and (b == 1 or L == 1 or t.stride(0) == L * rs):
+        return t, rs
+    t = t.contiguous()
+    return t, k
+
+
+class _SelectiveScanCpu(torch.autograd.Function):
+    """Batch-major inputs: u, delta, z (b, L, d), B, C (b, L, n), each with its row stride in `strides`; A transposed,
+    (n, d), contiguous; D, bias (d,). Returns y (b, L, d), contiguous."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A_t, B, C, D, z, bias, strides: Tensor, delta_softplus: bool):
+        b, L, d = u.shape
+        n = A_t.shape[0]
+        out = u.new_empty(b, L, d)
+        # forward runs with autograd off: needs_input_grad says whether a backward will come
+        hsave = u.new_empty(b, -(-L // CHUNK), n, d) if any(ctx.needs_input_grad) else None
+        with record_function("selective_scan_cpu"):  # a ctypes call is invisible to torch.profiler otherwise
+            _library()[0].scan_forward(u.dtype == torch.float64, b, L, d, n, _ptr(u), _ptr(delta), _ptr(A_t),
+                                       _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(bias), _ptr(strides), delta_softplus,
+                                       _ptr(out), _ptr(hsave), CHUNK, _threads(b))
+        ctx.delta_softplus = delta_softplus
+        ctx.save_for_backward(u, delta, A_t, B, C, D, z, bias, strides, hsave)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout):
+        u, delta, A_t, B, C, D, z, bias, strides, hsave = ctx.saved_tensors
+        b, L, d = u.shape
+        n = A_t.shape[0]
+        gout = gout.contiguous()
+        g_u, g_delta = u.new_empty(b, L, d), u.new_empty(b, L, d)
+        g_z = u.new_empty(b, L, d) if z is not None else None
+        gB, gC = u.new_empty(b, L, n), u.new_empty(b, L, n)
+        gA_t = torch.zeros_like(A_t)
+        gD = torch.zeros_like(D) if D is not None else None
+        g_bias = torch.zeros_like(bias) if bias is not None else None
+        with record_function("selective_scan_cpu_backward"):
+            _library()[0].scan_backward(
+                u.dtype == torch.float64, b, L, d, n, _ptr(u), _ptr(delta), _ptr(A_t), _ptr(B), _ptr(C), _ptr(D),
+                _ptr(z), _ptr(bias), _ptr(strides), ctx.delta_softplus, _ptr(hsave), CHUNK, _ptr(gout), _ptr(g_u),
+                _ptr(g_delta), _ptr(g_z), _ptr(gB), _ptr(gC), _ptr(gA_t), _ptr(gD), _ptr(g_bias), _threads(b))
+        return g_u, g_delta, gA_t, gB, gC, gD, g_z, g_bias, None, None
+
+
+def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       z: Tensor | None = None, delta_bias: Tensor | None = None,
+                       delta_softplus: bool = False) -> Tensor:
+    """The selective scan of :func:`~m2rec_lightning.ops.selective_scan.selective_scan_ref` (same arguments, shapes
+    and result), compiled, on CPU tensors. Differentiable in every input. y: (batch, dim, seqlen) in u's dtype; the
+    recurrence runs in float32 (float64 for float64 inputs). Inputs that are transposed views of batch-major
+    (batch, seqlen, ·) tensors, as the Mamba block passes them, are read in place."""
+    _require("selective_scan_cpu")
+    B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if u.is_cuda:
+        raise ValueError("selective_scan_cpu: CPU tensors only; on a GPU use the cuda or triton backend")
+    dtype_in, dtype = u.dtype, _scan_dtype(u)
+    with torch.autocast("cpu", enabled=False):
+        (u, su), (delta, sdelta), (B, sB), (C, sC), (z, sz) = (_rows(None if t is None else t.transpose(1, 2), dtype)
+                                                              for t in (u, delta, B, C, z))
+        strides = torch.tensor([su, sdelta, sB, sC, sz], dtype=torch.int64)
+        y = _SelectiveScanCpu.apply(u, delta, A.to(dtype).t().contiguous(), B, C, _vector(D, dtype), z,
+                                    _vector(delta_bias, dtype), strides, delta_softplus)  # (b, L, d)
+    return y.transpose(1, 2).to(dtype_in)
+
+
+@torch.no_grad()
+def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
+                             delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
+    """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_state`, compiled: the state h at step index[i] of each
+    row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index."""
+    _require("selective_scan_state_cpu")
+    B = _check_state_inputs("selective_scan_state_cpu", u, delta, A, B, index, delta_bias)
+    batch, dim, seqlen = u.shape
+    dtype = _scan_dtype(u)
+    n = A.shape[1]
+    out = u.new_empty(batch, dim, n, dtype=dtype)
+    if batch == 0:
+        return out
+    with torch.autocast("cpu", enabled=False):
+        (u, su), (delta, sdelta), (B, sB) = (_rows(t.transpose(1, 2), dtype) for t in (u, delta, B))
+        strides = torch.tensor([su, sdelta, sB, 0, 0], dtype=torch.int64)
+        A_t, bias = A.to(dtype).t().contiguous(), _vector(delta_bias, dtype)
+        index = index.to(torch.int64).contiguous()
+        with record_function("selective_scan_state_cpu"):
+            _library()[0].scan_state(dtype == torch.float64, batch, seqlen, dim, n, _ptr(u), _ptr(delta), _ptr(A_t),
+                                     _ptr(B), _ptr(bias), _ptr(strides), delta_softplus, _ptr(index), _ptr(out),
+                                     _threads(batch))
+    return out
+
+
+class _CausalConvSiluCpu(torch.autograd.Function):
+    """x (b, L, d) with row stride `stride`; w (K, d), bias (d,) contiguous. Returns silu(conv(x)), (b, L, d)."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, stride: int):
+        b, L, d = x.shape
+        y = x.new_empty(b, L, d)
+        with record_function("causal_conv1d_silu_cpu"):
+            _library()[0].conv_forward(x.dtype == torch.float64, b, L, d, w.shape[0], _ptr(x), stride, _ptr(w),
+                                       _ptr(bias), _ptr(y), _threads(b))
+        ctx.stride = stride
+        ctx.save_for_backward(x, w, bias)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, w, bias = ctx.saved_tensors
+        b, L, d = x.shape
+        gx, gw = x.new_empty(b, L, d), torch.zeros_like(w)
+        g_bias = torch.zeros_like(bias) if bias is not None else None
+        with record_function("causal_conv1d_silu_cpu_backward"):
+            _library()[0].conv_backward(x.dtype == torch.float64, b, L, d, w.shape[0], _ptr(x), ctx.stride, _ptr(w),
+                                        _ptr(bias), _ptr(gy.contiguous()), _ptr(gx), _ptr(gw), _ptr(g_bias),
+                                        _threads(b))
+        return gx, gw, g_bias, None
+
+
+def causal_conv1d_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """silu of the causal depthwise convolution, channels last: x (batch, seqlen, dim), weight (dim, K) (tap K-1 meets
+    the current step), bias (dim,) -> (batch, seqlen, dim), y_t = silu(bias + sum_j weight[:, j] x_{t-K+1+j}) with
+    zeros before the start; what Mamba's conv1d with padding K-1, cropped to seqlen, then SiLU compute. Differentiable
+    in x, weight and bias; x may be a column slice of a larger (batch, seqlen, ·) tensor (read in place)."""
+    _require("causal_conv1d_silu_cpu")
+    if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
+        raise ValueError(f"causal_conv1d_silu_cpu: x must be (batch, seqlen, dim) and weight (dim, K), got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (x.shape[2],):
+        raise ValueError(f"causal_conv1d_silu_cpu: bias must be (dim={x.shape[2]},), got {tuple(bias.shape)}")
+    if x.is_cuda:
+        raise ValueError("causal_conv1d_silu_cpu: CPU tensors only")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.autocast("cpu", enabled=False):
+        x_, stride = _rows(x, dtype)
+        y = _CausalConvSiluCpu.apply(x_, weight.to(dtype).t().contiguous(), _vector(bias, dtype), stride)
+    return y.to(x.dtype)
