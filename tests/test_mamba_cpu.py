@@ -214,6 +214,33 @@ def test_auto_uses_it_and_falls_back_without_a_compiler(monkeypatch, tmp_path, c
     assert cpu_scan.cpu_kernels_unavailable() is None
 
 
+@pytest.mark.parametrize("where", ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
+def test_nan_in_any_input_reaches_the_output(where):
+    # the kernels are compiled with -ffast-math; a NaN must still propagate (the module's finiteness checks rely on it)
+    x = {k: v.float() for k, v in make_inputs(2, 3, 4, 6, seed=9).items()}
+    x[where] = x[where].clone()
+    x[where].view(-1)[0] = float("nan")
+    y = selective_scan_cpu(**x, delta_softplus=True)
+    y_ref = selective_scan_ref(**x, delta_softplus=True)
+    assert torch.equal(y.isnan(), y_ref.isnan()) and y.isnan().any()
+    if where in ("u", "delta", "B"):
+        h = selective_scan_state_cpu(x["u"], x["delta"], x["A"], x["B"], torch.tensor([5, 5]),
+                                     delta_bias=x["delta_bias"], delta_softplus=True)
+        assert h.isnan().any()
+    conv_in = torch.randn(2, 6, 3)
+    conv_in[0, 2, 1] = float("nan")
+    assert causal_conv1d_silu_cpu(conv_in, torch.randn(3, 4)).isnan().sum() > 0
+
+
+def test_loading_the_library_leaves_the_float_environment_alone():
+    # a library linked with -ffast-math sets flush-to-zero for the whole process when it loads: denormals would
+    # become 0 in every later torch operation
+    cpu_scan._library.cache_clear()
+    assert cpu_scan.cpu_kernels_unavailable() is None
+    tiny = torch.tensor([1e-40], dtype=torch.float32)
+    assert (tiny * 1.0).item() > 0 and (torch.tensor([1e-310], dtype=torch.float64) * 1.0).item() > 0
+
+
 def test_a_failing_build_reports_the_compiler_error(monkeypatch, tmp_path):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")

@@ -7,7 +7,8 @@
 // and the causal depthwise convolution with its SiLU
 //     y_t = silu(bias + sum_j w_j x_{t-K+1+j})  (x_{<0} = 0)
 //
-// Built by mamba_cpu.py with g++ -O3 -march=native -ffast-math -fopenmp. The inner loops run over dim with unit
+// Built by mamba_cpu.py with g++ -O3 -march=native -ffast-math -fopenmp, linked without -ffast-math (see there). The
+// inner loops run over dim with unit
 // stride and no reduction, vectorised (`omp simd`), with fast_exp2 inlined for float32. Layouts: every sequence
 // tensor is batch-major, (batch, seqlen, ·), its last dimension contiguous; an input may have any row stride (so the
 // x and z halves of in_proj's output and the B and C columns of x_proj's are read in place), outputs and gradients
@@ -27,14 +28,15 @@
 
 namespace {
 
-// 2^x for float32, inlined into the vector loops: glibc's vector expf is a call per vector and runs at about half this
-// speed. x = n + f with |f| <= 1/2; 2^f from a degree-6 polynomial (relative error below 2.5e-7, a few float32 ulp),
-// 2^n added into the exponent bits. x is clamped to [-126, 127], where 2^n is a normal float: below it the result
-// is 1.2e-38 instead of a denormal or zero. float64 keeps the library's exp2.
+// 2^x for float32, inlined into the vector loops (glibc's vector expf is a call per vector). x = n + f with
+// |f| <= 1/2; 2^f from a degree-6 polynomial (relative error below 2.5e-7, a few float32 ulp), 2^n added into the
+// exponent bits. x is clamped to [-126, 127], where 2^n is a normal float: below it the result is 1.2e-38 instead of
+// a denormal or zero. A NaN x gives a meaningless number: the scan's exponent dt A is NaN only when dt is, and then
+// dt u B is too, or when A is, which mamba_cpu.py sends to the PyTorch scan. float64 keeps the library's exp2.
 inline float fast_exp2(float x) {
-    x = std::min(std::max(x, -126.0f), 127.0f);
-    const float n = std::nearbyint(x);
-    const float f = x - n;
+    const float c = std::min(std::max(x, -126.0f), 127.0f);
+    const float n = std::nearbyint(c);
+    const float f = c - n;
     float p = 1.5403530393381606e-4f;
     p = p * f + 1.3333558146428443e-3f;
     p = p * f + 9.6181291076284772e-3f;
@@ -50,8 +52,33 @@ inline float fast_exp2(float x) {
 }
 inline double fast_exp2(double x) { return std::exp2(x); }
 
-template <typename T>
-inline T softplus(T x) { return x > T(20) ? x : std::log1p(std::exp(x)); }  // torch's threshold
+// x unchanged when it is NaN, else y. The test is on the bits: the library is compiled with -ffast-math, under which a
+// floating-point NaN test would be optimised away.
+inline float keep_nan(float x, float y) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7fffffff) > 0x7f800000 ? x : y;
+}
+
+// log(1 + e) for e in [0, 1], float32, vectorisable: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], an odd series to
+// s^11 (truncation below 1e-7 relative; no cancellation for small e, where it is e).
+inline float log1p_unit(float e) {
+    const float s = e / (2.0f + e), s2 = s * s;
+    float p = 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+
+// softplus(x) = max(x, 0) + log(1 + exp(-|x|)); x itself above torch's threshold 20 (and when NaN)
+inline float softplus(float x) {
+    const float v = std::max(x, 0.0f) + log1p_unit(fast_exp2(std::abs(x) * -1.4426950408889634f));
+    return keep_nan(x, x > 20.0f ? x : v);
+}
+inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 
 template <typename T>
 inline T sigmoid(T x) { return T(1) / (T(1) + fast_exp2(x * T(-1.4426950408889634))); }
@@ -68,6 +95,7 @@ struct Args {
 // dt_t = softplus(delta_t + bias) (each optional) into out, (dim,)
 template <typename T>
 inline void step_size(const Args<T>& a, const T* delta_t, T* out) {
+#pragma omp simd
     for (int64_t d = 0; d < a.dim; ++d) {
         T v = delta_t[d] + (a.bias ? a.bias[d] : T(0));
         out[d] = a.softplus_on ? softplus(v) : v;
@@ -127,9 +155,11 @@ void forward(const Args<T>& a, T* out, T* hsave, int64_t chunk, int threads) {
                     std::memcpy(hsave + (i * nchunks + t / chunk) * n * dim, h.data(), n * dim * sizeof(T));
                 const T* u_t = a.u + row * a.su;
                 step_size(a, a.delta + row * a.sdelta, dt.data());
+#pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * u_t[d];
                 T* y = out + row * dim;
                 advance(a, dt.data(), dtu.data(), a.B + row * a.sB, a.C + row * a.sC, h.data(), h.data(), (T*)nullptr, y);
+#pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) {
                     T v = y[d] + (a.D ? a.D[d] * u_t[d] : T(0));
                     y[d] = a.z ? v * silu(a.z[row * a.sz + d]) : v;
@@ -152,6 +182,7 @@ void state(const Args<T>& a, const int64_t* index, T* out, int threads) {
             for (int64_t t = 0; t <= index[i]; ++t) {
                 const int64_t row = i * L + t;
                 step_size(a, a.delta + row * a.sdelta, dt.data());
+#pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
                 advance(a, dt.data(), dtu.data(), a.B + row * a.sB, (const T*)nullptr, h.data(), h.data(), (T*)nullptr,
                         (T*)nullptr);
@@ -191,6 +222,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     T* dt = dts.data() + s * dim;
                     T* dtu = dtus.data() + s * dim;
                     step_size(a, a.delta + row * a.sdelta, dt);
+#pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
                     advance(a, dt, dtu, a.B + row * a.sB, (const T*)nullptr, hs.data() + s * n * dim,
                             hs.data() + (s + 1) * n * dim, dAs.data() + s * n * dim, (T*)nullptr);
@@ -214,6 +246,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
 #pragma omp simd
                             for (int64_t d = 0; d < dim; ++d) y[d] += h[k * dim + d] * ck;
                         }
+#pragma omp simd
                         for (int64_t d = 0; d < dim; ++d) {
                             const T zv = a.z[row * a.sz + d], sg = sigmoid(zv);
                             const T pre = y[d] + (a.D ? a.D[d] * u_t[d] : T(0));
@@ -248,6 +281,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                         gC[row * n + k] = sC;
                         gB[row * n + k] = sB;
                     }
+#pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) {
                         T gu = g_dtu[d] * dt[d];
                         if (a.D) {
@@ -279,6 +313,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
 template <typename T>
 inline void conv_pre(const T* x, int64_t sx, const T* w, const T* bias, int64_t K, int64_t L, int64_t dim,
                      int64_t i, int64_t t, T* pre) {
+#pragma omp simd
     for (int64_t d = 0; d < dim; ++d) pre[d] = bias ? bias[d] : T(0);
     for (int64_t j = std::max<int64_t>(0, K - 1 - t); j < K; ++j) {
         const T* xr = x + (i * L + t - K + 1 + j) * sx;
@@ -349,6 +384,7 @@ void conv_backward(int64_t batch, int64_t L, int64_t dim, int64_t K, const T* x,
     for (int t = 0; t < nt; ++t) {
         for (int64_t j = 0; j < K * dim; ++j) gw[j] += accW[t * K * dim + j];
         if (gbias)
+#pragma omp simd
             for (int64_t d = 0; d < dim; ++d) gbias[d] += accB[t * dim + d];
     }
 }

@@ -32,10 +32,20 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.profiler import record_function
 
-from m2rec_lightning.ops.selective_scan import _check_inputs, _check_state_inputs, _scan_dtype
+from m2rec_lightning.ops.selective_scan import (
+    _check_inputs,
+    _check_state_inputs,
+    _scan_dtype,
+    selective_scan,
+    selective_scan_state,
+)
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# Compiled with -ffast-math (vectorised min/max clamps and reassociated sums; NaN is still propagated, see
+# fast_exp2 and keep_nan), but linked without it: linking with -ffast-math adds a constructor that sets flush-to-zero for the whole
+# process when the library loads, which would change every float operation of torch and of the user's code.
+COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17", "-c"]
+LINK = ["-shared", "-fopenmp"]
 CHUNK = 16  # steps per chunk: backward recomputes a chunk's states, (chunk+1)·dim·dstate values per thread
 
 
@@ -56,7 +66,7 @@ def _cache_dir() -> Path:
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None) or (None, why it is unavailable). Builds it when the cache has none."""
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(),
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join([compiler, *COMPILE, *LINK]).encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
     path = _cache_dir() / f"{SOURCE.stem}-{key}.so"
     if not path.exists():
@@ -64,17 +74,20 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         # build under a temporary name, then rename: concurrent processes (test workers) never load half a file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
         os.close(fd)
+        obj = tmp[:-3] + ".o"
         try:
-            result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-            if result.returncode != 0:
-                return None, f"building {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}"
+            for step in ([*COMPILE, "-o", obj, str(SOURCE)], [*LINK, "-o", tmp, obj]):
+                result = subprocess.run([compiler, *step], capture_output=True, text=True)
+                if result.returncode != 0:
+                    return None, f"building {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-2000:]}"
             os.replace(tmp, path)
         except OSError as e:
             return None, f"building {SOURCE.name} failed: cannot run the compiler {compiler!r} ({e}); install g++ " \
                          f"or name one in $CXX"
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for leftover in (tmp, obj):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
@@ -176,11 +189,14 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     """The selective scan of :func:`~m2rec_lightning.ops.selective_scan.selective_scan_ref` (same arguments, shapes
     and result), compiled, on CPU tensors. Differentiable in every input. y: (batch, dim, seqlen) in u's dtype; the
     recurrence runs in float32 (float64 for float64 inputs). Inputs that are transposed views of batch-major
-    (batch, seqlen, ·) tensors, as the Mamba block passes them, are read in place."""
+    (batch, seqlen, ·) tensors, as the Mamba block passes them, are read in place. A NaN in A (a diverged model) is
+    left to the PyTorch scan, which propagates it: the kernel's exp does not look for NaN."""
     _require("selective_scan_cpu")
     B, C = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda:
         raise ValueError("selective_scan_cpu: CPU tensors only; on a GPU use the cuda or triton backend")
+    if A.isnan().any():
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dtype_in, dtype = u.dtype, _scan_dtype(u)
     with torch.autocast("cpu", enabled=False):
         (u, su), (delta, sdelta), (B, sB), (C, sC), (z, sz) = (_rows(None if t is None else t.transpose(1, 2), dtype)
@@ -195,9 +211,12 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
                              delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
     """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_state`, compiled: the state h at step index[i] of each
-    row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index."""
+    row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index. A NaN
+    in A goes to the PyTorch scan, as in :func:`selective_scan_cpu`."""
     _require("selective_scan_state_cpu")
     B = _check_state_inputs("selective_scan_state_cpu", u, delta, A, B, index, delta_bias)
+    if A.isnan().any():
+        return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
     batch, dim, seqlen = u.shape
     dtype = _scan_dtype(u)
     n = A.shape[1]
