@@ -71,34 +71,42 @@ SASREC_TARGET = {"beauty": {"HR@10": 0.083, "NDCG@10": 0.0416}}
 
 
 class EpochHistory(Callback):
-    """Records every validation epoch's metrics and the fit's wall time at its end (sanity checks excluded). Its state
-    rides in the checkpoints, so a fit resumed from one (`--resume`) keeps the epochs, seconds and hardware before it;
-    `seconds` counts fit time up to the last checkpoint of each earlier process, not the epoch a kill cut short."""
+    """Records every validation epoch's metrics and the fit's wall time and process CPU time at its end (sanity checks
+    excluded). CPU time counts every thread of this process, so on a shared machine it leaves out the waits for a
+    core that wall time includes (not the time of DataLoader worker processes). Its state rides in the checkpoints,
+    so a fit resumed from one (`--resume`) keeps the epochs, seconds and hardware before it; `seconds` counts fit time
+    up to the last checkpoint of each earlier process, not the epoch a kill cut short."""
 
     def __init__(self, hardware: str) -> None:
         self.epochs: list[dict] = []
         self.segments = [{"after_epochs": 0, "hardware": hardware}]  # one per process that fitted part of the run
-        self.earlier_seconds = 0.0
-        self.start = time.perf_counter()
+        self.earlier_seconds = self.earlier_cpu_seconds = 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def seconds(self) -> float:
         return self.earlier_seconds + time.perf_counter() - self.start
+
+    def cpu_seconds(self) -> float:
+        return self.earlier_cpu_seconds + time.process_time() - self.cpu_start
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
         metrics = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.epochs.append({"epoch": trainer.current_epoch, "seconds": round(self.seconds(), 2), "val": metrics})
+        self.epochs.append({"epoch": trainer.current_epoch, "seconds": round(self.seconds(), 2),
+                            "cpu_seconds": round(self.cpu_seconds(), 2), "val": metrics})
 
     def state_dict(self) -> dict:
-        return {"epochs": self.epochs, "segments": self.segments, "seconds": self.seconds()}
+        return {"epochs": self.epochs, "segments": self.segments, "seconds": self.seconds(),
+                "cpu_seconds": self.cpu_seconds()}
 
     def load_state_dict(self, state: dict) -> None:
         hardware = self.segments[-1]["hardware"]
         self.epochs, self.earlier_seconds = state["epochs"], state["seconds"]
+        self.earlier_cpu_seconds = state.get("cpu_seconds", 0.0)  # checkpoints before it was recorded lack it
         self.segments = [*state["segments"], {"after_epochs": len(self.epochs), "hardware": hardware}]
 
 

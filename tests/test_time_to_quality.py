@@ -62,3 +62,19 @@ def test_the_target_line_says_what_ended_the_reference_run(tmp_path):
     import_module("experiments.time_to_quality").main([str(results), "--reference", "sasrec", "--out", str(out)])
     text = out.read_text()
     assert "(seed 1, best at epoch 2 of 3, ended by max_epochs))" in text and "stopped early" not in text
+
+
+def test_cpu_time_and_a_time_measured_elsewhere_are_reported(tmp_path):
+    r = run("m2rec", [0.01, 0.03, 0.05])
+    for e in r["history"]:
+        e["cpu_seconds"] = e["seconds"] / 2
+    results = tmp_path / "runs.json"
+    results.write_text(json.dumps({"dataset": "beauty", "runs": [r, run("sasrec", [0.01, 0.02])]}))
+    out = tmp_path / "ttq.md"
+    import_module("experiments.time_to_quality").main(
+        [str(results), "--target", "0.03", "--versus", "RecBole SASRec", "600", "--out", str(out)])
+    lines = out.read_text().splitlines()
+    assert "| CPU time to reach (s) | times sooner than RecBole SASRec (600 s) |" in out.read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert "| 2 | 20 | 10 | 30.0 |" in rows["m2rec"]  # epoch 2 at 20 s wall, 10 s CPU: 600 / 20 = 30x
+    assert "| not reached | — | — | — |" in rows["sasrec"]
