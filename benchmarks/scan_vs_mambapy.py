@@ -1,5 +1,8 @@
 """CPU speed and memory of our Mamba block and selective scan against mambapy's pscan and a naive per-step loop.
 
+Ours twice: "compiled" = the cpu backend (the C++ kernels of ops/mamba_cpu.cpp), "ours" = the pure-PyTorch scan
+(backend "torch"); the ratios are to "ours".
+
 Times forward + backward of (a) the whole Mamba-1 block and (b) the selective scan alone, float32, at
 B=256, L=200, d_model=64, d_state=32, expand=2 (E·D = 128) by default. Each measurement runs in its own
 subprocess so that peak RSS (ru_maxrss) belongs to that implementation alone.
@@ -21,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-IMPLS = ("ours", "mambapy", "naive")
+IMPLS = ("compiled", "ours", "mambapy", "naive")
 PARTS = ("block", "scan")
 
 
@@ -39,6 +42,7 @@ def worker(impl: str, part: str, batch: int, seqlen: int, d_model: int, d_state:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import m2rec_lightning.ops.mamba as ours_mamba
+    from m2rec_lightning.ops.mamba_cpu import selective_scan_cpu
     from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_ref
 
     torch.manual_seed(0)
@@ -52,7 +56,8 @@ def worker(impl: str, part: str, batch: int, seqlen: int, d_model: int, d_state:
         else:
             if impl == "naive":  # the same block, its scan swapped for the per-step loop under autograd
                 ours_mamba.selective_scan = selective_scan_ref
-            model = ours_mamba.Mamba(d_model, d_state=d_state, expand=expand, backend="torch")
+            model = ours_mamba.Mamba(d_model, d_state=d_state, expand=expand,
+                                     backend="cpu" if impl == "compiled" else "torch")
         x = torch.randn(batch, seqlen, d_model)
         grad = torch.randn(batch, seqlen, d_model)
 
@@ -80,7 +85,7 @@ def worker(impl: str, part: str, batch: int, seqlen: int, d_model: int, d_state:
                 u_, dt_, B_, C_ = leaves
                 blk.selective_scan(u_, dt_, A_, B_, C_, D_).backward(grad)
         else:
-            fn = selective_scan if impl == "ours" else selective_scan_ref
+            fn = {"compiled": selective_scan_cpu, "ours": selective_scan}.get(impl, selective_scan_ref)
             leaves = [t.clone().requires_grad_() for t in (u, delta, A, B, C, D)]
 
             def step():
@@ -171,6 +176,7 @@ def main() -> None:
         f"best of {args.rounds} interleaved round(s).",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch_v}, {threads} threads.",
         "", table(results), "",
+        "compiled = the cpu backend (C++ scan and conv of ops/mamba_cpu.cpp); "
         "ours = m2rec_lightning selective_scan (chunked, hand-written backward); mambapy = mambapy.pscan "
         "(MambaBlock, pscan=True); naive = per-step loop under autograd (selective_scan_ref). "
         "Peak RSS includes the Python/torch baseline of each process. load = 1-minute load average during "
