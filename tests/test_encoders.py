@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.models.encoder import SequenceEncoder
+from m2rec_lightning.models.encoder import Dropout, SequenceEncoder
 from m2rec_lightning.models.fourier import CausalFourierFilter
 from m2rec_lightning.models.gate import StreamGate
 from m2rec_lightning.models.m2rec import M2RecEncoder
@@ -331,6 +331,31 @@ def test_train_mode_uses_dropout():
     enc.eval()
     assert torch.equal(enc(ids), enc(ids))
 
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_draws_independent_masks_with_keep_probability_one_minus_p(p):
+    """Dropout's CPU path (uniform >= p instead of bernoulli_) against nn.Dropout's law: each element kept with
+    probability 1 - p, independently, kept ones scaled by 1/(1-p); backward multiplies by the same mask."""
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.rand(400, 500, dtype=torch.float64) + 1  # positive: kept <=> non-zero output
+    x.requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    assert torch.allclose(y[kept], x[kept] / (1 - p))  # kept elements scaled, the others exactly 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # independence: neighbours (in a row and across rows) are kept together with probability (1 - p)^2
+    for both in (kept[:, 1:] & kept[:, :-1], kept[1:] & kept[:-1]):
+        assert abs(both.double().mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / both.numel())
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.allclose(x.grad, g * kept / (1 - p))
+    assert not torch.equal(drop(x), y)  # a new mask per call
+    assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    drop.eval()
+    assert torch.equal(drop(x), x)
 
 # ---- SASRec --------------------------------------------------------------------------------------------------------
 def sasrec(**overrides) -> SASRecEncoder:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
 from .encoder import (
+    Dropout,
     FeedForward,
     SequenceEncoder,
     check_ids,
@@ -94,7 +95,7 @@ class M2RecBlock(nn.Module):
         # input-dependent: under the LayerNorm that follows, a learned per-channel scale on the skip would mostly
         # duplicate the mixer's output scale
         self.skip_gate = nn.Linear(2 * hidden_size, hidden_size) if residual == "gated" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.ffn = FeedForward(hidden_size, 4 * hidden_size, dropout, layer_norm_eps=1e-12, inner_dropout=True)
 
@@ -253,7 +254,7 @@ class M2RecEncoder(SequenceEncoder):
         use_text = semantic is not False and text_dim > 0
 
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         # persistent, so a checkpoint carries the table it was trained with
         self.register_buffer("text_table", torch.zeros(num_items + 1, text_dim) if use_text else None)

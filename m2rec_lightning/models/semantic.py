@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .encoder import Dropout
+
 
 class SemanticProjection(nn.Module):
     """Frozen text vector -> parametric whitening -> small MLP -> width d.
@@ -27,7 +29,7 @@ class SemanticProjection(nn.Module):
         self.whiten = nn.Linear(text_dim, hidden_size, bias=False)  # W of the whitening
         self.act = nn.GELU()
         self.out = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., text_dim) -> (..., d)
         # (x - b) W = x W - b W: the text vectors are frozen, so backward skips the (..., text_dim) gradient of the
