@@ -354,6 +354,9 @@ def test_dropout_draws_independent_masks_with_keep_probability_one_minus_p(p):
     assert torch.allclose(x.grad, g * kept / (1 - p))
     assert not torch.equal(drop(x), y)  # a new mask per call
     assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    frozen = x.detach().clone()
+    dropped = drop(frozen)  # no autograd: the product is written into the mask's memory, never into the input
+    assert torch.equal(frozen, x.detach()) and torch.equal((dropped != 0), (dropped / frozen * (1 - p)).round() == 1)
     drop.eval()
     assert torch.equal(drop(x), x)
 

@@ -147,8 +147,10 @@ class Dropout(nn.Dropout):
         if not self.training or self.p in (0, 1) or x.device.type != "cpu":
             return super().forward(x)
         # float32 uniforms whatever x's dtype: a bfloat16 uniform has 8 bits, too coarse for p
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p).div_(1 - self.p)  # 0 or 1/(1-p)
-        return x * keep.to(x.dtype)
+        keep = torch.rand(x.shape, device=x.device).ge_(self.p).div_(1 - self.p).to(x.dtype)  # 0 or 1/(1-p)
+        if x.requires_grad and torch.is_grad_enabled():
+            return x * keep  # autograd keeps the mask for backward
+        return keep.mul_(x)  # e.g. the frozen text vectors: the result in the mask's memory, no new tensor
 
 
 class FeedForward(nn.Module):

@@ -307,7 +307,8 @@ class M2RecEncoder(SequenceEncoder):
         if self.semantic is None:
             return None
         self._check_text_filled()
-        return self.semantic(self.text_table[input_ids])
+        rows = self.text_table.index_select(0, input_ids.flatten())  # half the time of text_table[input_ids]
+        return self.semantic(rows.view(*input_ids.shape, -1))
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight
