@@ -160,6 +160,14 @@ def test_softmax_gate_is_a_convex_combination(n):
     torch.testing.assert_close(alpha.sum(dim=2), torch.ones(2, L, 1, dtype=torch.float64), atol=1e-12, rtol=0)
     assert (alpha > 0).all()
     torch.testing.assert_close(gate(s), sum(alpha[:, :, i] * s[i] for i in range(n)), atol=1e-12, rtol=0)
+    # gradients against the stacked form, with a gate far from uniform
+    torch.nn.init.normal_(gate.proj.weight, std=0.5)
+    s = [x.requires_grad_() for x in s]
+    g = torch.randn_like(s[0])
+    inputs = [*s, *gate.parameters()]
+    reference = (gate.weights(s) * torch.stack(s, dim=-2)).sum(dim=-2)
+    for a, b in zip(torch.autograd.grad(gate(s), inputs, g), torch.autograd.grad(reference, inputs, g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_sum_gate_is_exactly_the_sum():
