@@ -51,6 +51,12 @@ def test_pool_and_broadcast_alignment_by_hand():
     assert z4.flatten().tolist() == [4.0]
     assert broadcast_windows(z4, 4, 5).flatten().tolist() == [0.0, 0.0, 0.0, 4.0, 4.0]
     assert torch.equal(broadcast_windows(pool_windows(h, 1), 1, 5), h)
+    for length in range(1, 14):  # every remainder of L by the scale
+        for scale in range(1, min(length, 5) + 1):
+            z = torch.randn(2, length // scale, 3)
+            up = torch.stack([z[:, (t + 1) // scale - 1] if t >= scale - 1 else torch.zeros(2, 3)
+                              for t in range(length)], dim=1)
+            assert torch.equal(broadcast_windows(z, scale, length), up), (length, scale)
 
 
 def test_multiscale_is_weighted_sum_of_scale_paths():
