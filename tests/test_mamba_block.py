@@ -80,6 +80,8 @@ def test_forward_equals_block_written_from_equations(bias):
     y_ref = reference_block(m, x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the conv's path without autograd
+        torch.testing.assert_close(m(x), y_ref, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(y)
     params = list(m.parameters())
     grads = torch.autograd.grad(y, [x, *params], g)

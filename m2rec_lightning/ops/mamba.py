@@ -216,7 +216,13 @@ class Mamba(nn.Module):
 
     def _conv(self, x: Tensor) -> Tensor:
         """conv1d's causal depthwise convolution, (batch, seqlen, E·D) -> (batch, seqlen, E·D), in that layout."""
-        return _CausalDepthwiseConv.apply(x, self.conv1d.weight, self.conv1d.bias)
+        if torch.is_grad_enabled():
+            return _CausalDepthwiseConv.apply(x, self.conv1d.weight, self.conv1d.bias)
+        # without autograd: the conv's own zero padding on both sides and its first seqlen outputs, no padded copy of
+        # x (half the time at (32, 200, 128); with autograd the copy pays: the backward reads it)
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), self.conv1d.weight.unsqueeze(2), self.conv1d.bias,
+                     padding=(0, self.d_conv - 1), groups=self.d_inner)  # (batch, E·D, 1, seqlen+K-1)
+        return y.squeeze(2).transpose(1, 2)[:, : x.size(1)]
 
     def forward_last(self, hidden_states: Tensor, index: Tensor) -> Tensor:
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
