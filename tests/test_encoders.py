@@ -483,3 +483,8 @@ def test_fourier_forward_last_is_the_filter_at_the_index():
     h = torch.randn(3, 9, D, dtype=torch.float64)
     index = torch.tensor([8, 0, 4])
     torch.testing.assert_close(filt.forward_last(h, index), filt(h)[torch.arange(3), index], rtol=1e-10, atol=1e-12)
+    for _ in range(2):  # without autograd the kernel is kept between calls: it must follow the weights
+        with torch.no_grad():
+            torch.testing.assert_close(filt.forward_last(h, index), filt(h)[torch.arange(3), index], rtol=1e-10,
+                                       atol=1e-12)
+            filt.weight.mul_(-0.5)  # in place, as an optimizer step

@@ -57,15 +57,21 @@ class CausalFourierFilter(nn.Module):
             )
 
     def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
-        """y[index[i]] of each row i, as the direct sum sum_{j<=t} k[j] h[t-j]: O(L·d) per row instead of an FFT."""
+        """y[index[i]] of each row i, as the direct sum sum_{s<=t} k[t-s] h[s]: O(L·d) per row instead of an FFT."""
         length = h.size(1)
         self._check_length(length)
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=h.device.type, enabled=False):
-            k = self.kernel(length, compute)  # (L, d)
-            source = index[:, None] - torch.arange(length, device=h.device)  # (B, L): position t - j of tap j
-            taps = h.to(compute).gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, h.size(2)))  # (B, L, d)
-            y = (taps * k * (source >= 0)[:, :, None]).sum(dim=1)  # (B, d)
+            if torch.is_grad_enabled():
+                k = self.kernel(length, compute)  # (L, d)
+            else:  # evaluation: one inverse FFT per change of the weights, not one per batch
+                k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))
+                k = k[:length]
+            # the reversed kernel followed by zeros, R[m] = k[L-1-m] (0 for m >= L), read at m = L-1-t+s gives
+            # k[t-s] for s <= t and 0 after t: rows of a (2L, d) table instead of a gather of h and a mask
+            reversed_k = torch.cat([k.flip(0), k.new_zeros(length, k.size(1))])  # (2L, d)
+            rows = (length - 1 - index)[:, None] + torch.arange(length, device=h.device)  # (B, L) in [0, 2L-1)
+            y = (h.to(compute) * reversed_k[rows]).sum(dim=1)  # (B, d)
         return y.to(h.dtype)
 
     def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
