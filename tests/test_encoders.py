@@ -335,6 +335,24 @@ def test_init_leaves_mamba_parameters_alone():
     assert abs(enc.blocks[0].ffn.w_1.weight.std().item() - 0.02) < 0.003
 
 
+def test_semantic_stream_in_evaluation_reads_the_kept_projection():
+    """Without autograd in eval mode, for more positions than items, the text stream reads rows of the projected
+    table, kept between calls: equal to projecting the gathered rows, and following changes of the weights and of
+    the text table."""
+    enc = m2rec().double()
+    enc.set_text_table(text_table().double())
+    enc.eval()
+    ids = right_padded([L, 5, L])  # 36 positions > 31 table rows
+    for change in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(enc._semantic(ids), enc.semantic(enc.text_table[ids]), rtol=1e-12, atol=1e-12)
+            assert "_step_text" in enc.__dict__  # the kept table was read
+            if change == 0:
+                enc.semantic.whiten.weight.mul_(-0.5)  # in place, as an optimizer step
+            else:
+                enc.set_text_table(text_table(seed=change + 1).double())
+
+
 def test_train_mode_uses_dropout():
     enc = m2rec(dropout=0.5)
     enc.set_text_table(text_table())
