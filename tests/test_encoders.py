@@ -229,7 +229,11 @@ def test_semantic_projection_is_whitening_then_mlp():
         proj.offset.normal_()
     x = torch.randn(4, TEXT_DIM, dtype=torch.float64)
     z = (x - proj.offset) @ proj.whiten.weight.T
-    torch.testing.assert_close(proj(x), F.gelu(z) @ proj.out.weight.T + proj.out.bias)
+    reference = F.gelu(z) @ proj.out.weight.T + proj.out.bias
+    torch.testing.assert_close(proj(x), reference)
+    g, params = torch.randn_like(reference), list(proj.parameters())
+    for a, b in zip(torch.autograd.grad(proj(x), params, g), torch.autograd.grad(reference, params, g)):
+        torch.testing.assert_close(a, b)
 
 
 def test_text_table_is_validated_and_required():

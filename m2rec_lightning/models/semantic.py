@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import Dropout
@@ -33,6 +34,6 @@ class SemanticProjection(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., text_dim) -> (..., d)
         # (x - b) W = x W - b W: the text vectors are frozen, so backward skips the (..., text_dim) gradient of the
-        # matmul's input that only b's gradient would need; b's goes through the one vector b W
-        z = self.whiten(self.dropout(x)) - self.whiten(self.offset)
+        # matmul's input that only b's gradient would need; b's goes through the one vector b W, the matmul's bias
+        z = F.linear(self.dropout(x), self.whiten.weight, -self.whiten(self.offset))
         return self.out(self.dropout(self.act(z)))
