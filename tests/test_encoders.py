@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from m2rec_lightning.models.encoder import SequenceEncoder
+from m2rec_lightning.models.encoder import Dropout, SequenceEncoder
 from m2rec_lightning.models.fourier import CausalFourierFilter
 from m2rec_lightning.models.gate import StreamGate
 from m2rec_lightning.models.m2rec import M2RecEncoder
@@ -51,6 +51,12 @@ def test_pool_and_broadcast_alignment_by_hand():
     assert z4.flatten().tolist() == [4.0]
     assert broadcast_windows(z4, 4, 5).flatten().tolist() == [0.0, 0.0, 0.0, 4.0, 4.0]
     assert torch.equal(broadcast_windows(pool_windows(h, 1), 1, 5), h)
+    for length in range(1, 14):  # every remainder of L by the scale
+        for scale in range(1, min(length, 5) + 1):
+            z = torch.randn(2, length // scale, 3)
+            up = torch.stack([z[:, (t + 1) // scale - 1] if t >= scale - 1 else torch.zeros(2, 3)
+                              for t in range(length)], dim=1)
+            assert torch.equal(broadcast_windows(z, scale, length), up), (length, scale)
 
 
 def test_multiscale_is_weighted_sum_of_scale_paths():
@@ -160,6 +166,14 @@ def test_softmax_gate_is_a_convex_combination(n):
     torch.testing.assert_close(alpha.sum(dim=2), torch.ones(2, L, 1, dtype=torch.float64), atol=1e-12, rtol=0)
     assert (alpha > 0).all()
     torch.testing.assert_close(gate(s), sum(alpha[:, :, i] * s[i] for i in range(n)), atol=1e-12, rtol=0)
+    # gradients against the stacked form, with a gate far from uniform
+    torch.nn.init.normal_(gate.proj.weight, std=0.5)
+    s = [x.requires_grad_() for x in s]
+    g = torch.randn_like(s[0])
+    inputs = [*s, *gate.parameters()]
+    reference = (gate.weights(s) * torch.stack(s, dim=-2)).sum(dim=-2)
+    for a, b in zip(torch.autograd.grad(gate(s), inputs, g), torch.autograd.grad(reference, inputs, g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_sum_gate_is_exactly_the_sum():
@@ -215,7 +229,11 @@ def test_semantic_projection_is_whitening_then_mlp():
         proj.offset.normal_()
     x = torch.randn(4, TEXT_DIM, dtype=torch.float64)
     z = (x - proj.offset) @ proj.whiten.weight.T
-    torch.testing.assert_close(proj(x), F.gelu(z) @ proj.out.weight.T + proj.out.bias)
+    reference = F.gelu(z) @ proj.out.weight.T + proj.out.bias
+    torch.testing.assert_close(proj(x), reference)
+    g, params = torch.randn_like(reference), list(proj.parameters())
+    for a, b in zip(torch.autograd.grad(proj(x), params, g), torch.autograd.grad(reference, params, g)):
+        torch.testing.assert_close(a, b)
 
 
 def test_text_table_is_validated_and_required():
@@ -321,6 +339,24 @@ def test_init_leaves_mamba_parameters_alone():
     assert abs(enc.blocks[0].ffn.w_1.weight.std().item() - 0.02) < 0.003
 
 
+def test_semantic_stream_in_evaluation_reads_the_kept_projection():
+    """Without autograd in eval mode, for more positions than items, the text stream reads rows of the projected
+    table, kept between calls: equal to projecting the gathered rows, and following changes of the weights and of
+    the text table."""
+    enc = m2rec().double()
+    enc.set_text_table(text_table().double())
+    enc.eval()
+    ids = right_padded([L, 5, L])  # 36 positions > 31 table rows
+    for change in range(3):
+        with torch.no_grad():
+            torch.testing.assert_close(enc._semantic(ids), enc.semantic(enc.text_table[ids]), rtol=1e-12, atol=1e-12)
+            assert "_step_text" in enc.__dict__  # the kept table was read
+            if change == 0:
+                enc.semantic.whiten.weight.mul_(-0.5)  # in place, as an optimizer step
+            else:
+                enc.set_text_table(text_table(seed=change + 1).double())
+
+
 def test_train_mode_uses_dropout():
     enc = m2rec(dropout=0.5)
     enc.set_text_table(text_table())
@@ -331,6 +367,34 @@ def test_train_mode_uses_dropout():
     enc.eval()
     assert torch.equal(enc(ids), enc(ids))
 
+
+
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_dropout_draws_independent_masks_with_keep_probability_one_minus_p(p):
+    """Dropout's CPU path (uniform >= p instead of bernoulli_) against nn.Dropout's law: each element kept with
+    probability 1 - p, independently, kept ones scaled by 1/(1-p); backward multiplies by the same mask."""
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = torch.rand(400, 500, dtype=torch.float64) + 1  # positive: kept <=> non-zero output
+    x.requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    n = kept.numel()
+    assert torch.allclose(y[kept], x[kept] / (1 - p))  # kept elements scaled, the others exactly 0
+    assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    # independence: neighbours (in a row and across rows) are kept together with probability (1 - p)^2
+    for both in (kept[:, 1:] & kept[:, :-1], kept[1:] & kept[:-1]):
+        assert abs(both.double().mean().item() - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 / both.numel())
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.allclose(x.grad, g * kept / (1 - p))
+    assert not torch.equal(drop(x), y)  # a new mask per call
+    assert drop(x.detach().bfloat16()).dtype == torch.bfloat16
+    frozen = x.detach().clone()
+    dropped = drop(frozen)  # no autograd: the product is written into the mask's memory, never into the input
+    assert torch.equal(frozen, x.detach()) and torch.equal((dropped != 0), (dropped / frozen * (1 - p)).round() == 1)
+    drop.eval()
+    assert torch.equal(drop(x), x)
 
 # ---- SASRec --------------------------------------------------------------------------------------------------------
 def sasrec(**overrides) -> SASRecEncoder:
@@ -441,3 +505,8 @@ def test_fourier_forward_last_is_the_filter_at_the_index():
     h = torch.randn(3, 9, D, dtype=torch.float64)
     index = torch.tensor([8, 0, 4])
     torch.testing.assert_close(filt.forward_last(h, index), filt(h)[torch.arange(3), index], rtol=1e-10, atol=1e-12)
+    for _ in range(2):  # without autograd the kernel is kept between calls: it must follow the weights
+        with torch.no_grad():
+            torch.testing.assert_close(filt.forward_last(h, index), filt(h)[torch.arange(3), index], rtol=1e-10,
+                                       atol=1e-12)
+            filt.weight.mul_(-0.5)  # in place, as an optimizer step

@@ -28,7 +28,7 @@ MAMBA_SSM_STATE = {
 def reference_block(m: Mamba, x: torch.Tensor) -> torch.Tensor:
     """The Mamba-1 block written out from the equations, with the per-step reference scan."""
     L = x.shape[1]
-    xz = x @ m.in_proj.weight.t()
+    xz = F.linear(x, m.in_proj.weight, m.in_proj.bias)
     xi, z = xz.chunk(2, dim=-1)  # (b, L, E·D)
     w = m.conv1d.weight[:, 0, :]  # (E·D, d_conv)
     pad = F.pad(xi, (0, 0, m.d_conv - 1, 0))
@@ -38,7 +38,7 @@ def reference_block(m: Mamba, x: torch.Tensor) -> torch.Tensor:
     delta = F.softplus(dt @ m.dt_proj.weight.t() + m.dt_proj.bias)
     y = selective_scan_ref(xc.transpose(1, 2), delta.transpose(1, 2), -torch.exp(m.A_log), B.transpose(1, 2),
                            C.transpose(1, 2), m.D, z=z.transpose(1, 2))
-    return y.transpose(1, 2) @ m.out_proj.weight.t()
+    return F.linear(y.transpose(1, 2), m.out_proj.weight, m.out_proj.bias)
 
 
 def test_state_dict_matches_mamba_ssm():
@@ -69,14 +69,19 @@ def test_initialisation_matches_mamba_ssm():
     assert torch.allclose(F.softplus(floor.dt_proj.bias), torch.full((32,), 1e-4))
 
 
-def test_forward_equals_block_written_from_equations():
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_equals_block_written_from_equations(bias):
     torch.manual_seed(0)
-    m = Mamba(16, d_state=8, backend="torch").double()
+    m = Mamba(16, d_state=8, bias=bias, backend="torch").double()
+    if bias:
+        torch.nn.init.normal_(m.in_proj.bias)
     x = torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True)
     y = m(x)
     y_ref = reference_block(m, x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the conv's path without autograd
+        torch.testing.assert_close(m(x), y_ref, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(y)
     params = list(m.parameters())
     grads = torch.autograd.grad(y, [x, *params], g)
@@ -139,6 +144,8 @@ def test_bfloat16_autocast_runs_scan_in_float32():
         y = m(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), m(x), rtol=0.05, atol=0.05)
+    y.float().square().sum().backward()  # the hand-written conv backward with bfloat16 activations
+    assert m.conv1d.weight.grad.dtype == torch.float32 and torch.isfinite(m.conv1d.weight.grad).all()
 
 
 def test_backend_selection_and_errors(caplog):

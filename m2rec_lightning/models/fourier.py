@@ -57,15 +57,21 @@ class CausalFourierFilter(nn.Module):
             )
 
     def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
-        """y[index[i]] of each row i, as the direct sum sum_{j<=t} k[j] h[t-j]: O(L·d) per row instead of an FFT."""
+        """y[index[i]] of each row i, as the direct sum sum_{s<=t} k[t-s] h[s]: O(L·d) per row instead of an FFT."""
         length = h.size(1)
         self._check_length(length)
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=h.device.type, enabled=False):
-            k = self.kernel(length, compute)  # (L, d)
-            source = index[:, None] - torch.arange(length, device=h.device)  # (B, L): position t - j of tap j
-            taps = h.to(compute).gather(1, source.clamp(min=0)[:, :, None].expand(-1, -1, h.size(2)))  # (B, L, d)
-            y = (taps * k * (source >= 0)[:, :, None]).sum(dim=1)  # (B, d)
+            if torch.is_grad_enabled():
+                k = self.kernel(length, compute)  # (L, d)
+            else:  # evaluation: one inverse FFT per change of the weights, not one per batch
+                k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))
+                k = k[:length]
+            # the reversed kernel followed by zeros, R[m] = k[L-1-m] (0 for m >= L), read at m = L-1-t+s gives
+            # k[t-s] for s <= t and 0 after t: rows of a (2L, d) table instead of a gather of h and a mask
+            reversed_k = torch.cat([k.flip(0), k.new_zeros(length, k.size(1))])  # (2L, d)
+            rows = (length - 1 - index)[:, None] + torch.arange(length, device=h.device)  # (B, L) in [0, 2L-1)
+            y = (h.to(compute) * reversed_k[rows]).sum(dim=1)  # (B, d)
         return y.to(h.dtype)
 
     def forward(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d)
@@ -125,22 +131,28 @@ class _CausalConv(torch.autograd.Function):
     The adjoint of a causal convolution is the causal correlation, the same FFTs with a conjugated spectrum:
     dx[s] = sum_{t>=s} dy[t] k[t-s] and dk[j] = sum_{b,t} dy[b,t] x[b,t-j]. Autograd's backward of rfft/irfft
     reaches the same result through padding, copies and complex-to-complex FFTs, about twice as slow on CPU.
+    The FFTs run along the last dimension of time-major (B, d, L) copies: along the strided time dimension of
+    (B, L, d) they take ~15% longer on CPU, copies included (fwd+bwd at B=32, L=200, d=64: 12.1 -> 10.0 ms).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, k: Tensor) -> Tensor:
-        n = 2 * x.size(1)
-        X = torch.fft.rfft(x, n=n, dim=1)  # (B, n/2+1, d)
-        K = torch.fft.rfft(k, n=n, dim=0)  # (n/2+1, d)
+        length = x.size(1)
+        n = 2 * length
+        X = torch.fft.rfft(x.transpose(1, 2).contiguous(), n=n)  # (B, d, n/2+1)
+        K = torch.fft.rfft(k.t().contiguous(), n=n)  # (d, n/2+1)
         ctx.save_for_backward(X, K)
-        return torch.fft.irfft(X * K, n=n, dim=1)[:, : x.size(1)]
+        return torch.fft.irfft(X * K, n=n)[..., :length].transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None]:
         X, K = ctx.saved_tensors
         length = gy.size(1)
         n = 2 * length
-        GY = torch.fft.rfft(gy, n=n, dim=1)  # (B, n/2+1, d)
-        gx = torch.fft.irfft(GY * K.conj(), n=n, dim=1)[:, :length] if ctx.needs_input_grad[0] else None
-        gk = torch.fft.irfft((GY * X.conj()).sum(0), n=n, dim=0)[:length] if ctx.needs_input_grad[1] else None
+        GY = torch.fft.rfft(gy.transpose(1, 2).contiguous(), n=n)  # (B, d, n/2+1)
+        gx = gk = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.fft.irfft(GY * K.conj(), n=n)[..., :length].transpose(1, 2).contiguous()
+        if ctx.needs_input_grad[1]:
+            gk = torch.fft.irfft((GY * X.conj()).sum(0), n=n)[..., :length].t()
         return gx, gk

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
 from .encoder import (
+    Dropout,
     FeedForward,
     SequenceEncoder,
     check_ids,
@@ -94,7 +95,7 @@ class M2RecBlock(nn.Module):
         # input-dependent: under the LayerNorm that follows, a learned per-channel scale on the skip would mostly
         # duplicate the mixer's output scale
         self.skip_gate = nn.Linear(2 * hidden_size, hidden_size) if residual == "gated" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.ffn = FeedForward(hidden_size, 4 * hidden_size, dropout, layer_norm_eps=1e-12, inner_dropout=True)
 
@@ -254,7 +255,7 @@ class M2RecEncoder(SequenceEncoder):
         use_text = semantic is not False and text_dim > 0
 
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         # persistent, so a checkpoint carries the table it was trained with
         self.register_buffer("text_table", torch.zeros(num_items + 1, text_dim) if use_text else None)
@@ -307,7 +308,17 @@ class M2RecEncoder(SequenceEncoder):
         if self.semantic is None:
             return None
         self._check_text_filled()
-        return self.semantic(self.text_table[input_ids])
+        if not self.semantic.training and not torch.is_grad_enabled() and input_ids.numel() > len(self.text_table):
+            # evaluation of more positions than items: rows of the projected text of every item, projected once per
+            # change of the weights (the table `step` keeps), which costs less than projecting the positions even
+            # when the weights change between batches. Training draws a dropout mask per position instead.
+            return self._projected_text()[input_ids]
+        rows = self.text_table.index_select(0, input_ids.flatten())  # half the time of text_table[input_ids]
+        return self.semantic(rows.view(*input_ids.shape, -1))
+
+    def _projected_text(self) -> Tensor:  # (N+1, d), recomputed when the text table or the projection changes
+        sources = [self.text_table, *self.semantic.parameters()]
+        return step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .encoder import Dropout
 
 
 class SemanticProjection(nn.Module):
@@ -27,10 +30,10 @@ class SemanticProjection(nn.Module):
         self.whiten = nn.Linear(text_dim, hidden_size, bias=False)  # W of the whitening
         self.act = nn.GELU()
         self.out = nn.Linear(hidden_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., text_dim) -> (..., d)
         # (x - b) W = x W - b W: the text vectors are frozen, so backward skips the (..., text_dim) gradient of the
-        # matmul's input that only b's gradient would need; b's goes through the one vector b W
-        z = self.whiten(self.dropout(x)) - self.whiten(self.offset)
+        # matmul's input that only b's gradient would need; b's goes through the one vector b W, the matmul's bias
+        z = F.linear(self.dropout(x), self.whiten.weight, -self.whiten(self.offset))
         return self.out(self.dropout(self.act(z)))
