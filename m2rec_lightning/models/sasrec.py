@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoder import (
+    Dropout,
     FeedForward,
     SequenceEncoder,
     check_ids,
@@ -64,7 +65,7 @@ class SelfAttention(nn.Module):
         self.value = nn.Linear(hidden_size, hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
         self.attn_dropout = attn_dropout
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # the CPU-fast dropout M2Rec uses: a fair comparison
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 
     def split_heads(self, proj: nn.Linear, x: Tensor) -> Tensor:  # (B, L, d) -> (B, n_heads, L, d / n_heads)
@@ -137,7 +138,7 @@ class SASRecEncoder(SequenceEncoder):
         self.item_embedding = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, hidden_size)
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)  # the CPU-fast dropout M2Rec uses: a fair comparison
         self.attention = nn.ModuleList(
             SelfAttention(hidden_size, n_heads, dropout, attn_dropout, layer_norm_eps) for _ in range(n_layers)
         )
