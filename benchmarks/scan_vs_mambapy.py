@@ -1,6 +1,6 @@
 """CPU speed and memory of our Mamba block and selective scan against mambapy's pscan and a naive per-step loop.
 
-Ours twice: "compiled" = the cpu backend (the C++ kernels of ops/mamba_cpu.cpp), "ours" = the pure-PyTorch scan
+Ours twice: "compiled" = the cpu backend (the C++ kernels of ops/cpu_kernels.cpp), "ours" = the pure-PyTorch scan
 (backend "torch"); the ratios are to "ours".
 
 Times forward + backward of (a) the whole Mamba-1 block and (b) the selective scan alone, float32, at
@@ -42,7 +42,7 @@ def worker(impl: str, part: str, batch: int, seqlen: int, d_model: int, d_state:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import m2rec_lightning.ops.mamba as ours_mamba
-    from m2rec_lightning.ops.mamba_cpu import selective_scan_cpu
+    from m2rec_lightning.ops.cpu_kernels import selective_scan_cpu
     from m2rec_lightning.ops.selective_scan import selective_scan, selective_scan_ref
 
     torch.manual_seed(0)
@@ -176,7 +176,7 @@ def main() -> None:
         f"best of {args.rounds} interleaved round(s).",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch_v}, {threads} threads.",
         "", table(results), "",
-        "compiled = the cpu backend (C++ scan and conv of ops/mamba_cpu.cpp); "
+        "compiled = the cpu backend (C++ scan and conv of ops/cpu_kernels.cpp); "
         "ours = m2rec_lightning selective_scan (chunked, hand-written backward); mambapy = mambapy.pscan "
         "(MambaBlock, pscan=True); naive = per-step loop under autograd (selective_scan_ref). "
         "Peak RSS includes the Python/torch baseline of each process. load = 1-minute load average during "

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.cpu_kernels import cpu_kernels_unavailable, dropout_cpu
+
 
 class SequenceEncoder(nn.Module):
     """Base class of the encoders. Subclasses set `hidden_size` and implement `forward` and `item_embeddings`.
@@ -137,15 +139,17 @@ def check_ids(input_ids: Tensor, num_items: int, max_len: int | None = None) -> 
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout with its CPU mask drawn as uniform >= p: the same law (each element kept independently with
-    probability 1 - p, up to float32 rounding of p), about twice as fast. On CPUs other than Intel's, ATen's
-    bernoulli_ skips MKL and draws each element on its own (~10 ns per element on the AMD EPYC of
-    benchmarks/results/throughput.md, against ~3.3 for uniform_); forward and backward together, 4.5 against 10 ns.
-    Other devices use nn.Dropout (a fused kernel there)."""
+    """nn.Dropout with a faster CPU mask, the same law (each element kept independently with probability 1 - p).
+    On CPUs other than Intel's, ATen's bernoulli_ skips MKL and draws each element on its own (~10 ns per element
+    on the AMD EPYC of benchmarks/results/throughput.md). float32/float64 tensors use the compiled kernel of
+    ops/cpu_kernels.py (a counter-based hash, vectorised, seeded from torch's generator); without it, or for other
+    dtypes, the mask is uniform >= p (~3.3 ns per element). Other devices use nn.Dropout (a fused kernel there)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p in (0, 1) or x.device.type != "cpu":
             return super().forward(x)
+        if x.dtype in (torch.float32, torch.float64) and not cpu_kernels_unavailable():
+            return dropout_cpu(x, self.p)
         # float32 uniforms whatever x's dtype: a bfloat16 uniform has 8 bits, too coarse for p
         keep = torch.rand(x.shape, device=x.device).ge_(self.p).div_(1 - self.p).to(x.dtype)  # 0 or 1/(1-p)
         if x.requires_grad and torch.is_grad_enabled():

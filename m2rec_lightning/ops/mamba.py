@@ -1,7 +1,7 @@
 """Mamba-1 block with the parameter names, shapes and initialisation of ``mamba_ssm.modules.mamba_simple.Mamba``.
 
 A state dict moves unchanged between this block and mamba_ssm's. The scan runs in mamba_ssm's CUDA kernels
-(``backend="cuda"``), the Triton scan (``"triton"``), the compiled CPU kernels of :mod:`.mamba_cpu` (``"cpu"``)
+(``backend="cuda"``), the Triton scan (``"triton"``), the compiled CPU kernels of :mod:`.cpu_kernels` (``"cpu"``)
 or the pure-PyTorch scan of :mod:`.selective_scan` (``"torch"``), all with one signature.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from m2rec_lightning.models.state import MambaState, step_constant
-from m2rec_lightning.ops.mamba_cpu import (
+from m2rec_lightning.ops.cpu_kernels import (
     causal_conv1d_silu_cpu,
     cpu_kernels_unavailable,
     selective_scan_cpu,
@@ -100,7 +100,7 @@ class Mamba(nn.Module):
             backend: "cuda" = mamba_ssm's fused kernels (needs mamba_ssm, and causal_conv1d for the fused
                 conv, and CUDA tensors); "triton" = the Triton scan of selective_scan_triton.py (needs triton and
                 CUDA tensors, no compiled extension; checked against the PyTorch scan on a GPU, but not yet what
-                "auto" picks); "cpu" = the compiled CPU scan and conv of mamba_cpu.py (built with g++ on first
+                "auto" picks); "cpu" = the compiled CPU scan and conv of cpu_kernels.py (built with g++ on first
                 use, CPU tensors); "torch" = the pure-PyTorch scan; "auto" = cuda when mamba_ssm imports and the input
                 is on CUDA, else cpu on CPU tensors when the compiled scan builds here, else torch.
             layer_idx: index of this layer in a stack (kept for mamba_ssm parity).

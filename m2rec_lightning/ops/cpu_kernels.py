@@ -1,15 +1,17 @@
-"""Mamba's sequence kernels for the CPU in compiled C++: the selective scan and the causal depthwise conv + SiLU.
+"""CPU kernels in compiled C++: Mamba's selective scan and causal depthwise conv + SiLU, and dropout.
 
 Same signatures and results as the PyTorch paths they replace (:func:`.selective_scan.selective_scan`,
 :func:`.selective_scan.selective_scan_state`, and the conv + SiLU of the Mamba block), checked against them and
 against the float64 one-step reference.
 
 Why: the PyTorch scan is bound by memory traffic (about four passes over the (batch, dim, dstate) state per step)
-and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. mamba_cpu.cpp
+and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. cpu_kernels.cpp
 keeps one sequence's state in cache and does one vector exp2 and three multiply-adds per state cell, with the step
 size's bias and softplus, the D skip and the silu(z) gate fused in, one OpenMP thread per sequence, and reads the
 x/z halves of in_proj's output and the B/C columns of x_proj's in place. Forward keeps the state entering every chunk
-of steps; backward recomputes a chunk's states from it, as mamba_ssm's CUDA kernel does.
+of steps; backward recomputes a chunk's states from it, as mamba_ssm's CUDA kernel does. Dropout: ATen draws CPU
+masks one element at a time from a Mersenne twister (bernoulli_ is vectorised only through MKL on Intel CPUs);
+here a counter-based hash draws them in vector lanes, seeded from torch's generator.
 
 The library is compiled on first use with the machine's g++ (about 3 s) into a cache folder, ``$M2REC_KERNEL_CACHE``
 or ``~/.cache/m2rec/kernels``, under a name that hashes the source, the flags and the CPU, so a changed source or a
@@ -99,7 +101,10 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.scan_backward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, *[ptr] * 9, c_int]
     lib.conv_forward.argtypes = [*dims, ptr, i64, ptr, ptr, ptr, c_int]
     lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
-    for fn in (lib.scan_forward, lib.scan_state, lib.scan_backward, lib.conv_forward, lib.conv_backward):
+    lib.dropout_forward.argtypes = [c_int, ctypes.c_uint64, i64, ctypes.c_uint32, ctypes.c_double, ptr, ptr, ptr,
+                                    c_int]
+    for fn in (lib.scan_forward, lib.scan_state, lib.scan_backward, lib.conv_forward, lib.conv_backward,
+               lib.dropout_forward):
         fn.restype = None
     return lib, None
 
@@ -281,3 +286,37 @@ def causal_conv1d_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor | None = None
         x_, stride = _rows(x, dtype)
         y = _CausalConvSiluCpu.apply(x_, weight.to(dtype).t().contiguous(), _vector(bias, dtype), stride)
     return y.to(x.dtype)
+
+
+class _DropoutCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        x = x.contiguous()
+        y, keep = torch.empty_like(x), torch.empty(x.shape, dtype=torch.uint8)
+        scale = 1.0 / (1.0 - p)
+        seed = int(torch.randint(0, 2**62, ()))  # from torch's generator: seeded runs repeat their masks
+        threshold = min(round(p * 2**32), 2**32 - 1)  # keep when a uniform 32-bit draw >= threshold
+        with record_function("dropout_cpu"):
+            _library()[0].dropout_forward(x.dtype == torch.float64, seed, x.numel(), threshold, scale, _ptr(x),
+                                          _ptr(y), _ptr(keep), torch.get_num_threads())
+        ctx.scale = scale
+        ctx.save_for_backward(keep)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        (keep,) = ctx.saved_tensors
+        return gy * keep * ctx.scale, None
+
+
+def dropout_cpu(x: Tensor, p: float) -> Tensor:
+    """Training-mode dropout of a float32 or float64 CPU tensor: each element kept with probability 1 - p (to 2^-32)
+    and scaled by 1 / (1 - p), independently; the same law as ``F.dropout(x, p, training=True)``, drawn by the
+    compiled kernel. The mask is stored as one byte per element for the backward."""
+    _require("dropout_cpu")
+    if x.is_cuda or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dropout_cpu: float32 or float64 CPU tensors only, got {x.dtype} on {x.device}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_cpu: p must lie in [0, 1), got {p}")
+    return _DropoutCpu.apply(x, p)

@@ -1,4 +1,4 @@
-// Mamba-1's two sequence kernels for the CPU, the fast paths beside their PyTorch references (mamba_cpu.py):
+// CPU kernels, the fast paths beside their PyTorch references (cpu_kernels.py): Mamba-1's two sequence kernels
 //
 // the selective scan (S6 recurrence)
 //     dt  = softplus(delta + delta_bias)        (each part optional)
@@ -7,13 +7,16 @@
 // and the causal depthwise convolution with its SiLU
 //     y_t = silu(bias + sum_j w_j x_{t-K+1+j})  (x_{<0} = 0)
 //
-// Built by mamba_cpu.py with g++ -O3 -march=native -ffast-math -fopenmp, linked without -ffast-math (see there). The
+// Built by cpu_kernels.py with g++ -O3 -march=native -ffast-math -fopenmp, linked without -ffast-math (see there). The
 // inner loops run over dim with unit
 // stride and no reduction, vectorised (`omp simd`), with fast_exp2 inlined for float32. Layouts: every sequence
 // tensor is batch-major, (batch, seqlen, ·), its last dimension contiguous; an input may have any row stride (so the
 // x and z halves of in_proj's output and the B and C columns of x_proj's are read in place), outputs and gradients
 // are contiguous. A is (dstate, dim), the transpose of Mamba's; the conv weight (K, dim). Batch rows run in
 // parallel, one OpenMP thread each.
+//
+// and dropout, y = x keep / (1 - p), keep ~ Bernoulli(1 - p) from a counter-based generator (SplitMix64 of
+// seed + index), so any thread can draw any element and a seed drawn from torch's generator makes it reproducible.
 //
 // Why it is fast: the PyTorch scan makes about four passes over memory per state cell; here each cell is one exp2
 // and three multiply-adds on data in L1 or L2 (a row's state is dstate x dim values), and B_t, C_t are read once
@@ -32,7 +35,7 @@ namespace {
 // |f| <= 1/2; 2^f from a degree-6 polynomial (relative error below 2.5e-7, a few float32 ulp), 2^n added into the
 // exponent bits. x is clamped to [-126, 127], where 2^n is a normal float: below it the result is 1.2e-38 instead of
 // a denormal or zero. A NaN x gives a meaningless number: the scan's exponent dt A is NaN only when dt is, and then
-// dt u B is too, or when A is, which mamba_cpu.py sends to the PyTorch scan. float64 keeps the library's exp2.
+// dt u B is too, or when A is, which cpu_kernels.py sends to the PyTorch scan. float64 keeps the library's exp2.
 inline float fast_exp2(float x) {
     const float c = std::min(std::max(x, -126.0f), 127.0f);
     const float n = std::nearbyint(c);
@@ -389,6 +392,44 @@ void conv_backward(int64_t batch, int64_t L, int64_t dim, int64_t K, const T* x,
     }
 }
 
+// SplitMix64's output function: a 64-bit bijective hash, each output bit depending on every input bit.
+inline uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+// Element j keeps when its 32-bit draw is >= threshold (= p 2^32): probability 1 - p. The hash of seed + q gives the
+// draws of elements 2q (low half) and 2q + 1 (high half). Writes keep (0 or 1) and y = x keep scale. Hashing and
+// selecting run as two loops over a block, each vectorised on its own lane width.
+template <typename T>
+void dropout_forward(uint64_t seed, int64_t size, uint32_t threshold, T scale, const T* x, T* y, uint8_t* keep,
+                     int threads) {
+    constexpr int64_t block = 2048;  // elements per block (even)
+#pragma omp parallel num_threads(threads)
+    {
+        uint64_t hashes[block / 2];
+        uint32_t draws[block];
+#pragma omp for schedule(static)
+        for (int64_t start = 0; start < size; start += block) {
+            const int64_t n = std::min(block, size - start);
+            const uint64_t first = static_cast<uint64_t>(start / 2);
+#pragma omp simd
+            for (int64_t q = 0; q < (n + 1) / 2; ++q) hashes[q] = splitmix64(seed + (first + q) * 0x9e3779b97f4a7c15ULL);
+            std::memcpy(draws, hashes, sizeof hashes);  // little-endian: draws[2q] = low half, draws[2q + 1] = high
+            const T* xs = x + start;
+            T* ys = y + start;
+            uint8_t* ks = keep + start;
+#pragma omp simd
+            for (int64_t j = 0; j < n; ++j) {
+                const bool k = draws[j] >= threshold;
+                ks[j] = k;
+                ys[j] = xs[j] * (k ? scale : T(0));
+            }
+        }
+    }
+}
+
 // The arguments, with A log2(e) computed into a2 (which must outlive them). strides: the row strides of u, delta,
 // B, C, z.
 template <typename T>
@@ -474,5 +515,13 @@ void conv_backward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, in
     else
         conv_backward(batch, seqlen, dim, width, (const float*)x, x_stride, (const float*)w, (const float*)bias,
                       (const float*)gy, (float*)gx, (float*)gw, (float*)gbias, threads);
+}
+
+void dropout_forward(int is_double, uint64_t seed, int64_t size, uint32_t threshold, double scale, const void* x,
+                     void* y, void* keep, int threads) {
+    if (is_double)
+        dropout_forward(seed, size, threshold, scale, (const double*)x, (double*)y, (uint8_t*)keep, threads);
+    else
+        dropout_forward(seed, size, threshold, (float)scale, (const float*)x, (float*)y, (uint8_t*)keep, threads);
 }
 }

@@ -1,14 +1,15 @@
-"""The compiled CPU kernels (ops/mamba_cpu.cpp) against the float64 one-step reference and the PyTorch paths."""
+"""The compiled CPU kernels (ops/cpu_kernels.cpp) against the float64 one-step reference and the PyTorch paths."""
 import logging
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import m2rec_lightning.ops.cpu_kernels as cpu_scan
 import m2rec_lightning.ops.mamba as mamba_module
-import m2rec_lightning.ops.mamba_cpu as cpu_scan
+from m2rec_lightning.ops.cpu_kernels import causal_conv1d_silu_cpu, selective_scan_cpu, selective_scan_state_cpu
 from m2rec_lightning.ops.mamba import Mamba
-from m2rec_lightning.ops.mamba_cpu import causal_conv1d_silu_cpu, selective_scan_cpu, selective_scan_state_cpu
 from m2rec_lightning.ops.selective_scan import selective_scan_ref
 from tests.test_selective_scan import NAMES, make_inputs, rel_err, states_per_step
 
@@ -205,7 +206,7 @@ def test_auto_uses_it_and_falls_back_without_a_compiler(monkeypatch, tmp_path, c
             y = Mamba(16, backend="auto")(x)
         (msg,) = [r.getMessage() for r in caplog.records if r.name == "m2rec"]
         assert msg.startswith("Mamba backend: torch") and "no-such-g++" in msg and torch.isfinite(y).all()
-        with pytest.raises(RuntimeError, match="Mamba\\(backend='cpu'\\): building mamba_cpu.cpp"):
+        with pytest.raises(RuntimeError, match="Mamba\\(backend='cpu'\\): building cpu_kernels.cpp"):
             Mamba(16, backend="cpu")(x)
     finally:
         monkeypatch.undo()
@@ -254,3 +255,57 @@ def test_a_failing_build_reports_the_compiler_error(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         cpu_scan._library.cache_clear()
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
+def test_dropout_keeps_each_element_with_probability_1_minus_p(p):
+    from m2rec_lightning.ops.cpu_kernels import dropout_cpu
+
+    x = torch.randn(1000, 1001)  # an odd size: the last pair has one element
+    y = dropout_cpu(x, p)
+    kept = y != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 standard errors
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    # neighbours come from one hash (low and high halves): their keeps must be independent; a 2x2 table's chi-square
+    a, b = kept.flatten()[:-1:2].float(), kept.flatten()[1::2].float()
+    both = (a * b).mean().item()
+    assert abs(both - (1 - p) ** 2) < 5 * math.sqrt((1 - p) ** 2 * (1 - (1 - p) ** 2) / a.numel())
+    # and rows of a 2-D tensor are not copies of each other
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_dropout_gradient_reproducibility_and_checks():
+    from m2rec_lightning.ops.cpu_kernels import dropout_cpu
+
+    x = torch.randn(7, 33, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout_cpu(x, 0.3)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, g * (y != 0) / 0.7)
+    torch.manual_seed(3)
+    assert torch.equal(dropout_cpu(x, 0.3), y)  # seeded from torch's generator
+    assert not torch.equal(dropout_cpu(x, 0.3), y)  # and the generator moved on
+    assert dropout_cpu(torch.ones(1), 0.5).shape == (1,)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        dropout_cpu(torch.ones(3, dtype=torch.bfloat16), 0.5)
+    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\)"):
+        dropout_cpu(torch.ones(3), 1.0)
+
+
+def test_dropout_module_uses_the_kernel_in_training_only():
+    from m2rec_lightning.models.encoder import Dropout
+
+    d = Dropout(0.4)
+    x = torch.randn(64, 50)
+    torch.manual_seed(0)
+    y = d(x)
+    torch.manual_seed(0)
+    from m2rec_lightning.ops.cpu_kernels import dropout_cpu
+    assert torch.equal(y, dropout_cpu(x, 0.4))
+    d.eval()
+    assert torch.equal(d(x), x)
+    d.train()
+    xb = x.bfloat16()  # another dtype: the uniform mask, same law
+    assert ((d(xb) != 0).float().mean() - 0.6).abs() < 0.05
