@@ -237,3 +237,21 @@ def test_step_constants_follow_parameter_changes() -> None:
     for t in range(ids.size(1)):
         state, hidden = encoder.step(state, ids[:, t])
         close(hidden, expected[:, t])
+
+
+def test_kept_constants_follow_a_fused_optimizer_step():
+    # fused Adam (the module's optimizer) updates parameters without bumping their versions: what is kept for
+    # inference must still be recomputed after every step
+    from m2rec_lightning.models.fourier import CausalFourierFilter
+
+    torch.manual_seed(0)
+    filt = CausalFourierFilter(8, max_len=6)
+    h, index = torch.randn(3, 6, 8), torch.tensor([5, 0, 3])
+    opt = torch.optim.Adam(filt.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        with torch.no_grad():
+            kept = filt.forward_last(h, index)
+        torch.testing.assert_close(kept, filt(h)[torch.arange(3), index].detach(), rtol=1e-5, atol=1e-6)
+        filt(h).square().sum().backward()
+        opt.step()
+        opt.zero_grad()

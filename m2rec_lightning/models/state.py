@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 @dataclass
@@ -116,11 +117,25 @@ def detach_state(state: Any) -> Any:
     return map_state(lambda t: t.detach().clone(), state)
 
 
+_optimizer_steps = 0  # optimizer steps taken in this process (see step_constant)
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# fused and foreach optimizers update parameters without bumping their version counters (fused Adam, which the module
+# uses, is one): every step of any optimizer invalidates what step_constant keeps
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def step_constant(module: nn.Module, name: str, sources: Sequence[Tensor], compute: Callable[[], Tensor]) -> Tensor:
     """compute(), a tensor that depends on the given parameters only (not on the item), kept on the module under
-    `name` for the next step. It is recomputed when a source changes: in place (an optimizer step, load_state_dict;
-    both bump the tensor's version) or by replacement (.to(), .double(): a new storage)."""
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    `name` for the next step. It is recomputed when a source changes: in place (load_state_dict and manual edits bump
+    the tensor's version; an optimizer step, fused or not, is counted by a hook) or by replacement (.to(), .double():
+    a new storage)."""
+    key = (_optimizer_steps, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
     kept = module.__dict__.get(name)
     if kept is None or kept[0] != key:
         kept = key, compute()
