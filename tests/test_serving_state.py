@@ -237,3 +237,31 @@ def test_step_constants_follow_parameter_changes() -> None:
     for t in range(ids.size(1)):
         state, hidden = encoder.step(state, ids[:, t])
         close(hidden, expected[:, t])
+
+
+def test_step_constants_follow_training_conversion_and_loading() -> None:
+    """The kept constants are recomputed after an optimizer step in training mode, dtype conversions (new storages)
+    and a load_state_dict that assigns other tensors in place of the parameters."""
+    options = dict(n_layers=2, residual="gated")
+    encoder = make_m2rec(options)
+    ids = torch.randint(1, N_ITEMS + 1, (2, 6), generator=torch.Generator().manual_seed(7))
+
+    def steps_equal_forward(tolerance: float = ATOL) -> None:
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            torch.testing.assert_close(hidden, expected[:, t], atol=tolerance, rtol=tolerance)
+
+    steps_equal_forward()  # fills the kept constants
+    encoder.train()
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encoder(ids).square().sum().backward()
+    optimizer.step()
+    encoder.eval()
+    steps_equal_forward()
+    encoder.float()
+    steps_equal_forward(1e-5)
+    encoder.double()
+    steps_equal_forward()
+    encoder.load_state_dict(make_m2rec(options, seed=1).state_dict(), assign=True)
+    steps_equal_forward()
