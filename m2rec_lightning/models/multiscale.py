@@ -127,15 +127,17 @@ class MultiScaleMamba(nn.Module):
             output=w.new_zeros(batch_size, n, w.size(1)),
         )
 
-    def _step_constants(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, object]:
-        """(in_proj weights (S·2·E·D, d) and biases of all scales stacked, window lengths (S,), mixing weights (S,) or
-        None with one scale, the Mambas' StepWeights)."""
+    def _step_constants(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None, object]:
+        """(in_proj weights of all scales stacked and transposed (d, S·2·E·D), their biases or None, window lengths (S,)
+        as integers and as floats (S, 1), mixing weights (S,) or None with one scale, the Mambas' StepWeights)."""
         def compute():
             in_proj = [m.in_proj for m in self.mambas]
+            weight = in_proj[0].weight
             bias = torch.cat([p.bias for p in in_proj]) if in_proj[0].bias is not None else None
-            scales = torch.tensor(self.scales, device=in_proj[0].weight.device)
-            mix = self.scale_weights().to(in_proj[0].weight.dtype) if self.scale_logits is not None else None
-            return torch.cat([p.weight for p in in_proj]), bias, scales, mix, step_weights(list(self.mambas))
+            scales = torch.tensor(self.scales, device=weight.device)
+            mix = self.scale_weights().to(weight.dtype) if self.scale_logits is not None else None
+            return (torch.cat([p.weight for p in in_proj]).T.contiguous(), bias, scales,
+                    scales[:, None].to(weight.dtype), mix, step_weights(list(self.mambas)))
 
         return step_constant(self, "_step_constants_kept", [self], [], compute)
 
@@ -146,11 +148,12 @@ class MultiScaleMamba(nn.Module):
         window completes at t (always, for scale 1; the others step with Δ = 0, which leaves their scan state as it
         was): S Mamba steps as one cost less at small batches than stepping each scale on its own where needed, and
         need no host-side test of which windows complete."""
-        weight, bias, scales, mix, mambas = self._step_constants()
-        batch, n = h.size(0), len(self.scales)
-        total = state.window_sum + F.linear(h, weight, bias).view(batch, n, -1)  # (B, S, 2·E·D)
+        weight, bias, scales, lengths, mix, mambas = self._step_constants()
+        total = torch.addmm(state.window_sum.flatten(1), h, weight).view_as(state.window_sum)  # (B, S, 2·E·D)
+        if bias is not None:
+            total = total + bias.view_as(total[0])
         count = state.window_count + 1  # (B, S)
-        mean = total / scales[:, None]  # the windows' means
+        mean = total / lengths  # the windows' means
         if max(self.scales) == 1:  # every window completes at every step
             window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean)
             new = MultiScaleState(state.window_sum, state.window_count, window[..., 1:], ssm, out)

@@ -369,16 +369,18 @@ def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
     if weights.conv_bias is not None:
         x = x + weights.conv_bias
     x = F.silu(x)
-    dt, B, C = torch.bmm(x.transpose(0, 1), weights.x_proj).transpose(0, 1).split([x.size(-1), n, n], dim=-1)
-    xs = x.to(ssm.dtype)
-    dt = F.softplus(dt.to(ssm.dtype) + weights.dt_bias)  # (B, S, E·D)
+    dtb = torch.bmm(x.transpose(0, 1), weights.x_proj).transpose(0, 1)  # (B, S, E·D + 2N)
+    if ssm.dtype != x.dtype:  # the recurrence runs in float32 for a half-precision model (no-op .to()s cost too)
+        x, z, dtb = x.to(ssm.dtype), z.to(ssm.dtype), dtb.to(ssm.dtype)
+    dt, B, C = dtb.split([x.size(-1), n, n], dim=-1)
+    dt = F.softplus(dt + weights.dt_bias)  # (B, S, E·D)
     if steps is not None:
         dt = dt * steps
     # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t
     h = torch.mul(dt[..., None], weights.A).exp_().mul_(ssm)  # (B, S, E·D, N)
-    h.addcmul_((dt * xs)[..., None], B.to(ssm.dtype)[..., None, :])
-    y = torch.addcmul(torch.linalg.vecdot(h, C.to(ssm.dtype)[..., None, :]), weights.D, xs)
-    y = (y * F.silu(z.to(ssm.dtype))).to(xz.dtype)  # (B, S, E·D)
+    h.addcmul_((dt * x)[..., None], B[..., None, :])
+    y = torch.addcmul(torch.linalg.vecdot(h, C[..., None, :]), weights.D, x)
+    y = (y * F.silu(z)).to(xz.dtype)  # (B, S, E·D)
     y = torch.bmm(y.transpose(0, 1), weights.out_proj).transpose(0, 1)  # (B, S, d_model)
     if weights.out_bias is not None:
         y = y + weights.out_bias
