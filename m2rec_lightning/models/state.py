@@ -6,7 +6,7 @@ encoders (no history is re-read). `encoder.encode_state(input_ids)` builds the s
 (the prefill); `encoder.init_state(batch)` is the state of users with no history yet.
 
 Every state is a tree of dataclasses and lists whose leaves are tensors with the batch (one row per user) in dim 0,
-so the helpers below stack, select and detach any of them without knowing its layout. Absent parts are None.
+so the helpers below stack, select and pool any of them without knowing its layout. Absent parts are None.
 """
 from __future__ import annotations
 
@@ -109,9 +109,51 @@ def cat_states(states: Sequence[Any]) -> Any:
     return map_state(lambda *ts: torch.cat(ts), *states)
 
 
-def detach_state(state: Any) -> Any:
-    """A copy to keep per user: detached from autograd and owning its memory (not a view into a batch)."""
-    return map_state(lambda t: t.detach().clone(), state)
+class StatePool:
+    """The states of many users, for a server: one row (a slot) per user in each leaf of one preallocated state, so a
+    batch of users is read with one index per leaf and written back with one index_copy_ per leaf (a state kept per
+    user costs a select, a cat and a copy per user and leaf instead).
+
+    The caller takes and gives back slots (it decides which users to keep); a slot's rows hold nothing meaningful
+    until written. The tensors grow by doubling up to `limit` slots and beyond it only as far as slots are taken, and
+    never shrink: given-back slots are reused, so memory follows the most slots held at once.
+
+    Args:
+        empty: n -> the state of n users (its layout; any values).
+        limit: slots up to which the tensors grow by doubling.
+    """
+
+    def __init__(self, empty: Callable[[int], Any], limit: int) -> None:
+        self.empty, self.limit = empty, limit
+        self.state: Any = None  # leaves (size, ...)
+        self.size = 0
+        self.free: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        """n free slots."""
+        if n > len(self.free):
+            self._grow(n - len(self.free))
+        taken = self.free[len(self.free) - n:]
+        del self.free[len(self.free) - n:]
+        return taken
+
+    def give(self, slots: Sequence[int]) -> None:
+        self.free.extend(slots)
+
+    def read(self, slots: Tensor) -> Any:
+        """The states in these slots, (len(slots), ...) copies."""
+        return select_state(self.state, slots)
+
+    def write(self, slots: Tensor, state: Any) -> None:
+        """Store a batch of states (len(slots), ...) in these slots."""
+        map_state(lambda pool, new: pool.index_copy_(0, slots, new), self.state, state)
+
+    def _grow(self, short: int) -> None:
+        size = max(self.size + short, min(2 * self.size, self.limit))
+        extra = self.empty(size - self.size)
+        self.state = extra if self.state is None else cat_states([self.state, extra])
+        self.free.extend(range(size - 1, self.size - 1, -1))  # taken from the end: lowest slots first
+        self.size = size
 
 
 @dataclass
