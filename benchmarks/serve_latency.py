@@ -169,6 +169,68 @@ def latency_table(histories=(50, 200, 1000), models=("m2rec", "sasrec"), calls: 
     return out
 
 
+def users_batch(batch: int = 32, rounds: int = 50, seed: int = 0) -> dict:
+    """The /users worker's batch of `batch` live users appending one item each (`Recommender.users_step`, history
+    "whole", Beauty's sizes as `serve_load.py` serves them: 12,101 items, max_len 50, 50-item histories), against
+    its parts: `encoder.step` on the batch's state alone, and the state bookkeeping around it, the pool's (gather the
+    users' slots, step, scatter them back) and the one the server had before (cat the users' own states, step, select
+    and clone each user's), timed round by round in turn.
+
+    Returns: {"batch", "items", "max_len"; "<side>_ms" and "<side>_cpu_ms" (medians, wall and process CPU) for
+    "users_step", "step", "pool", "per_user"}."""
+    import numpy as np
+
+    from m2rec_lightning import SequentialRecommender
+    from m2rec_lightning.models.state import cat_states, map_state, select_state
+    from m2rec_lightning.serve import Recommender, UserRequest
+
+    torch.manual_seed(seed)
+    n, max_len = 12_101, 50
+    model = SequentialRecommender(lambda items, text: M2RecEncoder(items, text, max_len=max_len), num_items=n,
+                                  text_dim=ML1M["text_dim"])
+    table = torch.randn(n + 1, ML1M["text_dim"])
+    table[0] = 0
+    model.encoder.set_text_table(table)
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(1, n + 1, (batch, max_len), generator=gen).numpy()
+    server = Recommender(model, np.arange(n + 1), np.arange(batch), lambda u: sequences[u], history="whole")
+    encoder, items = server.encoder, torch.randint(1, n + 1, (batch,), generator=gen)
+
+    def requests():
+        return [server.query(UserRequest(user=u, append=[int(i)], k=10))
+                for u, i in enumerate(torch.randint(1, n + 1, (batch,), generator=gen))]
+
+    def pool(_):
+        state, _ = server.pool.read(slots)
+        server.pool.write(slots, list(encoder.step(state, items)))
+        return server.pool.state[1].index_select(0, slots)
+
+    def per_user(_):
+        new, hidden = encoder.step(cat_states(own), items)
+        own[:] = [map_state(lambda t: t.detach().clone(), select_state(new, slice(j, j + 1))) for j in range(batch)]
+        return torch.stack([hidden[j] for j in range(batch)])
+
+    with torch.inference_mode():  # as the server runs (its pool holds inference tensors)
+        server.users_step(requests())  # every user's prefill
+        slots = torch.tensor([server.users[str(u)].slot for u in range(batch)])
+        state, _ = server.pool.read(slots)
+        own = [map_state(lambda t: t[u: u + 1].clone(), state) for u in range(batch)]  # a state per user, as before
+        sides = {"users_step": server.users_step, "step": lambda _: encoder.step(state, items), "pool": pool,
+                 "per_user": per_user}
+        times = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, fn in sides.items():
+                queries = requests()  # decoded before the batch, as LitServe does
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn(queries)
+                times[side].append((time.perf_counter() - start, time.process_time() - start_cpu))
+    out = {"batch": batch, "items": n, "max_len": max_len}
+    for side, t in times.items():
+        out[f"{side}_ms"] = statistics.median(wall for wall, _ in t) * 1e3
+        out[f"{side}_cpu_ms"] = statistics.median(cpu for _, cpu in t) * 1e3
+    return out
+
+
 def markdown(record: dict) -> str:
     rows = record["rows"]
     lines = ["# Serving latency of the encoders: one appended interaction against re-encoding the history", "",
@@ -198,6 +260,26 @@ def markdown(record: dict) -> str:
                       f"{detail['step_worst_s'] * 1e3:.2f} ms when every pooled scale's window completes; re-encoding "
                       f"with `forward_last` costs {detail['reencode_s'] * 1e3:.2f} ms, so a step is "
                       f"1/{1 / detail['ratio']:.0f} of it (process CPU time: 1/{1 / detail['ratio_cpu']:.0f})."]
+    batch = record.get("users_batch")
+    if batch:
+        lines += ["", f"A batch of {batch['batch']} live users appending one item each (`users_batch`: "
+                      f"`Recommender.users_step`, history whole, Beauty's sizes: {batch['items']:,} items, max_len "
+                      f"{batch['max_len']}, top-10 of the catalogue), median over rounds, and its parts; the state "
+                      "bookkeeping is a side's time less `encoder.step` alone:", "",
+                  "| | wall ms | CPU ms |", "| --- | ---: | ---: |"]
+        for side, what in (("users_step", "`users_step` (the /users worker's batch)"),
+                           ("step", "`encoder.step` on the batch's state alone"),
+                           ("pool", "step with the state pool (gather the slots, step, scatter back)"),
+                           ("per_user", "step with a state per user (cat them, step, select and clone each)")):
+            lines.append(f"| {what} | {batch[side + '_ms']:.2f} | {batch[side + '_cpu_ms']:.2f} |")
+        cells = {"pool": [], "per_user": []}
+        for unit in ("ms", "cpu_ms"):
+            pool, own = (batch[f"{side}_{unit}"] - batch[f"step_{unit}"] for side in ("pool", "per_user"))
+            total = batch[f"users_step_{unit}"]
+            cells["pool"].append(f"{pool:.2f} ({pool / total:.0%} of `users_step`)")
+            cells["per_user"].append(f"{own:.2f} ({own / (total - pool + own):.0%} of a `users_step` with it)")
+        lines.append(f"| state bookkeeping, pool | {' | '.join(cells['pool'])} |")
+        lines.append(f"| state bookkeeping, a state per user | {' | '.join(cells['per_user'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per (model, history, kind)")
     parser.add_argument("--repeats", type=int, default=50, help="step_vs_reencode: calls per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32, help="users_batch: live users in the /users batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="step_vs_reencode's device")
     parser.add_argument("--detail", action="store_true", help="only step_vs_reencode at the largest --history")
@@ -238,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     record = {"command": "python benchmarks/serve_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at the start",
-              "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail}
+              "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail,
+              "users_batch": users_batch(args.batch, rounds=args.calls // 4)}
     text = markdown(record)
     print(text)
     if args.out:

@@ -225,7 +225,7 @@ class Recommender:
         if self.history_mode == "whole":
             self._load_states(live)
             self._step_states([q.append for q in queries], live)
-            hidden = self.pool.state[1][torch.tensor([user.slot for user in live])]  # (B, d)
+            hidden = self.pool.state[1].index_select(0, torch.tensor([user.slot for user in live]))  # (B, d)
         else:
             for q, user in zip(queries, live):
                 user.history.extend(q.append)

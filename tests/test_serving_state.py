@@ -301,3 +301,20 @@ def test_state_pool_reads_writes_grows_and_reuses_slots() -> None:
     assert sorted(pool.take(2)) == sorted([slots[1], slots[2]]) and pool.size == 5
     pool.take(1)
     assert pool.size == 6
+
+
+def test_step_of_an_encoder_made_under_inference_mode() -> None:
+    """Parameters made under torch.inference_mode have no version counter, so step keeps no constants for them (and
+    recomputes them each step) instead of failing."""
+    with torch.inference_mode():
+        encoder = make_m2rec(dict())
+        ids = torch.randint(1, N_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(9))
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            close(hidden, expected[:, t])
+        encoder.blocks[0].fourier.weight.mul_(2.0)  # not seen by a version: nothing was kept
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            close(hidden, expected[:, t])
