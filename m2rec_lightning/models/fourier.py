@@ -97,7 +97,8 @@ class CausalFourierFilter(nn.Module):
         """One more input per row: history (B, max_len, d) of the inputs before t, newest first, and h (B, d) = input
         t -> (history including t, (B, d) y[t] = sum_j k[j] h[t-j]). A shift register, not a ring buffer: every row
         of a batch then reads tap j at the same slot whatever its history length, and the copy costs no more than
-        the max_len·d multiply-adds of the output."""
+        the max_len·d multiply-adds of the output. Inference: call it without autograd (M2RecEncoder.step does; a
+        no_grad of its own would cost a context switch per step)."""
         history = torch.cat([h[:, None], history[:, :-1]], dim=1)  # (B, max_len, d): history[:, j] = h[t-j]
         return history, self._apply_kernel(history)
 
@@ -116,7 +117,9 @@ class CausalFourierFilter(nn.Module):
         # column-major, which makes the product below three times slower
         k = step_constant(self, f"_step_kernel_{compute}", [self], [],
                           lambda: self.kernel(dtype=compute).contiguous())  # (K, d)
-        return torch.linalg.vecdot(history.to(compute), k, dim=1).to(history.dtype)  # one op for the mul and sum
+        if history.dtype == compute:  # no no-op casts: at batch 1 each op's dispatch costs more than its arithmetic
+            return torch.linalg.vecdot(history, k, dim=1)  # one op for the mul and sum
+        return torch.linalg.vecdot(history.to(compute), k, dim=1).to(history.dtype)
 
 class _CausalConv(torch.autograd.Function):
     """y[t] = sum_{j<=t} k[j] x[t-j] along time, x (B, L, d), k (L, d), by FFTs zero-padded to n = 2L, with a

@@ -127,17 +127,16 @@ class MultiScaleMamba(nn.Module):
             output=w.new_zeros(batch_size, n, w.size(1)),
         )
 
-    def _step_constants(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None, object]:
-        """(in_proj weights of all scales stacked and transposed (d, S·2·E·D), their biases or None, window lengths (S,)
-        as integers and as floats (S, 1), mixing weights (S,) or None with one scale, the Mambas' StepWeights)."""
+    def _step_constants(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, object]:
+        """(in_proj / s of all scales stacked and transposed (d, S·2·E·D), its biases / s or None, window lengths s
+        (S,), mixing weights (S,) or None with one scale, the Mambas' StepWeights)."""
         def compute():
             in_proj = [m.in_proj for m in self.mambas]
-            weight = in_proj[0].weight
-            bias = torch.cat([p.bias for p in in_proj]) if in_proj[0].bias is not None else None
-            scales = torch.tensor(self.scales, device=weight.device)
+            scales = torch.tensor(self.scales, device=in_proj[0].weight.device)
+            weight = torch.cat([p.weight / s for p, s in zip(in_proj, self.scales)]).T.contiguous()
+            bias = torch.cat([p.bias / s for p, s in zip(in_proj, self.scales)]) if in_proj[0].bias is not None else None
             mix = self.scale_weights().to(weight.dtype) if self.scale_logits is not None else None
-            return (torch.cat([p.weight for p in in_proj]).T.contiguous(), bias, scales,
-                    scales[:, None].to(weight.dtype), mix, step_weights(list(self.mambas)))
+            return weight, bias, scales, mix, step_weights(list(self.mambas))
 
         return step_constant(self, "_step_constants_kept", [self], [], compute)
 
@@ -147,13 +146,13 @@ class MultiScaleMamba(nn.Module):
         Every scale's Mamba steps on its open window's mean, and the result is kept only in the rows and scales whose
         window completes at t (always, for scale 1; the others step with Δ = 0, which leaves their scan state as it
         was): S Mamba steps as one cost less at small batches than stepping each scale on its own where needed, and
-        need no host-side test of which windows complete."""
-        weight, bias, scales, lengths, mix, mambas = self._step_constants()
-        total = torch.addmm(state.window_sum.flatten(1), h, weight).view_as(state.window_sum)  # (B, S, 2·E·D)
+        need no host-side test of which windows complete. Inference: call it without autograd (M2RecEncoder.step
+        does)."""
+        weight, bias, scales, mix, mambas = self._step_constants()
+        mean = torch.addmm(state.window_sum.flatten(1), h, weight).view_as(state.window_sum)  # (B, S, 2·E·D)
         if bias is not None:
-            total = total + bias.view_as(total[0])
+            mean = mean + bias.view_as(mean[0])
         count = state.window_count + 1  # (B, S)
-        mean = total / lengths  # the windows' means
         if max(self.scales) == 1:  # every window completes at every step
             window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean)
             new = MultiScaleState(state.window_sum, state.window_count, window[..., 1:], ssm, out)
@@ -161,7 +160,7 @@ class MultiScaleMamba(nn.Module):
             done = (count == scales)[..., None]  # (B, S, 1)
             window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean, steps=done.to(mean.dtype))
             new = MultiScaleState(
-                window_sum=total.masked_fill(done, 0.0), window_count=count.masked_fill(done[..., 0], 0),
+                window_sum=mean.masked_fill(done, 0.0), window_count=count.masked_fill(done[..., 0], 0),
                 conv=torch.where(done[..., None], window[..., 1:], state.conv), ssm=ssm,
                 output=torch.where(done, out, state.output),
             )
@@ -179,11 +178,11 @@ class MultiScaleMamba(nn.Module):
             start = windows * scale  # (B,) first position of the open window
             open_window = (positions >= start[:, None]) & (positions < lengths[:, None])  # (B, L)
             count = lengths - start  # (B,)
-            # sum of in_proj over the open window: W · (sum of the inputs) + count · b
+            # in_proj over the open window, summed and divided by s: (W · (sum of the inputs) + count · b) / s
             total = F.linear((h * open_window[:, :, None]).sum(dim=1), mamba.in_proj.weight)
             if mamba.in_proj.bias is not None:
                 total = total + count[:, None] * mamba.in_proj.bias
-            sums.append(total)
+            sums.append(total / scale)
             counts.append(count)
             convs.append(state.conv)
             ssms.append(state.ssm)

@@ -36,8 +36,9 @@ class MultiScaleState:
     """The multi-scale Mamba after t inputs, its S scales stacked in dim 1 so that one step updates them all (see
     multiscale.py for the alignment; scale s's Mamba has read t // s window means).
 
-    window_sum: (B, S, 2·E·D) sum of in_proj of the inputs of each scale's open window (positions t - t % s .. t-1):
-        in_proj is affine, so their mean is in_proj of the window's mean, the scale's Mamba input.
+    window_sum: (B, S, 2·E·D) sum of in_proj of the inputs of each scale's open window (positions t - t % s .. t-1),
+        divided by s: in_proj is affine, so once the window completes this is in_proj of its mean, the scale's Mamba
+        input.
     window_count: (B, S) how many inputs each open window holds, t % s, in [0, s).
     conv, ssm: (B, S, E·D, d_conv-1) and (B, S, E·D, N), each scale's MambaState.
     output: (B, S, d) each scale's Mamba output on its last complete window, zeros before the first; what the scale
