@@ -5,11 +5,15 @@
 the whole history (`encoder.encode_state`: what it does for POST /recommend), as p50 / p99 over many calls and calls
 per second. M2Rec has the released widths with ML-1M's catalogue and a 384-d text table; SASRec RecBole's (2 layers,
 2 heads, d=64) with a 1,000-position table, so its key/value cache holds every history here. Random weights: the work
-per call does not depend on their values. Append and stateless calls alternate round by round, so both see the same
+per call does not depend on their values. Both models and both kinds take turns round by round, so all see the same
 machine load.
 
 `step_vs_reencode`: the M2Rec detail, one step against re-encoding with `forward_last`, with the cost of a step at
 which every pooled scale's window completes.
+
+`users_batch`: the server's side, a /users batch of 32 live users appending one item each (`Recommender.users_step`
+with history "whole"), against `encoder.step` on the batch alone and the state bookkeeping around it: the state pool
+the server keeps, and a state per user as it kept them before.
 
     python benchmarks/serve_latency.py --out benchmarks/results/serve_latency     # the recorded run (.md/.json/.png)
     python benchmarks/serve_latency.py --history 1000 --detail                    # step_vs_reencode only
@@ -135,38 +139,41 @@ def _encoder(name: str, max_len: int, seed: int = 0):
 @torch.no_grad()
 def latency_table(histories=(50, 200, 1000), models=("m2rec", "sasrec"), calls: int = 200, rounds: int = 5,
                   seed: int = 0) -> list[dict]:
-    """Per (model, history): p50 / p99 / mean milliseconds and calls per second of `append` (one step on the state of
-    the items before the last, at each of M2Rec's lcm(scales) last positions in turn) and `stateless` (encode_state of
-    all history items), `calls` calls each in `rounds` alternating rounds."""
+    """Per (model, history): p50 / p99 / mean milliseconds (wall), p50 process CPU milliseconds and calls per second
+    of `append` (one step on the state of the items before the last, at each of M2Rec's lcm(scales) last positions in
+    turn) and `stateless` (encode_state of all history items), `calls` calls each; every model and kind of a history
+    takes its turn in each of `rounds` rounds, so all see the same machine load."""
+    encoders = {name: _encoder(name, max(histories), seed) for name in models}
     out = []
-    for name in models:
-        encoder = _encoder(name, max(histories), seed)
-        for history in histories:
-            ids = torch.randint(1, ML1M["num_items"] + 1, (1, history), generator=torch.Generator().manual_seed(seed))
-            # appends at the last lcm(scales) positions in turn: M2Rec's pooled scales step only where their windows
-            # complete, so the positions of one cycle are the mix that steady traffic sees
+    for history in histories:
+        ids = torch.randint(1, ML1M["num_items"] + 1, (1, history), generator=torch.Generator().manual_seed(seed))
+        sides = {}
+        for name, encoder in encoders.items():
+            # appends at the last lcm(scales) positions in turn: M2Rec's pooled scales complete a window only at some
+            # positions, so the positions of one cycle are the mix that steady traffic sees
             cycle = math.lcm(*ML1M["scales"]) if name == "m2rec" else 1
             befores = [encoder.encode_state(ids[:, :t])[0] for t in range(history - cycle, history)]
-            appends = [lambda b=b, t=t: encoder.step(b, ids[:, t])
-                       for b, t in zip(befores, range(history - cycle, history))]
-            sides = {"append": appends, "stateless": [lambda: encoder.encode_state(ids)]}
-            times = {side: [] for side in sides}
-            for fns in sides.values():
-                for fn in fns:
-                    fn()  # warm-up (and the step constants)
-            for _ in range(rounds):
-                for side, fns in sides.items():
-                    for i in range(max(1, calls // rounds)):
-                        fn = fns[i % len(fns)]
-                        start = time.perf_counter()
-                        fn()
-                        times[side].append(time.perf_counter() - start)
-            for side, t in times.items():
-                t = sorted(t)
-                out.append({"model": name, "history": history, "kind": side, "calls": len(t),
-                            "p50_ms": t[len(t) // 2] * 1e3, "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))] * 1e3,
-                            "mean_ms": statistics.fmean(t) * 1e3, "per_s": 1 / statistics.fmean(t)})
-    return out
+            sides[name, "append"] = [lambda e=encoder, b=b, t=t: e.step(b, ids[:, t])
+                                     for b, t in zip(befores, range(history - cycle, history))]
+            sides[name, "stateless"] = [lambda e=encoder: e.encode_state(ids)]
+        for fns in sides.values():
+            for fn in fns:
+                fn()  # warm-up (and the step constants)
+        times = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, fns in sides.items():
+                for i in range(max(1, calls // rounds)):
+                    fn = fns[i % len(fns)]
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    fn()
+                    times[side].append((time.perf_counter() - start, time.process_time() - start_cpu))
+        for (name, kind), t in times.items():
+            wall, cpu = sorted(w for w, _ in t), sorted(c for _, c in t)
+            out.append({"model": name, "history": history, "kind": kind, "calls": len(t),
+                        "p50_ms": wall[len(t) // 2] * 1e3, "p99_ms": wall[min(len(t) - 1, int(0.99 * len(t)))] * 1e3,
+                        "mean_ms": statistics.fmean(wall) * 1e3, "per_s": 1 / statistics.fmean(wall),
+                        "cpu_p50_ms": cpu[len(t) // 2] * 1e3})
+    return sorted(out, key=lambda r: (models.index(r["model"]), r["history"]))
 
 
 def users_batch(batch: int = 32, rounds: int = 50, seed: int = 0) -> dict:
@@ -239,20 +246,23 @@ def markdown(record: dict) -> str:
              "turn (its pooled scales step only where their windows complete), what `m2rec serve` does for POST "
              "/users; stateless = `encoder.encode_state` of the whole history (POST /recommend). M2Rec: released "
              "widths (d=64, d_state 32, scales 1/2/4, Fourier, 384-d text), 3,416 items; SASRec: 2 layers, 2 heads, "
-             "d=64, a 1,000-position table. Append and stateless calls alternate in rounds.", "",
-             "| model | history | kind | p50 ms | p99 ms | calls/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+             "d=64, a 1,000-position table. Both models and both kinds take turns in every round. p50 CPU = the "
+             "process CPU time of a call, which leaves out waiting for a core on a shared machine.", "",
+             "| model | history | kind | p50 ms | p99 ms | p50 CPU ms | calls/s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['history']:,} | {r['kind']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['per_s']:.0f} |")
+                     f"{r['cpu_p50_ms']:.2f} | {r['per_s']:.0f} |")
     get = {(r["model"], r["history"], r["kind"]): r for r in rows}
-    lines += ["", "| history | M2Rec append / stateless (p50) | M2Rec append p50 / SASRec append p50 |",
-              "| ---: | ---: | ---: |"]
+    lines += ["", "| history | M2Rec append / stateless (p50) | M2Rec append p50 / SASRec append p50 | the same, CPU |",
+              "| ---: | ---: | ---: | ---: |"]
     for h in sorted({r["history"] for r in rows}):
         m_a, m_s, s_a = get.get(("m2rec", h, "append")), get.get(("m2rec", h, "stateless")), get.get(
             ("sasrec", h, "append"))
         own = f"1/{m_s['p50_ms'] / m_a['p50_ms']:.0f}" if m_a and m_s else "-"
         vs = f"{m_a['p50_ms'] / s_a['p50_ms']:.2f}" if m_a and s_a else "-"
-        lines.append(f"| {h:,} | {own} | {vs} |")
+        vs_cpu = f"{m_a['cpu_p50_ms'] / s_a['cpu_p50_ms']:.2f}" if m_a and s_a else "-"
+        lines.append(f"| {h:,} | {own} | {vs} | {vs_cpu} |")
     detail = record.get("detail")
     if detail:
         lines += ["", f"M2Rec detail at {detail['history']:,} items (`step_vs_reencode`): a step costs "
@@ -306,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=int, nargs="+", default=[50, 200, 1000], help="history lengths")
     parser.add_argument("--calls", type=int, default=200, help="calls per (model, history, kind)")
     parser.add_argument("--repeats", type=int, default=50, help="step_vs_reencode: calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20, help="rounds in which every side takes its turn")
     parser.add_argument("--batch", type=int, default=32, help="users_batch: live users in the /users batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="step_vs_reencode's device")

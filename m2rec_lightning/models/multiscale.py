@@ -152,16 +152,17 @@ class MultiScaleMamba(nn.Module):
         mean = torch.addmm(state.window_sum.flatten(1), h, weight).view_as(state.window_sum)  # (B, S, 2·E·D)
         if bias is not None:
             mean = mean + bias.view_as(mean[0])
-        count = state.window_count + 1  # (B, S)
         if max(self.scales) == 1:  # every window completes at every step
             window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean)
             new = MultiScaleState(state.window_sum, state.window_count, window[..., 1:], ssm, out)
         else:
-            done = (count == scales)[..., None]  # (B, S, 1)
+            count = state.window_count + 1  # (B, S)
+            complete = count == scales  # (B, S)
+            done = complete.unsqueeze(-1)  # (B, S, 1)
             window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean, steps=done.to(mean.dtype))
             new = MultiScaleState(
-                window_sum=mean.masked_fill(done, 0.0), window_count=count.masked_fill(done[..., 0], 0),
-                conv=torch.where(done[..., None], window[..., 1:], state.conv), ssm=ssm,
+                window_sum=mean.masked_fill(done, 0.0), window_count=count.masked_fill(complete, 0),
+                conv=torch.where(done.unsqueeze(-1), window[..., 1:], state.conv), ssm=ssm,
                 output=torch.where(done, out, state.output),
             )
         return new, new.output[:, 0] if mix is None else torch.matmul(mix, new.output)

@@ -364,7 +364,7 @@ def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
     tensors are large, and each one allocated costs more than the arithmetic on it, so the recurrence allocates one."""
     n = weights.A.size(-1)
     x, z = xz.chunk(2, dim=-1)  # (B, S, E·D) each
-    window = torch.cat([conv, x[..., None]], dim=-1)  # (B, S, E·D, d_conv)
+    window = torch.cat([conv, x.unsqueeze(-1)], dim=-1)  # (B, S, E·D, d_conv)
     x = torch.linalg.vecdot(window, weights.conv_weight)  # the depthwise conv at t alone
     if weights.conv_bias is not None:
         x = x + weights.conv_bias
@@ -376,10 +376,10 @@ def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
     dt = F.softplus(dt + weights.dt_bias)  # (B, S, E·D)
     if steps is not None:
         dt = dt * steps
-    # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t
-    h = torch.mul(dt[..., None], weights.A).exp_().mul_(ssm)  # (B, S, E·D, N)
-    h.addcmul_((dt * x)[..., None], B[..., None, :])
-    y = torch.addcmul(torch.linalg.vecdot(h, C[..., None, :]), weights.D, x)
+    # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t  (unsqueeze: cheaper than [..., None])
+    h = torch.mul(dt.unsqueeze(-1), weights.A).exp_().mul_(ssm)  # (B, S, E·D, N)
+    h.addcmul_((dt * x).unsqueeze(-1), B.unsqueeze(-2))
+    y = torch.addcmul(torch.linalg.vecdot(h, C.unsqueeze(-2)), weights.D, x)
     y = (y * F.silu(z)).to(xz.dtype)  # (B, S, E·D)
     y = torch.bmm(y.transpose(0, 1), weights.out_proj).transpose(0, 1)  # (B, S, d_model)
     if weights.out_bias is not None:
