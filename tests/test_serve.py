@@ -333,3 +333,14 @@ def test_candidates_with_exclude_seen_leave_out_the_history():
                         r.query(RecommendRequest(items=history, k=4, candidates=candidates))])
     assert sorted(kept[0]["items"]) == [110, 111]
     assert sorted(kept[1]["items"]) == sorted(candidates)
+
+
+def test_a_visitor_whose_first_append_is_refused_stays_unknown():
+    from m2rec_lightning import M2RecEncoder
+
+    r = tiny_recommender(M2RecEncoder, "whole", mamba_backend="torch")
+    r.max_history = 2
+    refused = r.users_step([r.query(UserRequest(user="v", append=[101, 102, 103]))])[0]
+    assert isinstance(refused, RequestError) and refused.status == 413
+    with pytest.raises(RequestError, match="unknown user 'v'"):  # a 404, not a ranking of no history
+        r.query(UserRequest(user="v"))
