@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at the start",
               "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail,
               "users_batch": users_batch(args.batch, rounds=args.calls // 4)}
+    record["machine"] += f", {os.getloadavg()[0]:.1f} at the end"  # the machine is shared: its load is part of it
     text = markdown(record)
     print(text)
     if args.out:
