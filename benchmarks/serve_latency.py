@@ -5,11 +5,15 @@
 the whole history (`encoder.encode_state`: what it does for POST /recommend), as p50 / p99 over many calls and calls
 per second. M2Rec has the released widths with ML-1M's catalogue and a 384-d text table; SASRec RecBole's (2 layers,
 2 heads, d=64) with a 1,000-position table, so its key/value cache holds every history here. Random weights: the work
-per call does not depend on their values. Append and stateless calls alternate round by round, so both see the same
+per call does not depend on their values. Both models and both kinds take turns round by round, so all see the same
 machine load.
 
 `step_vs_reencode`: the M2Rec detail, one step against re-encoding with `forward_last`, with the cost of a step at
 which every pooled scale's window completes.
+
+`users_batch`: the server's side, a /users batch of 32 live users appending one item each (`Recommender.users_step`
+with history "whole"), against `encoder.step` on the batch alone and the state bookkeeping around it: the state pool
+the server keeps, and a state per user as it kept them before.
 
     python benchmarks/serve_latency.py --out benchmarks/results/serve_latency     # the recorded run (.md/.json/.png)
     python benchmarks/serve_latency.py --history 1000 --detail                    # step_vs_reencode only
@@ -135,37 +139,102 @@ def _encoder(name: str, max_len: int, seed: int = 0):
 @torch.no_grad()
 def latency_table(histories=(50, 200, 1000), models=("m2rec", "sasrec"), calls: int = 200, rounds: int = 5,
                   seed: int = 0) -> list[dict]:
-    """Per (model, history): p50 / p99 / mean milliseconds and calls per second of `append` (one step on the state of
-    the items before the last, at each of M2Rec's lcm(scales) last positions in turn) and `stateless` (encode_state of
-    all history items), `calls` calls each in `rounds` alternating rounds."""
+    """Per (model, history): p50 / p99 / mean milliseconds (wall), p50 process CPU milliseconds and calls per second
+    of `append` (one step on the state of the items before the last, at each of M2Rec's lcm(scales) last positions in
+    turn) and `stateless` (encode_state of all history items), `calls` calls each; every model and kind of a history
+    takes its turn in each of `rounds` rounds, so all see the same machine load."""
+    encoders = {name: _encoder(name, max(histories), seed) for name in models}
     out = []
-    for name in models:
-        encoder = _encoder(name, max(histories), seed)
-        for history in histories:
-            ids = torch.randint(1, ML1M["num_items"] + 1, (1, history), generator=torch.Generator().manual_seed(seed))
-            # appends at the last lcm(scales) positions in turn: M2Rec's pooled scales step only where their windows
-            # complete, so the positions of one cycle are the mix that steady traffic sees
+    for history in histories:
+        ids = torch.randint(1, ML1M["num_items"] + 1, (1, history), generator=torch.Generator().manual_seed(seed))
+        sides = {}
+        for name, encoder in encoders.items():
+            # appends at the last lcm(scales) positions in turn: M2Rec's pooled scales complete a window only at some
+            # positions, so the positions of one cycle are the mix that steady traffic sees
             cycle = math.lcm(*ML1M["scales"]) if name == "m2rec" else 1
             befores = [encoder.encode_state(ids[:, :t])[0] for t in range(history - cycle, history)]
-            appends = [lambda b=b, t=t: encoder.step(b, ids[:, t])
-                       for b, t in zip(befores, range(history - cycle, history))]
-            sides = {"append": appends, "stateless": [lambda: encoder.encode_state(ids)]}
-            times = {side: [] for side in sides}
-            for fns in sides.values():
-                for fn in fns:
-                    fn()  # warm-up (and the step constants)
-            for _ in range(rounds):
-                for side, fns in sides.items():
-                    for i in range(max(1, calls // rounds)):
-                        fn = fns[i % len(fns)]
-                        start = time.perf_counter()
-                        fn()
-                        times[side].append(time.perf_counter() - start)
-            for side, t in times.items():
-                t = sorted(t)
-                out.append({"model": name, "history": history, "kind": side, "calls": len(t),
-                            "p50_ms": t[len(t) // 2] * 1e3, "p99_ms": t[min(len(t) - 1, int(0.99 * len(t)))] * 1e3,
-                            "mean_ms": statistics.fmean(t) * 1e3, "per_s": 1 / statistics.fmean(t)})
+            sides[name, "append"] = [lambda e=encoder, b=b, t=t: e.step(b, ids[:, t])
+                                     for b, t in zip(befores, range(history - cycle, history))]
+            sides[name, "stateless"] = [lambda e=encoder: e.encode_state(ids)]
+        for fns in sides.values():
+            for fn in fns:
+                fn()  # warm-up (and the step constants)
+        times = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, fns in sides.items():
+                for i in range(max(1, calls // rounds)):
+                    fn = fns[i % len(fns)]
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    fn()
+                    times[side].append((time.perf_counter() - start, time.process_time() - start_cpu))
+        for (name, kind), t in times.items():
+            wall, cpu = sorted(w for w, _ in t), sorted(c for _, c in t)
+            out.append({"model": name, "history": history, "kind": kind, "calls": len(t),
+                        "p50_ms": wall[len(t) // 2] * 1e3, "p99_ms": wall[min(len(t) - 1, int(0.99 * len(t)))] * 1e3,
+                        "mean_ms": statistics.fmean(wall) * 1e3, "per_s": 1 / statistics.fmean(wall),
+                        "cpu_p50_ms": cpu[len(t) // 2] * 1e3})
+    return sorted(out, key=lambda r: (models.index(r["model"]), r["history"]))
+
+
+def users_batch(batch: int = 32, rounds: int = 50, seed: int = 0) -> dict:
+    """The /users worker's batch of `batch` live users appending one item each (`Recommender.users_step`, history
+    "whole", Beauty's sizes as `serve_load.py` serves them: 12,101 items, max_len 50, 50-item histories), against
+    its parts: `encoder.step` on the batch's state alone, and the state bookkeeping around it, the pool's (gather the
+    users' slots, step, scatter them back) and the one the server had before (cat the users' own states, step, select
+    and clone each user's), timed round by round in turn.
+
+    Returns: {"batch", "items", "max_len"; "<side>_ms" and "<side>_cpu_ms" (medians, wall and process CPU) for
+    "users_step", "step", "pool", "per_user"}."""
+    import numpy as np
+
+    from m2rec_lightning import SequentialRecommender
+    from m2rec_lightning.models.state import cat_states, map_state, select_state
+    from m2rec_lightning.serve import Recommender, UserRequest
+
+    torch.manual_seed(seed)
+    n, max_len = 12_101, 50
+    model = SequentialRecommender(lambda items, text: M2RecEncoder(items, text, max_len=max_len), num_items=n,
+                                  text_dim=ML1M["text_dim"])
+    table = torch.randn(n + 1, ML1M["text_dim"])
+    table[0] = 0
+    model.encoder.set_text_table(table)
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(1, n + 1, (batch, max_len), generator=gen).numpy()
+    server = Recommender(model, np.arange(n + 1), np.arange(batch), lambda u: sequences[u], history="whole")
+    encoder, items = server.encoder, torch.randint(1, n + 1, (batch,), generator=gen)
+
+    def requests():
+        return [server.query(UserRequest(user=u, append=[int(i)], k=10))
+                for u, i in enumerate(torch.randint(1, n + 1, (batch,), generator=gen))]
+
+    def pool(_):
+        state, _ = server.pool.read(slots)
+        server.pool.write(slots, list(encoder.step(state, items)))
+        return server.pool.state[1].index_select(0, slots)
+
+    def per_user(_):
+        new, hidden = encoder.step(cat_states(own), items)
+        own[:] = [map_state(lambda t: t.detach().clone(), select_state(new, slice(j, j + 1))) for j in range(batch)]
+        return torch.stack([hidden[j] for j in range(batch)])
+
+    with torch.inference_mode():  # as the server runs (its pool holds inference tensors)
+        server.users_step(requests())  # every user's prefill
+        slots = torch.tensor([server.users[str(u)].slot for u in range(batch)])
+        state, _ = server.pool.read(slots)
+        own = [map_state(lambda t: t[u: u + 1].clone(), state) for u in range(batch)]  # a state per user, as before
+        sides = {"users_step": server.users_step, "step": lambda _: encoder.step(state, items), "pool": pool,
+                 "per_user": per_user}
+        times = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side, fn in sides.items():
+                queries = requests()  # decoded before the batch, as LitServe does
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn(queries)
+                times[side].append((time.perf_counter() - start, time.process_time() - start_cpu))
+    out = {"batch": batch, "items": n, "max_len": max_len}
+    for side, t in times.items():
+        out[f"{side}_ms"] = statistics.median(wall for wall, _ in t) * 1e3
+        out[f"{side}_cpu_ms"] = statistics.median(cpu for _, cpu in t) * 1e3
     return out
 
 
@@ -177,20 +246,23 @@ def markdown(record: dict) -> str:
              "turn (its pooled scales step only where their windows complete), what `m2rec serve` does for POST "
              "/users; stateless = `encoder.encode_state` of the whole history (POST /recommend). M2Rec: released "
              "widths (d=64, d_state 32, scales 1/2/4, Fourier, 384-d text), 3,416 items; SASRec: 2 layers, 2 heads, "
-             "d=64, a 1,000-position table. Append and stateless calls alternate in rounds.", "",
-             "| model | history | kind | p50 ms | p99 ms | calls/s |", "| --- | ---: | --- | ---: | ---: | ---: |"]
+             "d=64, a 1,000-position table. Both models and both kinds take turns in every round. p50 CPU = the "
+             "process CPU time of a call, which leaves out waiting for a core on a shared machine.", "",
+             "| model | history | kind | p50 ms | p99 ms | p50 CPU ms | calls/s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['history']:,} | {r['kind']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['per_s']:.0f} |")
+                     f"{r['cpu_p50_ms']:.2f} | {r['per_s']:.0f} |")
     get = {(r["model"], r["history"], r["kind"]): r for r in rows}
-    lines += ["", "| history | M2Rec append / stateless (p50) | M2Rec append p50 / SASRec append p50 |",
-              "| ---: | ---: | ---: |"]
+    lines += ["", "| history | M2Rec append / stateless (p50) | M2Rec append p50 / SASRec append p50 | the same, CPU |",
+              "| ---: | ---: | ---: | ---: |"]
     for h in sorted({r["history"] for r in rows}):
         m_a, m_s, s_a = get.get(("m2rec", h, "append")), get.get(("m2rec", h, "stateless")), get.get(
             ("sasrec", h, "append"))
         own = f"1/{m_s['p50_ms'] / m_a['p50_ms']:.0f}" if m_a and m_s else "-"
         vs = f"{m_a['p50_ms'] / s_a['p50_ms']:.2f}" if m_a and s_a else "-"
-        lines.append(f"| {h:,} | {own} | {vs} |")
+        vs_cpu = f"{m_a['cpu_p50_ms'] / s_a['cpu_p50_ms']:.2f}" if m_a and s_a else "-"
+        lines.append(f"| {h:,} | {own} | {vs} | {vs_cpu} |")
     detail = record.get("detail")
     if detail:
         lines += ["", f"M2Rec detail at {detail['history']:,} items (`step_vs_reencode`): a step costs "
@@ -198,6 +270,26 @@ def markdown(record: dict) -> str:
                       f"{detail['step_worst_s'] * 1e3:.2f} ms when every pooled scale's window completes; re-encoding "
                       f"with `forward_last` costs {detail['reencode_s'] * 1e3:.2f} ms, so a step is "
                       f"1/{1 / detail['ratio']:.0f} of it (process CPU time: 1/{1 / detail['ratio_cpu']:.0f})."]
+    batch = record.get("users_batch")
+    if batch:
+        lines += ["", f"A batch of {batch['batch']} live users appending one item each (`users_batch`: "
+                      f"`Recommender.users_step`, history whole, Beauty's sizes: {batch['items']:,} items, max_len "
+                      f"{batch['max_len']}, top-10 of the catalogue), median over rounds, and its parts; the state "
+                      "bookkeeping is a side's time less `encoder.step` alone:", "",
+                  "| | wall ms | CPU ms |", "| --- | ---: | ---: |"]
+        for side, what in (("users_step", "`users_step` (the /users worker's batch)"),
+                           ("step", "`encoder.step` on the batch's state alone"),
+                           ("pool", "step with the state pool (gather the slots, step, scatter back)"),
+                           ("per_user", "step with a state per user (cat them, step, select and clone each)")):
+            lines.append(f"| {what} | {batch[side + '_ms']:.2f} | {batch[side + '_cpu_ms']:.2f} |")
+        cells = {"pool": [], "per_user": []}
+        for unit in ("ms", "cpu_ms"):
+            pool, own = (batch[f"{side}_{unit}"] - batch[f"step_{unit}"] for side in ("pool", "per_user"))
+            total = batch[f"users_step_{unit}"]
+            cells["pool"].append(f"{pool:.2f} ({pool / total:.0%} of `users_step`)")
+            cells["per_user"].append(f"{own:.2f} ({own / (total - pool + own):.0%} of a `users_step` with it)")
+        lines.append(f"| state bookkeeping, pool | {' | '.join(cells['pool'])} |")
+        lines.append(f"| state bookkeeping, a state per user | {' | '.join(cells['per_user'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--history", type=int, nargs="+", default=[50, 200, 1000], help="history lengths")
     parser.add_argument("--calls", type=int, default=200, help="calls per (model, history, kind)")
     parser.add_argument("--repeats", type=int, default=50, help="step_vs_reencode: calls per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=20, help="rounds in which every side takes its turn")
+    parser.add_argument("--batch", type=int, default=32, help="users_batch: live users in the /users batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="step_vs_reencode's device")
     parser.add_argument("--detail", action="store_true", help="only step_vs_reencode at the largest --history")
@@ -238,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     record = {"command": "python benchmarks/serve_latency.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} at the start",
-              "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail}
+              "rows": latency_table(args.history, calls=args.calls, rounds=args.rounds), "detail": detail,
+              "users_batch": users_batch(args.batch, rounds=args.calls // 4)}
+    record["machine"] += f", {os.getloadavg()[0]:.1f} at the end"  # the machine is shared: its load is part of it
     text = markdown(record)
     print(text)
     if args.out:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .models.encoder import SequenceEncoder
 from .models.sasrec import SASRecEncoder
-from .models.state import cat_states, detach_state, select_state
+from .models.state import StatePool
 from .ops.chunked_softmax import chunked_rank_and_top_k
 
 History = Literal["whole", "window"]
@@ -86,12 +86,12 @@ class Query:
 
 @dataclass
 class LiveUser:
-    """A user the server keeps: the history in internal ids, and (history "whole") the encoder's state after it with
-    the hidden vector at its last item."""
+    """A user the server keeps: the history in internal ids, and (history "whole") the slot of the `Recommender`'s
+    state pool that holds the encoder's state after it and the hidden vector at its last item (None until the user's
+    first step or prefill)."""
 
     history: list[int]
-    state: Any = None
-    hidden: Tensor | None = None
+    slot: int | None = None
 
 
 class Recommender:
@@ -129,6 +129,12 @@ class Recommender:
         self.users: OrderedDict[str, LiveUser] = OrderedDict()
         with torch.inference_mode():
             self.table = model.encoder.item_embeddings().detach()  # (N+1, d), frozen while serving
+        # history "whole": every live user's [state, hidden (d,)] in one pool, so a batch of users is gathered and
+        # scattered in one op per state tensor. The slots of users dropped in a round are given back at the next
+        # round: a user may be dropped by a later user of the same round while still being answered
+        self.pool = StatePool(lambda n: [self.encoder.init_state(n), self.table.new_zeros(n, self.table.size(1))],
+                              max_users) if history == "whole" else None
+        self.dropped: list[LiveUser] = []
 
     # ---- requests -> queries ---------------------------------------------------------------------------------------
     def items(self, raw: Sequence[int | str], what: str) -> list[int]:
@@ -158,7 +164,8 @@ class Recommender:
             query.history = self.items(request.items, "items")
             return query
         query.user, query.append = str(request.user), self.items(request.append, "append")
-        if query.user not in self.users and query.user not in self.user_index and not query.append:
+        live = self.users.get(query.user)
+        if (live is None or not live.history) and query.user not in self.user_index and not query.append:
             raise RequestError(404, f"unknown user {request.user!r}: not in the training data and nothing appended "
                                     "yet; send items to append, or use /recommend with a history")
         return query
@@ -202,6 +209,9 @@ class Recommender:
         return answers
 
     def _users_round(self, queries: list[Query]) -> list[dict | RequestError]:
+        if self.dropped:
+            self.pool.give([user.slot for user in self.dropped if user.slot is not None])
+            self.dropped = []
         live = [self._live(q) for q in queries]
         answers: list[dict | RequestError | None] = [None] * len(queries)
         for i, (q, user) in enumerate(zip(queries, live)):
@@ -213,8 +223,9 @@ class Recommender:
             return answers
         queries, live = [queries[i] for i in ok], [live[i] for i in ok]
         if self.history_mode == "whole":
+            self._load_states(live)
             self._step_states([q.append for q in queries], live)
-            hidden = torch.stack([user.hidden for user in live])
+            hidden = self.pool.state[1].index_select(0, torch.tensor([user.slot for user in live]))  # (B, d)
         else:
             for q, user in zip(queries, live):
                 user.history.extend(q.append)
@@ -232,25 +243,36 @@ class Recommender:
         if user is None:
             known = self.user_index.get(q.user)
             user = LiveUser(history=[] if known is None else [int(i) for i in self.sequence(known)])
-            if user.history and self.history_mode == "whole":
-                state, hidden = self._encode([user.history])
-                user.state, user.hidden = detach_state(state), hidden[0]
         self.users[q.user] = user
         while len(self.users) > self.max_users:
-            self.users.popitem(last=False)
+            dropped = self.users.popitem(last=False)[1]
+            if self.pool is not None:
+                self.dropped.append(dropped)
         return user
+
+    def _load_states(self, live: list[LiveUser]) -> None:
+        """A slot for each user without one, holding the state after their history: one encoding of the histories of
+        the users of the training data (their first request), the empty state for the others."""
+        new = [user for user in live if user.slot is None]
+        if not new:
+            return
+        for user, slot in zip(new, self.pool.take(len(new))):
+            user.slot = slot
+        known, empty = [u for u in new if u.history], [u for u in new if not u.history]
+        if known:
+            self.pool.write(torch.tensor([u.slot for u in known]), list(self._encode([u.history for u in known])))
+        if empty:
+            self.pool.write(torch.tensor([u.slot for u in empty]), self.pool.empty(len(empty)))
 
     def _step_states(self, appends: list[list[int]], live: list[LiveUser]) -> None:
         """Carry each user's state over their appended items: position by position, every user with an item at that
-        position in one batched step."""
+        position in one batched step, read from and written back to the pool."""
         for t in range(max((len(a) for a in appends), default=0)):
             rows = [r for r, a in enumerate(appends) if len(a) > t]
-            states = [live[r].state if live[r].state is not None else self.encoder.init_state(1) for r in rows]
-            items = torch.tensor([appends[r][t] for r in rows])
-            state, hidden = self.encoder.step(cat_states(states), items)
-            for j, r in enumerate(rows):
-                live[r].state = detach_state(select_state(state, slice(j, j + 1)))
-                live[r].hidden = hidden[j]
+            slots = torch.tensor([live[r].slot for r in rows])
+            state, _ = self.pool.read(slots)
+            self.pool.write(slots, list(self.encoder.step(state, torch.tensor([appends[r][t] for r in rows]))))
+            for r in rows:
                 live[r].history.append(appends[r][t])
 
     # ---- ranking -----------------------------------------------------------------------------------------------------

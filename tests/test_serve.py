@@ -214,7 +214,7 @@ def test_window_mode_equals_predict_for_every_history(trained):
         window.query(UserRequest(user="nobody"))
 
 
-def tiny_recommender(encoder_cls, history, **options):
+def tiny_recommender(encoder_cls, history, max_users=100_000, **options):
     import numpy as np
 
     from m2rec_lightning import SequentialRecommender
@@ -224,7 +224,64 @@ def tiny_recommender(encoder_cls, history, **options):
     model = SequentialRecommender(lambda n, t: encoder_cls(n, t, hidden_size=16, max_len=MAX_LEN, **options),
                                   num_items=30)
     items = np.array([-1] + [100 + i for i in range(30)])
-    return Recommender(model, items, np.array([7]), lambda u: np.arange(1, 13), history=history)
+    return Recommender(model, items, np.array([7]), lambda u: np.arange(1, 13), history=history, max_users=max_users)
+
+
+def assert_same_answer(got: dict, expected: dict) -> None:
+    assert got["items"] == expected["items"]
+    assert got["scores"] == pytest.approx(expected["scores"], abs=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["m2rec", "sasrec"])
+def test_live_users_answer_as_their_whole_history_in_batches(encoder):
+    """history "whole" keeps users' states in a pool of slots: batches of new, known and repeated users (a user asked
+    twice in a batch sees the first request's appends) answer as the stateless call with each user's whole history."""
+    import random
+
+    from m2rec_lightning import M2RecEncoder, SASRecEncoder
+
+    r = (tiny_recommender(M2RecEncoder, "whole", mamba_backend="torch") if encoder == "m2rec"
+         else tiny_recommender(SASRecEncoder, "whole"))
+    rng = random.Random(0)
+    expected = {"7": [100 + i for i in range(12)]}  # the training user's sequence (internal ids 1..12), raw ids
+    for _ in range(6):
+        batch = [UserRequest(user=rng.choice([7, "a", "b", "c"]), append=rng.sample(range(100, 130), rng.randint(1, 3)),
+                             k=5) for _ in range(6)]
+        histories = []
+        for request in batch:
+            expected.setdefault(str(request.user), []).extend(request.append)
+            histories.append(list(expected[str(request.user)]))
+        for request, history, answer in zip(batch, histories, r.users_step([r.query(q) for q in batch])):
+            assert_same_answer(answer, r.recommend([r.query(RecommendRequest(items=history, k=5))])[0])
+    assert r.pool.size == 4  # one slot per user
+
+
+def test_live_users_beyond_max_users_are_dropped_and_their_slots_reused():
+    """With fewer users kept than asked, the least recently used are dropped (and start again when they come back);
+    users dropped within a batch are still answered, and the pool stays within max_users plus a batch."""
+    import random
+    from collections import OrderedDict
+
+    from m2rec_lightning import M2RecEncoder
+
+    r = tiny_recommender(M2RecEncoder, "whole", max_users=3, mamba_backend="torch")
+    rng = random.Random(1)
+    kept: OrderedDict[str, list[int]] = OrderedDict()  # what the server should keep, least recently used first
+    for _ in range(8):
+        users = rng.sample([7, "a", "b", "c", "d", "e"], 4)  # distinct: one round, in request order
+        batch = [UserRequest(user=u, append=rng.sample(range(100, 130), rng.randint(1, 2)), k=5) for u in users]
+        histories = []
+        for request in batch:
+            key = str(request.user)
+            history = kept.pop(key, [100 + i for i in range(12)] if key == "7" else [])
+            kept[key] = history + request.append
+            histories.append(kept[key])
+            while len(kept) > 3:
+                kept.popitem(last=False)
+        for history, answer in zip(histories, r.users_step([r.query(q) for q in batch])):
+            assert_same_answer(answer, r.recommend([r.query(RecommendRequest(items=history, k=5))])[0])
+        assert list(r.users) == list(kept)
+        assert r.pool.size <= 3 + 4
 
 
 def test_sasrec_reads_its_last_max_len_items_in_both_modes():
@@ -276,3 +333,14 @@ def test_candidates_with_exclude_seen_leave_out_the_history():
                         r.query(RecommendRequest(items=history, k=4, candidates=candidates))])
     assert sorted(kept[0]["items"]) == [110, 111]
     assert sorted(kept[1]["items"]) == sorted(candidates)
+
+
+def test_a_visitor_whose_first_append_is_refused_stays_unknown():
+    from m2rec_lightning import M2RecEncoder
+
+    r = tiny_recommender(M2RecEncoder, "whole", mamba_backend="torch")
+    r.max_history = 2
+    refused = r.users_step([r.query(UserRequest(user="v", append=[101, 102, 103]))])[0]
+    assert isinstance(refused, RequestError) and refused.status == 413
+    with pytest.raises(RequestError, match="unknown user 'v'"):  # a 404, not a ranking of no history
+        r.query(UserRequest(user="v"))

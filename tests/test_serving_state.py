@@ -10,7 +10,7 @@ from torch import Tensor
 
 from m2rec_lightning.models.m2rec import M2RecEncoder
 from m2rec_lightning.models.sasrec import SASRecEncoder
-from m2rec_lightning.models.state import cat_states, detach_state, map_state, select_state
+from m2rec_lightning.models.state import StatePool, cat_states, map_state, select_state
 from m2rec_lightning.ops.mamba import Mamba
 
 N_ITEMS, TEXT_DIM, D = 40, 12, 16
@@ -186,8 +186,8 @@ def test_states_stack_select_and_are_not_changed_by_a_step() -> None:
     gen = torch.Generator().manual_seed(5)
     ids, _ = histories(gen, batch=4, length=10)
     state, _ = encoder.encode_state(ids)
-    before = detach_state(state)
-    users = [detach_state(select_state(state, slice(i, i + 1))) for i in range(4)]
+    before = map_state(torch.clone, state)
+    users = [select_state(state, slice(i, i + 1)) for i in range(4)]
     restacked = cat_states([users[2], users[0]])
     item = torch.tensor([7, 9])
     _, hidden = encoder.step(restacked, item)
@@ -255,3 +255,84 @@ def test_kept_constants_follow_a_fused_optimizer_step():
         filt(h).square().sum().backward()
         opt.step()
         opt.zero_grad()
+
+
+def test_step_constants_follow_training_conversion_and_loading() -> None:
+    """The kept constants are recomputed after an optimizer step in training mode, dtype conversions (new storages)
+    and a load_state_dict that assigns other tensors in place of the parameters."""
+    options = dict(n_layers=2, residual="gated")
+    encoder = make_m2rec(options)
+    ids = torch.randint(1, N_ITEMS + 1, (2, 6), generator=torch.Generator().manual_seed(7))
+
+    def steps_equal_forward(tolerance: float = ATOL) -> None:
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            torch.testing.assert_close(hidden, expected[:, t], atol=tolerance, rtol=tolerance)
+
+    steps_equal_forward()  # fills the kept constants
+    encoder.train()
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    encoder(ids).square().sum().backward()
+    optimizer.step()
+    encoder.eval()
+    steps_equal_forward()
+    encoder.float()
+    steps_equal_forward(1e-5)
+    encoder.double()
+    steps_equal_forward()
+    encoder.load_state_dict(make_m2rec(options, seed=1).state_dict(), assign=True)
+    steps_equal_forward()
+
+
+def test_state_pool_reads_writes_grows_and_reuses_slots() -> None:
+    encoder = make_m2rec(dict(n_layers=2))
+    gen = torch.Generator().manual_seed(8)
+    ids, _ = histories(gen, batch=5, length=9)
+    state, _ = encoder.encode_state(ids)
+    doubling = StatePool(encoder.init_state, limit=16)
+    doubling.take(3)
+    doubling.take(1)
+    assert doubling.size == 6  # doubles below the limit
+    pool = StatePool(encoder.init_state, limit=4)
+    slots = pool.take(3)
+    assert pool.size == 3 and sorted(slots) == [0, 1, 2]
+    slots += pool.take(2)
+    assert pool.size == 5 and len(set(slots)) == 5  # beyond the limit, only as far as needed
+    pool.write(torch.tensor(slots), state)
+    order = torch.tensor([3, 0, 4])
+    read = pool.read(torch.tensor([slots[i] for i in order]))
+    map_state(lambda a, b: torch.testing.assert_close(a, b, atol=0, rtol=0), read, select_state(state, order))
+    # a read is a copy: stepping it leaves the pool as it was
+    item = torch.tensor([3, 5, 7])
+    stepped, hidden = encoder.step(read, item)
+    close(hidden, encoder.step(select_state(state, order), item)[1])
+    map_state(lambda a, b: torch.testing.assert_close(a, b, atol=0, rtol=0), pool.read(torch.tensor(slots)), state)
+    # written back to its slots, the other slots untouched
+    pool.write(torch.tensor([slots[i] for i in order]), stepped)
+    again = pool.read(torch.tensor(slots))
+    map_state(lambda a, b: torch.testing.assert_close(a, b, atol=0, rtol=0), select_state(again, order), stepped)
+    map_state(lambda a, b: torch.testing.assert_close(a, b, atol=0, rtol=0), select_state(again, [1, 2]),
+              select_state(state, [1, 2]))
+    # given-back slots are taken again before the pool grows
+    pool.give([slots[1], slots[2]])
+    assert sorted(pool.take(2)) == sorted([slots[1], slots[2]]) and pool.size == 5
+    pool.take(1)
+    assert pool.size == 6
+
+
+def test_step_of_an_encoder_made_under_inference_mode() -> None:
+    """Parameters made under torch.inference_mode have no version counter, so step keeps no constants for them (and
+    recomputes them each step) instead of failing."""
+    with torch.inference_mode():
+        encoder = make_m2rec(dict())
+        ids = torch.randint(1, N_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(9))
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            close(hidden, expected[:, t])
+        encoder.blocks[0].fourier.weight.mul_(2.0)  # not seen by a version: nothing was kept
+        state, expected = encoder.init_state(2), encoder(ids)
+        for t in range(ids.size(1)):
+            state, hidden = encoder.step(state, ids[:, t])
+            close(hidden, expected[:, t])

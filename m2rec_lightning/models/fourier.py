@@ -65,7 +65,8 @@ class CausalFourierFilter(nn.Module):
             if torch.is_grad_enabled():
                 k = self.kernel(length, compute)  # (L, d)
             else:  # evaluation: one inverse FFT per change of the weights, not one per batch
-                k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))
+                k = step_constant(self, f"_step_kernel_{compute}", [self], [],
+                                  lambda: self.kernel(dtype=compute).contiguous())
                 k = k[:length]
             # the reversed kernel followed by zeros, R[m] = k[L-1-m] (0 for m >= L), read at m = L-1-t+s gives
             # k[t-s] for s <= t and 0 after t: rows of a (2L, d) table instead of a gather of h and a mask
@@ -99,12 +100,12 @@ class CausalFourierFilter(nn.Module):
         """The input history before the first input: (B, max_len, d) zeros, newest first."""
         return self.weight.new_zeros(batch_size, self.max_len, self.hidden_size)
 
-    @torch.no_grad()
     def step(self, history: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """One more input per row: history (B, max_len, d) of the inputs before t, newest first, and h (B, d) = input
         t -> (history including t, (B, d) y[t] = sum_j k[j] h[t-j]). A shift register, not a ring buffer: every row
         of a batch then reads tap j at the same slot whatever its history length, and the copy costs no more than
-        the max_len·d multiply-adds of the output."""
+        the max_len·d multiply-adds of the output. Inference: call it without autograd (M2RecEncoder.step does; a
+        no_grad of its own would cost a context switch per step)."""
         history = torch.cat([h[:, None], history[:, :-1]], dim=1)  # (B, max_len, d): history[:, j] = h[t-j]
         return history, self._apply_kernel(history)
 
@@ -119,9 +120,13 @@ class CausalFourierFilter(nn.Module):
 
     def _apply_kernel(self, history: Tensor) -> Tensor:  # (B, max_len, d) newest first -> (B, d)
         compute = torch.float64 if history.dtype == torch.float64 else torch.float32
-        # an inverse FFT of max_len+1 bins: once, not at every step
-        k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))  # (K, d)
-        return (history.to(compute) * k).sum(dim=1).to(history.dtype)
+        # an inverse FFT of max_len+1 bins: once, not at every step; made contiguous, as irfft along dim 0 returns it
+        # column-major, which makes the product below three times slower
+        k = step_constant(self, f"_step_kernel_{compute}", [self], [],
+                          lambda: self.kernel(dtype=compute).contiguous())  # (K, d)
+        if history.dtype == compute:  # no no-op casts: at batch 1 each op's dispatch costs more than its arithmetic
+            return torch.linalg.vecdot(history, k, dim=1)  # one op for the mul and sum
+        return torch.linalg.vecdot(history.to(compute), k, dim=1).to(history.dtype)
 
 class _CausalConv(torch.autograd.Function):
     """y[t] = sum_{j<=t} k[j] x[t-j] along time, x (B, L, d), k (L, d), by FFTs zero-padded to n = 2L, with a

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.mamba import Mamba
@@ -155,7 +156,26 @@ class M2RecBlock(nn.Module):
             streams.append(out)
         if s is not None:
             streams.append(s)
-        return M2RecBlockState(temporal, fourier), self.fuse(h, streams)
+        return M2RecBlockState(temporal, fourier), self._fuse_step(h, streams)
+
+    def _fuse_step(self, h: Tensor, streams: list[Tensor]) -> Tensor:  # h and each stream (B, d) -> (B, d)
+        """`fuse` in eval mode with fewer ops, for `step`, where each op's dispatch costs more than its arithmetic: the
+        gate's concatenation is the stacked streams' flat view and its weighted sum one bmm, and dropout is skipped."""
+        if self.gate is None:
+            mixed = streams[0]
+        elif self.gate.proj is None:
+            mixed = sum(streams[1:], streams[0])
+        else:
+            stacked = torch.stack(streams, dim=1)  # (B, n, d); flattened, the concatenation of the streams
+            alpha = F.linear(stacked.flatten(1), self.gate.proj.weight, self.gate.proj.bias).softmax(dim=-1)
+            mixed = torch.bmm(alpha[:, None], stacked)[:, 0]  # (B, d)
+        if self.skip_gate is not None:
+            g = torch.sigmoid(F.linear(torch.cat([h, mixed], dim=-1), self.skip_gate.weight, self.skip_gate.bias))
+            h, mixed = g * h, (1 - g) * mixed
+        norm, ffn = self.norm, self.ffn
+        h = F.layer_norm(h + mixed if self.residual else mixed, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        y = F.linear(F.gelu(F.linear(h, ffn.w_1.weight, ffn.w_1.bias)), ffn.w_2.weight, ffn.w_2.bias)
+        return F.layer_norm(h + y, ffn.norm.normalized_shape, ffn.norm.weight, ffn.norm.bias, ffn.norm.eps)
 
     def prefill(self, h: Tensor, s_last: Tensor | None, lengths: Tensor) -> tuple[M2RecBlockState, Tensor]:
         """The state after the first lengths[i] positions of each row and the output at lengths[i] - 1: h (B, L, d)
@@ -317,8 +337,8 @@ class M2RecEncoder(SequenceEncoder):
         return self.semantic(rows.view(*input_ids.shape, -1))
 
     def _projected_text(self) -> Tensor:  # (N+1, d), recomputed when the text table or the projection changes
-        sources = [self.text_table, *self.semantic.parameters()]
-        return step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))
+        return step_constant(self, "_step_text", [self.semantic], [self.text_table],
+                             lambda: self.semantic(self.text_table))
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight
@@ -340,8 +360,7 @@ class M2RecEncoder(SequenceEncoder):
         s = None
         if self.semantic is not None:  # the projected text of every item, once: a step then only looks its row up
             self._check_text_filled()
-            sources = [self.text_table, *self.semantic.parameters()]
-            s = step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))[item_ids]  # (B, d)
+            s = self._projected_text()[item_ids]  # (B, d)
         blocks = []
         for block, block_state in zip(self.blocks, state.blocks):
             block_state, h = block.step(block_state, h, s)

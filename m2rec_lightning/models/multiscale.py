@@ -9,17 +9,19 @@ A trailing incomplete window is never read, so it is not computed. With right pa
 ends after the last real item and is only read at padding positions.
 
 Step by step (`step`, for serving), scale s keeps the sum and count of its open window; when the window completes, its
-mean is one step of the scale's Mamba, whose output the scale then repeats until the next window completes.
+mean is one step of the scale's Mamba, whose output the scale then repeats until the next window completes. The
+scales' states are stacked and all scales step together, each kept only where its window completes (see `step`).
 """
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.mamba import Mamba
-from .state import MambaState, PooledScaleState, where_state
+from ..ops.mamba import Mamba, step_stacked, step_weights
+from .state import MultiScaleState, step_constant
 
 
 def pool_windows(h: Tensor, scale: int) -> Tensor:
@@ -120,66 +122,77 @@ class MultiScaleMamba(nn.Module):
             out = torch.addcmul(out, p, w_s)
         return out
 
-    def init_state(self, batch_size: int) -> list[MambaState | PooledScaleState]:
-        """Each scale's state before the first input (a MambaState for scale 1, else a PooledScaleState)."""
-        states = []
-        for scale, mamba in zip(self.scales, self.mambas):
-            empty = mamba.init_state(batch_size)
-            if scale == 1:
-                states.append(empty)
-                continue
-            zeros = mamba.in_proj.weight.new_zeros(batch_size, mamba.d_model)  # (B, d)
-            count = torch.zeros(batch_size, dtype=torch.long, device=zeros.device)
-            states.append(PooledScaleState(window_sum=zeros, window_count=count, mamba=empty, output=zeros))
-        return states
+    def init_state(self, batch_size: int) -> MultiScaleState:
+        """The state before the first input: empty windows, each Mamba's initial state, zero outputs."""
+        empty = self.mambas[0].init_state(batch_size)
+        n, w = len(self.scales), self.mambas[0].in_proj.weight
+        return MultiScaleState(
+            window_sum=w.new_zeros(batch_size, n, w.size(0)),
+            window_count=torch.zeros(batch_size, n, dtype=torch.long, device=w.device),
+            conv=empty.conv[:, None].repeat(1, n, 1, 1), ssm=empty.ssm[:, None].repeat(1, n, 1, 1),
+            output=w.new_zeros(batch_size, n, w.size(1)),
+        )
+
+    def _step_constants(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, object]:
+        """(in_proj / s of all scales stacked and transposed (d, S·2·E·D), its biases / s or None, window lengths s
+        (S,), mixing weights (S,) or None with one scale, the Mambas' StepWeights)."""
+        def compute():
+            in_proj = [m.in_proj for m in self.mambas]
+            scales = torch.tensor(self.scales, device=in_proj[0].weight.device)
+            weight = torch.cat([p.weight / s for p, s in zip(in_proj, self.scales)]).T.contiguous()
+            bias = torch.cat([p.bias / s for p, s in zip(in_proj, self.scales)]) if in_proj[0].bias is not None else None
+            mix = self.scale_weights().to(weight.dtype) if self.scale_logits is not None else None
+            return weight, bias, scales, mix, step_weights(list(self.mambas))
+
+        return step_constant(self, "_step_constants_kept", [self], [], compute)
+
+    def step(self, state: MultiScaleState, h: Tensor) -> tuple[MultiScaleState, Tensor]:
+        """One more input per row: h (B, d) = input t -> (new state, (B, d) output at position t, as forward's).
+
+        Every scale's Mamba steps on its open window's mean, and the result is kept only in the rows and scales whose
+        window completes at t (always, for scale 1; the others step with Δ = 0, which leaves their scan state as it
+        was): S Mamba steps as one cost less at small batches than stepping each scale on its own where needed, and
+        need no host-side test of which windows complete. Inference: call it without autograd (M2RecEncoder.step
+        does)."""
+        weight, bias, scales, mix, mambas = self._step_constants()
+        mean = torch.addmm(state.window_sum.flatten(1), h, weight).view_as(state.window_sum)  # (B, S, 2·E·D)
+        if bias is not None:
+            mean = mean + bias.view_as(mean[0])
+        if max(self.scales) == 1:  # every window completes at every step
+            window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean)
+            new = MultiScaleState(state.window_sum, state.window_count, window[..., 1:], ssm, out)
+        else:
+            count = state.window_count + 1  # (B, S)
+            complete = count == scales  # (B, S)
+            done = complete.unsqueeze(-1)  # (B, S, 1)
+            window, ssm, out = step_stacked(mambas, state.conv, state.ssm, mean, steps=done.to(mean.dtype))
+            new = MultiScaleState(
+                window_sum=mean.masked_fill(done, 0.0), window_count=count.masked_fill(complete, 0),
+                conv=torch.where(done.unsqueeze(-1), window[..., 1:], state.conv), ssm=ssm,
+                output=torch.where(done, out, state.output),
+            )
+        return new, new.output[:, 0] if mix is None else torch.matmul(mix, new.output)
 
     @torch.no_grad()
-    def step(
-        self, states: list[MambaState | PooledScaleState], h: Tensor
-    ) -> tuple[list[MambaState | PooledScaleState], Tensor]:
-        """One more input per row: h (B, d) = input t -> (new states, (B, d) output at position t, as forward's)."""
-        paths, new = [], []
-        for scale, mamba, state in zip(self.scales, self.mambas, states):
-            if scale == 1:
-                state, out = mamba.step(state, h)
-                new.append(state)
-                paths.append(out)
-                continue
-            total, count = state.window_sum + h, state.window_count + 1
-            done = count == scale  # (B,) rows whose window completes at t
-            if done.any():  # one Mamba step per window: most steps of a batch of one skip it
-                stepped, out = mamba.step(state.mamba, total / scale)  # the window's mean, as pool_windows
-                state = PooledScaleState(
-                    window_sum=torch.where(done[:, None], 0.0, total),
-                    window_count=torch.where(done, 0, count),
-                    mamba=where_state(done, stepped, state.mamba),
-                    output=torch.where(done[:, None], out, state.output),
-                )
-            else:
-                state = PooledScaleState(window_sum=total, window_count=count, mamba=state.mamba, output=state.output)
-            new.append(state)
-            paths.append(state.output)
-        return new, self.mix(paths)
-
-    @torch.no_grad()
-    def prefill(self, h: Tensor, lengths: Tensor) -> tuple[list[MambaState | PooledScaleState], Tensor]:
-        """The states after the first lengths[i] inputs of each row, and the output at position lengths[i] - 1:
-        h (B, L, d), lengths (B,) in [1, L] -> (states, (B, d)). Any L: each Mamba reads the whole prefix."""
-        states, paths = [], []
+    def prefill(self, h: Tensor, lengths: Tensor) -> tuple[MultiScaleState, Tensor]:
+        """The state after the first lengths[i] inputs of each row, and the output at position lengths[i] - 1:
+        h (B, L, d), lengths (B,) in [1, L] -> (state, (B, d)). Any L: each Mamba reads the whole prefix."""
+        sums, counts, convs, ssms, outs = [], [], [], [], []
         positions = torch.arange(h.size(1), device=h.device)  # (L,)
         for scale, mamba in zip(self.scales, self.mambas):
-            if scale == 1:
-                state, out = mamba.prefill(h, lengths)
-                states.append(state)
-                paths.append(out)
-                continue
             windows = lengths // scale  # (B,) complete windows; the output at lengths-1 is the last one's
-            state, out = mamba.prefill(pool_windows(h, scale), windows)  # zero output where windows == 0
+            state, out = mamba.prefill(h if scale == 1 else pool_windows(h, scale), windows)  # zero if no window
             start = windows * scale  # (B,) first position of the open window
             open_window = (positions >= start[:, None]) & (positions < lengths[:, None])  # (B, L)
-            states.append(PooledScaleState(
-                window_sum=(h * open_window[:, :, None]).sum(dim=1), window_count=lengths - start, mamba=state,
-                output=out,
-            ))
-            paths.append(out)
-        return states, self.mix(paths)
+            count = lengths - start  # (B,)
+            # in_proj over the open window, summed and divided by s: (W · (sum of the inputs) + count · b) / s
+            total = F.linear((h * open_window[:, :, None]).sum(dim=1), mamba.in_proj.weight)
+            if mamba.in_proj.bias is not None:
+                total = total + count[:, None] * mamba.in_proj.bias
+            sums.append(total / scale)
+            counts.append(count)
+            convs.append(state.conv)
+            ssms.append(state.ssm)
+            outs.append(out)
+        state = MultiScaleState(*(torch.stack(parts, dim=1) for parts in (sums, counts, convs, ssms, outs)))
+        return state, self.mix(outs)

@@ -6,7 +6,7 @@ encoders (no history is re-read). `encoder.encode_state(input_ids)` builds the s
 (the prefill); `encoder.init_state(batch)` is the state of users with no history yet.
 
 Every state is a tree of dataclasses and lists whose leaves are tensors with the batch (one row per user) in dim 0,
-so the helpers below stack, select, merge and detach any of them without knowing its layout. Absent parts are None.
+so the helpers below stack, select and pool any of them without knowing its layout. Absent parts are None.
 """
 from __future__ import annotations
 
@@ -33,29 +33,33 @@ class MambaState:
 
 
 @dataclass
-class PooledScaleState:
-    """One scale s > 1 of the multi-scale Mamba after t inputs (see multiscale.py for the alignment).
+class MultiScaleState:
+    """The multi-scale Mamba after t inputs, its S scales stacked in dim 1 so that one step updates them all (see
+    multiscale.py for the alignment; scale s's Mamba has read t // s window means).
 
-    window_sum: (B, d) sum of the inputs of the open window (positions t - t % s .. t-1).
-    window_count: (B,) how many inputs the open window holds, t % s, in [0, s).
-    mamba: the scale's Mamba after the t // s complete windows.
-    output: (B, d) that Mamba's output on the last complete window, zeros before the first; what this scale
-        contributes at every position until the next window completes.
+    window_sum: (B, S, 2·E·D) sum of in_proj of the inputs of each scale's open window (positions t - t % s .. t-1),
+        divided by s: in_proj is affine, so once the window completes this is in_proj of its mean, the scale's Mamba
+        input.
+    window_count: (B, S) how many inputs each open window holds, t % s, in [0, s).
+    conv, ssm: (B, S, E·D, d_conv-1) and (B, S, E·D, N), each scale's MambaState.
+    output: (B, S, d) each scale's Mamba output on its last complete window, zeros before the first; what the scale
+        contributes at every position until its next window completes.
     """
 
     window_sum: Tensor
     window_count: Tensor
-    mamba: MambaState
+    conv: Tensor
+    ssm: Tensor
     output: Tensor
 
 
 @dataclass
 class M2RecBlockState:
-    """One M2Rec block: temporal[i] is scale i's state (MambaState for scale 1, else PooledScaleState); fourier is
-    (B, max_len, d) the last max_len block inputs, newest first (fourier[:, j] = input t-1-j, zeros before the first
-    input), or None without the Fourier stream."""
+    """One M2Rec block: temporal is the multi-scale Mamba's state; fourier is (B, max_len, d) the last max_len block
+    inputs, newest first (fourier[:, j] = input t-1-j, zeros before the first input), or None without the Fourier
+    stream."""
 
-    temporal: list[MambaState | PooledScaleState]
+    temporal: MultiScaleState
     fourier: Tensor | None
 
 
@@ -107,14 +111,59 @@ def cat_states(states: Sequence[Any]) -> Any:
     return map_state(lambda *ts: torch.cat(ts), *states)
 
 
-def where_state(mask: Tensor, a: Any, b: Any) -> Any:
-    """Row by row, a where mask (B,) is true, else b."""
-    return map_state(lambda x, y: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, y), a, b)
+class StatePool:
+    """The states of many users, for a server: one row (a slot) per user in each leaf of one preallocated state, so a
+    batch of users is read with one index per leaf and written back with one index_copy_ per leaf (a state kept per
+    user costs a select, a cat and a copy per user and leaf instead).
+
+    The caller takes and gives back slots (it decides which users to keep); a slot's rows hold nothing meaningful
+    until written. The tensors grow by doubling up to `limit` slots and beyond it only as far as slots are taken, and
+    never shrink: given-back slots are reused, so memory follows the most slots held at once.
+
+    Args:
+        empty: n -> the state of n users (its layout; any values).
+        limit: slots up to which the tensors grow by doubling.
+    """
+
+    def __init__(self, empty: Callable[[int], Any], limit: int) -> None:
+        self.empty, self.limit = empty, limit
+        self.state: Any = None  # leaves (size, ...)
+        self.size = 0
+        self.free: list[int] = []
+
+    def take(self, n: int) -> list[int]:
+        """n free slots."""
+        if n > len(self.free):
+            self._grow(n - len(self.free))
+        taken = self.free[len(self.free) - n:]
+        del self.free[len(self.free) - n:]
+        return taken
+
+    def give(self, slots: Sequence[int]) -> None:
+        self.free.extend(slots)
+
+    def read(self, slots: Tensor) -> Any:
+        """The states in these slots, (len(slots), ...) copies."""
+        return map_state(lambda t: t.index_select(0, slots), self.state)  # 4x faster than t[slots] for big rows
+
+    def write(self, slots: Tensor, state: Any) -> None:
+        """Store a batch of states (len(slots), ...) in these slots."""
+        map_state(lambda pool, new: pool.index_copy_(0, slots, new), self.state, state)
+
+    def _grow(self, short: int) -> None:
+        size = max(self.size + short, min(2 * self.size, self.limit))
+        extra = self.empty(size - self.size)
+        self.state = extra if self.state is None else cat_states([self.state, extra])
+        self.free.extend(range(size - 1, self.size - 1, -1))  # taken from the end: lowest slots first
+        self.size = size
 
 
-def detach_state(state: Any) -> Any:
-    """A copy to keep per user: detached from autograd and owning its memory (not a view into a batch)."""
-    return map_state(lambda t: t.detach().clone(), state)
+@dataclass
+class _Kept:
+    modules: list[nn.Module]  # the source modules and their submodules, listed when the value was computed
+    key: list[tuple[int, int]]  # (address, version) of every source tensor
+    storages: list  # the sources' memory, held so that a replacement never reuses an address in the key
+    value: Any
 
 
 _optimizer_steps = 0  # optimizer steps taken in this process (see step_constant)
@@ -130,14 +179,36 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def step_constant(module: nn.Module, name: str, sources: Sequence[Tensor], compute: Callable[[], Tensor]) -> Tensor:
-    """compute(), a tensor that depends on the given parameters only (not on the item), kept on the module under
-    `name` for the next step. It is recomputed when a source changes: in place (load_state_dict and manual edits bump
-    the tensor's version; an optimizer step, fused or not, is counted by a hook) or by replacement (.to(), .double():
-    a new storage)."""
-    key = (_optimizer_steps, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
-    kept = module.__dict__.get(name)
-    if kept is None or kept[0] != key:
-        kept = key, compute()
-        module.__dict__[name] = kept  # a plain attribute: not a buffer, so not in the state dict
-    return kept[1]
+def _source_tensors(modules: list[nn.Module], tensors: Sequence[Tensor]) -> list[Tensor]:
+    # the modules' own dicts, not .parameters(): a quarter of the cost, and it sees a parameter replaced by assignment
+    return [*tensors, *(t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None)]
+
+
+def _key(tensors: list[Tensor]) -> list[tuple[int, int]]:
+    return [(_optimizer_steps, 0), *((t.data_ptr(), t._version) for t in tensors)]
+
+
+def step_constant(owner: nn.Module, name: str, modules: Sequence[nn.Module], tensors: Sequence[Tensor],
+                  compute: Callable[[], Any]) -> Any:
+    """compute(): what a step needs that depends on parameters only (not on the item), kept on `owner` under `name`
+    for the next step. It reads the parameters and buffers of `modules` (and their submodules) and `tensors`, and is
+    recomputed when any of them changes: in place (load_state_dict and manual edits bump the tensor's version; an
+    optimizer step, fused or not, is counted by a hook) or by replacement (.to(), .double(),
+    load_state_dict(assign=True): another storage). Checking costs about 0.25 µs per tensor; the submodules are listed when the value is computed. Parameters made under
+    torch.inference_mode have no version to check, so with them nothing is kept: compute() runs at every step."""
+    kept = owner.__dict__.get(name)
+    if kept is not None:
+        try:
+            if _key(_source_tensors(kept.modules, tensors)) == kept.key:
+                return kept.value
+        except RuntimeError:  # an inference tensor: see below
+            pass
+    listed = [m for module in modules for m in module.modules()]
+    sources = _source_tensors(listed, tensors)
+    value = compute()
+    try:
+        # a plain attribute: not a buffer, so not in the state dict
+        owner.__dict__[name] = _Kept(listed, _key(sources), [t.untyped_storage() for t in sources], value)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        owner.__dict__.pop(name, None)
+    return value

@@ -9,6 +9,8 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -287,24 +289,10 @@ class Mamba(nn.Module):
     def step(self, state: MambaState, u: Tensor) -> tuple[MambaState, Tensor]:
         """One more input per row: state after t inputs, u (batch, d_model) = input t -> (state after t+1 inputs,
         (batch, d_model) output t), equal to forward's output at position t on the whole sequence. Inference only."""
-        x, z = self.in_proj(u).chunk(2, dim=-1)  # (batch, E·D) each
-        window = torch.cat([state.conv, x[:, :, None]], dim=2)  # (batch, E·D, d_conv): inputs t-d_conv+1 .. t
-        x = (window * self.conv1d.weight[:, 0]).sum(-1)  # the depthwise conv at t alone
-        if self.conv1d.bias is not None:
-            x = x + self.conv1d.bias
-        x = self.act(x)  # (batch, E·D)
-        dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        h = state.ssm
-        dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(h.dtype) + _fp32(self.dt_proj.bias).to(h.dtype))
-        A = step_constant(self, "_step_A", [self.A_log], lambda: -torch.exp(_fp32(self.A_log)).to(h.dtype))  # (E·D, N)
-        xs = x.to(h.dtype)
-        # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t
-        # (fused ops where they exist: at batch 1 each op's dispatch costs more than its arithmetic)
-        dBx = (dt * xs)[:, :, None] * B.to(h.dtype)[:, None, :]  # (batch, E·D, N)
-        h = torch.addcmul(dBx, torch.exp(dt[:, :, None] * A), h)  # (batch, E·D, N)
-        y = torch.addcmul(torch.bmm(h, C.to(h.dtype)[:, :, None])[:, :, 0], _fp32(self.D).to(h.dtype), xs)
-        y = y * F.silu(z.to(h.dtype))
-        return MambaState(conv=window[:, :, 1:], ssm=h), self.out_proj(y.to(u.dtype))
+        weights = step_constant(self, "_step_weights", [self], [], lambda: step_weights([self]))
+        xz = F.linear(u, self.in_proj.weight, self.in_proj.bias)[:, None]  # (batch, 1, 2·E·D)
+        window, h, y = step_stacked(weights, state.conv[:, None], state.ssm[:, None], xz)
+        return MambaState(conv=window[:, 0, :, 1:], ssm=h[:, 0]), y[:, 0]
 
     @torch.no_grad()
     def prefill(self, hidden_states: Tensor, lengths: Tensor) -> tuple[MambaState, Tensor]:
@@ -388,3 +376,81 @@ def _depthwise(padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """The valid depthwise convolution along time of padded (b, K-1+L, C) with weight (C, 1, K) -> (b, L, C)."""
     y = F.conv2d(padded.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), bias, groups=weight.size(0))
     return y.squeeze(2).transpose(1, 2)  # (b, C, 1, L) channels-last -> (b, L, C)
+
+
+@dataclass
+class StepWeights:
+    """The constants of a step of S Mambas of the same sizes, stacked in dim 0 (see `step_weights`)."""
+
+    conv_weight: Tensor  # (S, E·D, d_conv)
+    conv_bias: Tensor | None  # (S, E·D)
+    x_proj: Tensor  # (S, E·D, E·D + 2N): x -> [Δ before its bias, B, C], dt_proj folded into x_proj's Δ rows
+    dt_bias: Tensor  # (S, E·D), in the scan's dtype
+    A: Tensor  # (S, E·D, N), in the scan's dtype
+    D: Tensor  # (S, E·D), in the scan's dtype
+    out_proj: Tensor  # (S, E·D, d_model)
+    out_bias: Tensor | None  # (S, d_model)
+
+
+def step_weights(mambas: Sequence[Mamba]) -> StepWeights:
+    """The step constants of these Mambas (same sizes, biases alike). dt_proj · x_proj's Δ rows is one (E·D, E·D)
+    matrix, multiplied in float64 once: one matmul less per step, and no rounding of the rank-R intermediate."""
+    first = mambas[0]
+    dtype, scan = first.in_proj.weight.dtype, _scan_dtype(first.in_proj.weight)
+
+    def stack(part) -> Tensor | None:
+        parts = [part(m) for m in mambas]
+        return None if parts[0] is None else torch.stack(parts)
+
+    def x_proj(m: Mamba) -> Tensor:  # (E·D, E·D + 2N)
+        w_dt, w_bc = m.x_proj.weight.split([m.dt_rank, 2 * m.d_state])  # (R, E·D), (2N, E·D)
+        folded = (m.dt_proj.weight.double() @ w_dt.double()).to(dtype)  # (E·D, E·D)
+        return torch.cat([folded, w_bc]).T
+
+    return StepWeights(
+        conv_weight=stack(lambda m: m.conv1d.weight[:, 0]),
+        conv_bias=stack(lambda m: m.conv1d.bias),
+        x_proj=stack(x_proj),
+        dt_bias=stack(lambda m: m.dt_proj.bias.to(scan)),
+        A=stack(lambda m: -torch.exp(_fp32(m.A_log)).to(scan)),
+        D=stack(lambda m: m.D.to(scan)),
+        out_proj=stack(lambda m: m.out_proj.weight.T),
+        out_bias=stack(lambda m: m.out_proj.bias),
+    )
+
+
+def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
+                 steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One more input for S Mambas on B rows, equal to their forward at that position: conv (B, S, E·D, d_conv-1) and
+    ssm (B, S, E·D, N) the states, xz (B, S, 2·E·D) in_proj of the inputs -> (window (B, S, E·D, d_conv) the conv's
+    inputs t-d_conv+1 .. t, whose last d_conv-1 are the next conv state; ssm; y (B, S, d_model) the outputs).
+
+    steps (B, S, 1), 1 or 0: where 0, ssm comes back unchanged, exactly (a step with Δ = 0: exp(0·A) = 1 and
+    0·B·x = 0), cheaper than selecting the old state afterwards; y and window are then to be ignored.
+
+    At batch 1 each op's dispatch costs more than its arithmetic, so the S Mambas run as one: per-Mamba weights are
+    batched matmuls over S, and the recurrence uses fused and in-place ops; at larger batches the (B, S, E·D, N)
+    tensors are large, and each one allocated costs more than the arithmetic on it, so the recurrence allocates one."""
+    n = weights.A.size(-1)
+    x, z = xz.chunk(2, dim=-1)  # (B, S, E·D) each
+    window = torch.cat([conv, x.unsqueeze(-1)], dim=-1)  # (B, S, E·D, d_conv)
+    x = torch.linalg.vecdot(window, weights.conv_weight)  # the depthwise conv at t alone
+    if weights.conv_bias is not None:
+        x = x + weights.conv_bias
+    x = F.silu(x)
+    dtb = torch.bmm(x.transpose(0, 1), weights.x_proj).transpose(0, 1)  # (B, S, E·D + 2N)
+    if ssm.dtype != x.dtype:  # the recurrence runs in float32 for a half-precision model (no-op .to()s cost too)
+        x, z, dtb = x.to(ssm.dtype), z.to(ssm.dtype), dtb.to(ssm.dtype)
+    dt, B, C = dtb.split([x.size(-1), n, n], dim=-1)
+    dt = F.softplus(dt + weights.dt_bias)  # (B, S, E·D)
+    if steps is not None:
+        dt = dt * steps
+    # h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t;  y_t = C_t . h_t + D x_t  (unsqueeze: cheaper than [..., None])
+    h = torch.mul(dt.unsqueeze(-1), weights.A).exp_().mul_(ssm)  # (B, S, E·D, N)
+    h.addcmul_((dt * x).unsqueeze(-1), B.unsqueeze(-2))
+    y = torch.addcmul(torch.linalg.vecdot(h, C.unsqueeze(-2)), weights.D, x)
+    y = (y * F.silu(z)).to(xz.dtype)  # (B, S, E·D)
+    y = torch.bmm(y.transpose(0, 1), weights.out_proj).transpose(0, 1)  # (B, S, d_model)
+    if weights.out_bias is not None:
+        y = y + weights.out_bias
+    return window, h, y
