@@ -207,7 +207,9 @@ def test_window_mode_equals_predict_for_every_history(trained):
     for u, answer in zip(long_users, answers):
         assert answer["items"] == predicted(predictions, u)
     wholes = whole.recommend([whole.query(RecommendRequest(items=sequences[u], k=5)) for u in long_users])
-    assert any(a["items"] != b["items"] for a, b in zip(answers, wholes))
+    # reading the whole history changes every long user's scores (their top items may still agree: the extra items
+    # are few and far back)
+    assert all(a["scores"] != pytest.approx(b["scores"], abs=1e-6) for a, b in zip(answers, wholes))
     known = window.users_step([window.query(UserRequest(user=long_users[0], k=5))])[0]  # a batch of one: rounding
     assert known["items"] == answers[0]["items"] and known["scores"] == pytest.approx(answers[0]["scores"], abs=1e-5)
     with pytest.raises(RequestError, match="unknown user"):
