@@ -62,11 +62,8 @@ class CausalFourierFilter(nn.Module):
         self._check_length(length)
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=h.device.type, enabled=False):
-            if torch.is_grad_enabled():
-                k = self.kernel(length, compute)  # (L, d)
-            else:  # evaluation: one inverse FFT per change of the weights, not one per batch
-                k = step_constant(self, f"_step_kernel_{compute}", [self.weight], lambda: self.kernel(dtype=compute))
-                k = k[:length]
+            # not kept between calls: a fused optimizer step changes the weight without bumping its version
+            k = self.kernel(length, compute)  # (L, d)
             # the reversed kernel followed by zeros, R[m] = k[L-1-m] (0 for m >= L), read at m = L-1-t+s gives
             # k[t-s] for s <= t and 0 after t: rows of a (2L, d) table instead of a gather of h and a mask
             reversed_k = torch.cat([k.flip(0), k.new_zeros(length, k.size(1))])  # (2L, d)

@@ -309,16 +309,12 @@ class M2RecEncoder(SequenceEncoder):
             return None
         self._check_text_filled()
         if not self.semantic.training and not torch.is_grad_enabled() and input_ids.numel() > len(self.text_table):
-            # evaluation of more positions than items: rows of the projected text of every item, projected once per
-            # change of the weights (the table `step` keeps), which costs less than projecting the positions even
-            # when the weights change between batches. Training draws a dropout mask per position instead.
-            return self._projected_text()[input_ids]
+            # evaluation of more positions than items: projecting every item and reading rows costs less. Not kept
+            # between batches: a fused optimizer step changes the weights without bumping their versions, so a kept
+            # table would go stale. Training draws a dropout mask per position instead.
+            return self.semantic(self.text_table)[input_ids]
         rows = self.text_table.index_select(0, input_ids.flatten())  # half the time of text_table[input_ids]
         return self.semantic(rows.view(*input_ids.shape, -1))
-
-    def _projected_text(self) -> Tensor:  # (N+1, d), recomputed when the text table or the projection changes
-        sources = [self.text_table, *self.semantic.parameters()]
-        return step_constant(self, "_step_text", sources, lambda: self.semantic(self.text_table))
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight
