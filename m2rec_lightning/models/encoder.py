@@ -171,7 +171,7 @@ class FeedForward(nn.Module):
         self.w_1 = nn.Linear(hidden_size, inner_size)
         self.w_2 = nn.Linear(inner_size, hidden_size)
         self.act = nn.GELU()  # exact (erf) GELU, as RecBole's "gelu"
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.inner_dropout = inner_dropout
         self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
 

@@ -98,6 +98,9 @@ class M2RecBlock(nn.Module):
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
         self.ffn = FeedForward(hidden_size, 4 * hidden_size, dropout, layer_norm_eps=1e-12, inner_dropout=True)
+        # the same law as the FFN's nn.Dropout, drawn faster on CPU; SASRec's FFN keeps nn.Dropout, so the baseline's
+        # random stream (and its recorded results) stay as they were
+        self.ffn.dropout = Dropout(dropout)
 
     def streams(self, h: Tensor, s: Tensor | None) -> list[Tensor]:
         """[T, F, S] (those switched on), each (B, L, d)."""
