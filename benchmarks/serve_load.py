@@ -124,7 +124,8 @@ def markdown(record: dict) -> str:
         "# `m2rec serve` under load: requests per second and latency against concurrent clients", "",
         f"Command: `{m['command']}`", "",
         f"Machine: {m['machine']}. Checkpoint: `{m['checkpoint']}` ({m['dataset']}, {m['num_items']:,} items). "
-        f"Server: `m2rec serve --history {m.get('history_mode', 'whole')}` (dynamic batching up to "
+        f"Server: `m2rec serve --history {m.get('history_mode', 'whole')}"
+        + "".join(f" {a}" for a in m.get("server_args", [])) + "` (dynamic batching up to "
         f"{m['max_batch_size']} requests within {m['batch_timeout'] * 1e3:g} ms), one inference worker per endpoint; "
         "the load generator (asyncio + httpx) runs on the same machine and competes with the server for its cores. "
         "Latency = client-side, request sent to answer read. append = POST /users with one new item for the client's "
@@ -189,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-timeout", type=float, default=0.002)
     p.add_argument("--history-mode", choices=["whole", "window"], default="whole",
                    help="the server's --history (whole: an append steps the recurrent state)")
+    p.add_argument("--kinds", nargs="+", choices=["append", "stateless"], default=["append", "stateless"])
+    p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
+                   help="everything after it goes to m2rec serve as is (e.g. --api_servers 2 --fast_queue)")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
     args = p.parse_args(argv)
 
@@ -196,14 +200,14 @@ def main(argv: list[str] | None = None) -> None:
     port = free_port()
     proc, log = start_server(args.config, args.ckpt_path, port, ["--max_batch_size", str(args.max_batch_size),
                                                              "--batch_timeout", str(args.batch_timeout),
-                                                             "--history", args.history_mode])
+                                                             "--history", args.history_mode, *args.server_args])
     url = f"http://127.0.0.1:{port}"
     points, soak = [], None
     try:
         checkpoint = next((line.split("serving ")[1].split(" on http")[0]
                            for line in log.read_text().splitlines()
                            if line.startswith("serving ")), args.ckpt_path)
-        for kind in ("append", "stateless"):
+        for kind in args.kinds:
             asyncio.run(load(url, kind, 2, 2.0, items, args.history, args.k, 99, "warm"))  # warm-up
             for clients in args.clients:
                 r = asyncio.run(load(url, kind, clients, args.duration, items, args.history, args.k, clients,
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                        "checkpoint": checkpoint, "dataset": Path(args.config[-1]).stem, "num_items": len(items),
                        "history": args.history, "k": args.k, "duration": args.duration,
                        "max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout,
-                       "history_mode": args.history_mode},
+                       "history_mode": args.history_mode, "server_args": args.server_args},
               "points": points, "soak": soak}
     text = markdown(record)
     print(text)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n\n".join(tables)
     print(text)
     if args.out:
-        command = "python -m experiments.time_to_quality " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python -m experiments.time_to_quality " + shlex.join(argv if argv is not None else sys.argv[1:])
         args.out.write_text(f"# Time to quality\n\nCommand: `{command}`\n\n{text}\n")
 
 

@@ -440,16 +440,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_timeout", type=float, default=0.002,
                    help="seconds a request may wait for others to batch with")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a waiting request gets 504")
+    p.add_argument("--api_servers", type=int, default=1,
+                   help="HTTP server processes that parse requests and queue them for the one inference worker")
+    p.add_argument("--fast_queue", action="store_true",
+                   help="ZeroMQ instead of multiprocessing queues between the HTTP servers and the worker")
     return p
 
 
 def serve(spec: ServeSpec, host: str, port: int, max_batch_size: int, batch_timeout: float,
-          timeout: float) -> None:
+          timeout: float, api_servers: int = 1, fast_queue: bool = False) -> None:
     kw = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
     server = ls.LitServer([RecommendAPI(spec, api_path="/recommend", **kw), UsersAPI(spec, api_path="/users", **kw)],
                           accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
-                          timeout=timeout, max_payload_size=4 << 20)  # bytes: 413 beyond
-    server.run(host=host, port=port, generate_client_file=False)
+                          timeout=timeout, max_payload_size=4 << 20,  # bytes: 413 beyond
+                          fast_queue=fast_queue)
+    server.run(host=host, port=port, num_api_servers=api_servers, generate_client_file=False)
 
 
 def main(argv: list[str]) -> None:
@@ -459,4 +464,5 @@ def main(argv: list[str]) -> None:
                          args.max_users, args.max_items, args.max_history)
         print(f"serving {spec.ckpt_file} on http://{args.host}:{args.port} (POST /recommend, POST /users, "
               "GET /health)", file=sys.stderr)
-        serve(spec, args.host, args.port, args.max_batch_size, args.batch_timeout, args.timeout)
+        serve(spec, args.host, args.port, args.max_batch_size, args.batch_timeout, args.timeout, args.api_servers,
+              args.fast_queue)
