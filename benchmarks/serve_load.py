@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="the server's --history (whole: an append steps the recurrent state)")
     p.add_argument("--kinds", nargs="+", choices=["append", "stateless"], default=["append", "stateless"])
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[],
-                   help="everything after it goes to m2rec serve as is (e.g. --api_servers 2 --fast_queue)")
+                   help="everything after it goes to m2rec serve as is (e.g. --threads 2)")
     p.add_argument("--out", type=Path, default=None, help="write OUT.md, OUT.json and OUT.png")
     args = p.parse_args(argv)
 

@@ -184,7 +184,9 @@ class Recommender:
     def _encode(self, histories: list[list[int]]) -> tuple[Any, Tensor]:
         """(state or None, (B, d) hidden at each history's last item), as the history mode reads them."""
         if self.history_mode == "window":
-            return None, self.model.encode_last(self._padded([self._window(h) for h in histories]))
+            # one call, not predict's length groups: a serving batch is small, and each group repeats every op's fixed
+            # cost (at batch 10, four groups cost three times one)
+            return None, self.encoder.forward_last(self._padded([self._window(h) for h in histories]))
         return self.encoder.encode_state(self._padded([self._window(h) if self.bounded else h for h in histories]))
 
     @torch.inference_mode()
@@ -353,11 +355,12 @@ class _API(ls.LitAPI):
     """One endpoint over a `Recommender` built in the worker process. Requests are checked one at a time in
     decode_request, so a bad one becomes its own 4xx answer instead of failing the batch it arrived in."""
 
-    def __init__(self, spec: ServeSpec, **kwargs: Any) -> None:
+    def __init__(self, spec: ServeSpec, threads: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.serve_spec = spec
+        self.serve_spec, self.threads = spec, threads
 
     def setup(self, device: str) -> None:
+        torch.set_num_threads(self.threads)
         self.recommender = build_recommender(self.serve_spec)
 
     def check(self, request) -> Query | RequestError:
@@ -440,21 +443,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_timeout", type=float, default=0.002,
                    help="seconds a request may wait for others to batch with")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a waiting request gets 504")
-    p.add_argument("--api_servers", type=int, default=1,
-                   help="HTTP server processes that parse requests and queue them for the one inference worker")
-    p.add_argument("--fast_queue", action="store_true",
-                   help="ZeroMQ instead of multiprocessing queues between the HTTP servers and the worker")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each inference worker; serving batches are small, and on a shared machine "
+                        "more threads wait on each other (2 threads on 2 cores halved the requests/s of one)")
     return p
 
 
 def serve(spec: ServeSpec, host: str, port: int, max_batch_size: int, batch_timeout: float,
-          timeout: float, api_servers: int = 1, fast_queue: bool = False) -> None:
-    kw = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout}
+          timeout: float, threads: int = 1) -> None:
+    kw = {"max_batch_size": max_batch_size, "batch_timeout": batch_timeout, "threads": threads}
     server = ls.LitServer([RecommendAPI(spec, api_path="/recommend", **kw), UsersAPI(spec, api_path="/users", **kw)],
                           accelerator="cpu" if not torch.cuda.is_available() else "auto", devices=1,
-                          timeout=timeout, max_payload_size=4 << 20,  # bytes: 413 beyond
-                          fast_queue=fast_queue)
-    server.run(host=host, port=port, num_api_servers=api_servers, generate_client_file=False)
+                          timeout=timeout, max_payload_size=4 << 20)  # bytes: 413 beyond
+    server.run(host=host, port=port, generate_client_file=False)
 
 
 def main(argv: list[str]) -> None:
@@ -464,5 +465,4 @@ def main(argv: list[str]) -> None:
                          args.max_users, args.max_items, args.max_history)
         print(f"serving {spec.ckpt_file} on http://{args.host}:{args.port} (POST /recommend, POST /users, "
               "GET /health)", file=sys.stderr)
-        serve(spec, args.host, args.port, args.max_batch_size, args.batch_timeout, args.timeout, args.api_servers,
-              args.fast_queue)
+        serve(spec, args.host, args.port, args.max_batch_size, args.batch_timeout, args.timeout, args.threads)
