@@ -307,7 +307,8 @@ class Mamba(nn.Module):
         started = (lengths > 0)[:, None]  # (batch, 1)
         x, z, dt, B, C = self._scan_inputs(hidden_states)
         # mamba_ssm has no state-only scan: its backends use the PyTorch one (which also runs on CUDA)
-        state_fn = _triton_scan()[1] if self._resolve_backend(hidden_states) == "triton" else selective_scan_state
+        backend = self._resolve_backend(hidden_states)
+        state_fn = {"triton": _triton_scan()[1], "cpu": selective_scan_state_cpu}.get(backend, selective_scan_state)
         h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
