@@ -309,3 +309,20 @@ def test_dropout_module_uses_the_kernel_in_training_only():
     d.train()
     xb = x.bfloat16()  # another dtype: the uniform mask, same law
     assert ((d(xb) != 0).float().mean() - 0.6).abs() < 0.05
+
+
+def test_state_with_rank_r_step_sizes_equals_the_projected_ones():
+    # forward_last passes Mamba's rank-R Δ input and dt_proj's weight; the kernel projects each step itself
+    x = make_inputs(4, 6, 3, 23, seed=11)
+    g = torch.Generator().manual_seed(12)
+    low = torch.randn(4, 2, 23, generator=g, dtype=torch.float64)  # (batch, R, seqlen)
+    proj = torch.randn(6, 2, generator=g, dtype=torch.float64)  # (dim, R)
+    index = torch.tensor([22, 0, 9, 15])
+    args = (x["u"], torch.einsum("dr,brl->bdl", proj, low), x["A"], x["B"], index)
+    expected = selective_scan_state_cpu(*args, delta_bias=x["delta_bias"], delta_softplus=True)
+    got = selective_scan_state_cpu(x["u"], low, x["A"], x["B"], index, delta_bias=x["delta_bias"], delta_softplus=True,
+                                   delta_proj=proj)
+    assert rel_err(got, expected) <= 1e-12
+    assert rel_err(got, states_per_step(*args[:4], x["delta_bias"], True)[torch.arange(4), index]) <= 1e-12
+    with pytest.raises(ValueError, match=r"delta must be \(batch, R, seqlen\)"):
+        selective_scan_state_cpu(x["u"], low[:, :1], x["A"], x["B"], index, delta_proj=proj)

@@ -172,19 +172,32 @@ void forward(const Args<T>& a, T* out, T* hsave, int64_t chunk, int threads) {
     }
 }
 
-// The state after step index[i] of each row i, without outputs: out (batch, dim, dstate), Mamba's layout.
+// The state after step index[i] of each row i, without outputs: out (batch, dim, dstate), Mamba's layout. With
+// delta_proj (rank, dim), delta holds Mamba's rank-R step-size inputs (batch, seqlen, rank) and each step's delta is
+// projected here: no (batch, seqlen, dim) tensor, no matmul of inner size R (a few columns, slow in a BLAS).
 template <typename T>
-void state(const Args<T>& a, const int64_t* index, T* out, int threads) {
+void state(const Args<T>& a, const T* delta_proj, int64_t rank, const int64_t* index, T* out, int threads) {
     const int64_t L = a.seqlen, dim = a.dim, n = a.dstate;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<T> h(n * dim), dt(dim), dtu(dim);
+        std::vector<T> h(n * dim), dt(dim), dtu(dim), full(dim);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < a.batch; ++i) {
             std::fill(h.begin(), h.end(), T(0));
             for (int64_t t = 0; t <= index[i]; ++t) {
                 const int64_t row = i * L + t;
-                step_size(a, a.delta + row * a.sdelta, dt.data());
+                const T* delta_t = a.delta + row * a.sdelta;
+                if (delta_proj) {
+                    std::fill(full.begin(), full.end(), T(0));
+                    for (int64_t r = 0; r < rank; ++r) {
+                        const T c = delta_t[r];
+                        const T* w = delta_proj + r * dim;
+#pragma omp simd
+                        for (int64_t d = 0; d < dim; ++d) full[d] += c * w[d];
+                    }
+                    delta_t = full.data();
+                }
+                step_size(a, delta_t, dt.data());
 #pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
                 advance(a, dt.data(), dtu.data(), a.B + row * a.sB, (const T*)nullptr, h.data(), h.data(), (T*)nullptr,
@@ -466,17 +479,18 @@ void scan_forward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int
 
 void scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
                 const void* delta, const void* A, const void* B, const void* bias, const int64_t* strides,
-                int softplus_on, const int64_t* index, void* out, int threads) {
+                int softplus_on, const void* delta_proj, int64_t rank, const int64_t* index, void* out,
+                int threads) {
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
         state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
                            softplus_on, a2d),
-              index, (double*)out, threads);
+              (const double*)delta_proj, rank, index, (double*)out, threads);
     else
         state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
                           softplus_on, a2f),
-              index, (float*)out, threads);
+              (const float*)delta_proj, rank, index, (float*)out, threads);
 }
 
 void scan_backward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,

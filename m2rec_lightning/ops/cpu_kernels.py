@@ -97,7 +97,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dims = [c_int, i64, i64, i64, i64]  # is_double, batch, seqlen, dim, dstate (or conv width)
     lib.scan_forward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, ptr, i64, c_int]
-    lib.scan_state.argtypes = [*dims, *[ptr] * 6, c_int, ptr, ptr, c_int]
+    lib.scan_state.argtypes = [*dims, *[ptr] * 6, c_int, ptr, i64, ptr, ptr, c_int]
     lib.scan_backward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, *[ptr] * 9, c_int]
     lib.conv_forward.argtypes = [*dims, ptr, i64, ptr, ptr, ptr, c_int]
     lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
@@ -214,12 +214,27 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 @torch.no_grad()
 def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
-                             delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
+                             delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                             delta_proj: Tensor | None = None) -> Tensor:
     """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_state`, compiled: the state h at step index[i] of each
     row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index. A NaN
-    in A goes to the PyTorch scan, as in :func:`selective_scan_cpu`."""
+    in A goes to the PyTorch scan, as in :func:`selective_scan_cpu`.
+
+    delta_proj: Mamba's dt_proj weight (dim, R); then delta is its rank-R input (batch, R, seqlen) and the kernel
+        projects each step's delta itself (the same as passing ``delta_proj @ delta``, without that tensor).
+    """
     _require("selective_scan_state_cpu")
-    B = _check_state_inputs("selective_scan_state_cpu", u, delta, A, B, index, delta_bias)
+    if delta_proj is not None:
+        if delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[1] or delta.shape != (
+                u.shape[0], delta_proj.shape[1], u.shape[2]):
+            raise ValueError(f"selective_scan_state_cpu: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
+                             f"got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u "
+                             f"{tuple(u.shape)}")
+        if A.isnan().any():
+            delta = torch.einsum("dr,brl->bdl", delta_proj.to(delta.dtype), delta)
+            delta_proj = None
+    B = _check_state_inputs("selective_scan_state_cpu", u, u if delta_proj is not None else delta, A, B, index,
+                            delta_bias)
     if A.isnan().any():
         return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
     batch, dim, seqlen = u.shape
@@ -232,11 +247,12 @@ def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, ind
         (u, su), (delta, sdelta), (B, sB) = (_rows(t.transpose(1, 2), dtype) for t in (u, delta, B))
         strides = torch.tensor([su, sdelta, sB, 0, 0], dtype=torch.int64)
         A_t, bias = A.to(dtype).t().contiguous(), _vector(delta_bias, dtype)
+        proj = None if delta_proj is None else delta_proj.to(dtype).t().contiguous()  # (R, dim)
         index = index.to(torch.int64).contiguous()
         with record_function("selective_scan_state_cpu"):
             _library()[0].scan_state(dtype == torch.float64, batch, seqlen, dim, n, _ptr(u), _ptr(delta), _ptr(A_t),
-                                     _ptr(B), _ptr(bias), _ptr(strides), delta_softplus, _ptr(index), _ptr(out),
-                                     _threads(batch))
+                                     _ptr(B), _ptr(bias), _ptr(strides), delta_softplus, _ptr(proj),
+                                     0 if proj is None else proj.shape[0], _ptr(index), _ptr(out), _threads(batch))
     return out
 
 

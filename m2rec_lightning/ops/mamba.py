@@ -266,11 +266,13 @@ class Mamba(nn.Module):
         backend = self._resolve_backend(hidden_states)
         if torch.is_grad_enabled() or backend not in ("torch", "cpu", "triton"):
             return self(hidden_states)[rows, index]
-        x, z, dt, B, C = self._last_inputs(hidden_states, index)
+        # the compiled scan projects each step's Δ from its rank-R input itself
+        x, z, dt, B, C = self._last_inputs(hidden_states, index, project_dt=backend != "cpu")
         state_fn = {"torch": selective_scan_state, "cpu": selective_scan_state_cpu}.get(backend) or _triton_scan()[1]
+        low_rank = {"delta_proj": _fp32(self.dt_proj.weight)} if backend == "cpu" else {}
         h = state_fn(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
-            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True, **low_rank,
         )  # (batch, E·D, N), float32
         u = x[rows, :, index]  # (batch, E·D)
         y = (h * C[:, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
@@ -324,9 +326,11 @@ class Mamba(nn.Module):
         conv = self.in_proj(tail)[..., : self.d_inner] * (source >= 0)[:, :, None]  # (batch, d_conv-1, E·D)
         return MambaState(conv=conv.transpose(1, 2), ssm=h), y
 
-    def _last_inputs(self, hidden_states: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _last_inputs(self, hidden_states: Tensor, index: Tensor,
+                     project_dt: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """_scan_inputs for forward_last: x, dt and B at every position (the recurrence reads them), but z (batch, E·D)
-        and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row."""
+        and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row. dt is
+        (batch, seqlen, E·D), or its rank-R input (batch, seqlen, R) when not project_dt."""
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
@@ -335,7 +339,7 @@ class Mamba(nn.Module):
         w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
         dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)
         C = F.linear(x[rows, index], w_c)  # (batch, N)
-        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight) if project_dt else dt, B, C
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
