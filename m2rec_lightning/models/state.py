@@ -161,7 +161,7 @@ class StatePool:
 @dataclass
 class _Kept:
     modules: list[nn.Module]  # the source modules and their submodules, listed when the value was computed
-    key: list[tuple[int, int]]  # (address, version) of every source tensor
+    key: list[tuple[int, int]]  # the optimizer-step count, then (address, version) of every source tensor
     storages: list  # the sources' memory, held so that a replacement never reuses an address in the key
     value: Any
 

@@ -43,9 +43,9 @@ from m2rec_lightning.ops.selective_scan import (
 )
 
 SOURCE = Path(__file__).with_suffix(".cpp")
-# Compiled with -ffast-math (vectorised min/max clamps and reassociated sums; NaN is still propagated, see
-# fast_exp2 and keep_nan), but linked without it: linking with -ffast-math adds a constructor that sets flush-to-zero for the whole
-# process when the library loads, which would change every float operation of torch and of the user's code.
+# Compiled with -ffast-math (vectorised min/max clamps and reassociated sums; NaN is still propagated, see fast_exp2
+# and keep_nan), but linked without it: linking with -ffast-math adds a constructor that sets flush-to-zero for the
+# whole process when the library loads, which would change every float operation of torch and of the user's code.
 COMPILE = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17", "-c"]
 LINK = ["-shared", "-fopenmp"]
 CHUNK = 16  # steps per chunk: backward recomputes a chunk's states, (chunk+1)·dim·dstate values per thread
@@ -224,19 +224,16 @@ def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, ind
         projects each step's delta itself (the same as passing ``delta_proj @ delta``, without that tensor).
     """
     _require("selective_scan_state_cpu")
-    if delta_proj is not None:
-        if delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[1] or delta.shape != (
-                u.shape[0], delta_proj.shape[1], u.shape[2]):
-            raise ValueError(f"selective_scan_state_cpu: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
-                             f"got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u "
-                             f"{tuple(u.shape)}")
-        if A.isnan().any():
+    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[1] or delta.shape != (
+            u.shape[0], delta_proj.shape[1], u.shape[2])):
+        raise ValueError(f"selective_scan_state_cpu: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
+                         f"got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u {tuple(u.shape)}")
+    if A.isnan().any():
+        if delta_proj is not None:
             delta = torch.einsum("dr,brl->bdl", delta_proj.to(delta.dtype), delta)
-            delta_proj = None
+        return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
     B = _check_state_inputs("selective_scan_state_cpu", u, u if delta_proj is not None else delta, A, B, index,
                             delta_bias)
-    if A.isnan().any():
-        return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
     batch, dim, seqlen = u.shape
     dtype = _scan_dtype(u)
     n = A.shape[1]

@@ -50,6 +50,11 @@ def _triton_scan() -> tuple[object | None, object | None, str | None]:
     return selective_scan_triton, selective_scan_state_triton, None
 
 
+def _state_scan(backend: str):
+    """The state-only scan of a backend. mamba_ssm has none: its backends use the PyTorch one, which runs on CUDA too."""
+    return {"cpu": selective_scan_state_cpu, "triton": _triton_scan()[1]}.get(backend, selective_scan_state)
+
+
 @functools.cache
 def _mamba_ssm_kernels() -> tuple[object | None, object | None, str | None]:
     """(selective_scan_fn, mamba_inner_fn or None, why unavailable). mamba_inner_fn needs causal_conv1d."""
@@ -218,7 +223,7 @@ class Mamba(nn.Module):
                 delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
             )
 
-        x, z, dt, B, C = self._scan_inputs(hidden_states)
+        x, z, dt, B, C = self._scan_inputs(hidden_states, backend)
         scan = {"torch": selective_scan, "cpu": selective_scan_cpu, "triton": _triton_scan()[0]}.get(backend) \
             or _mamba_ssm_kernels()[0]
         y = scan(
@@ -227,21 +232,21 @@ class Mamba(nn.Module):
         )  # (batch, E·D, seqlen)
         return self.out_proj(y.transpose(1, 2))
 
-    def _scan_inputs(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _scan_inputs(self, hidden_states: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """x (batch, E·D, seqlen) after the causal conv; z, dt (batch, seqlen, E·D), dt without its bias (the scan adds
         it); B, C (batch, seqlen, N)."""
         xz = self.in_proj(hidden_states)  # (batch, seqlen, 2·E·D)
         x, z = xz.chunk(2, dim=-1)  # (batch, seqlen, E·D) each
-        x = self._conv_silu(x)  # (batch, seqlen, E·D)
+        x = self._conv_silu(x, backend)  # (batch, seqlen, E·D)
         x_dbl = self.x_proj(x)  # (batch, seqlen, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         # x stays (batch, seqlen, E·D) in memory: the scan reads it time-step by time-step
         return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
 
-    def _conv_silu(self, x: Tensor) -> Tensor:
+    def _conv_silu(self, x: Tensor, backend: str) -> Tensor:
         """silu(causal depthwise conv(x)), (batch, seqlen, E·D) -> (batch, seqlen, E·D); the compiled kernel on the cpu
         backend (it reads x, a column slice of in_proj's output, in place), else conv1d's convolution then SiLU."""
-        if self._resolve_backend(x) == "cpu":
+        if backend == "cpu":
             return causal_conv1d_silu_cpu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
         return self.act(self._conv(x))
 
@@ -267,10 +272,9 @@ class Mamba(nn.Module):
         if torch.is_grad_enabled() or backend not in ("torch", "cpu", "triton"):
             return self(hidden_states)[rows, index]
         # the compiled scan projects each step's Δ from its rank-R input itself
-        x, z, dt, B, C = self._last_inputs(hidden_states, index, project_dt=backend != "cpu")
-        state_fn = {"torch": selective_scan_state, "cpu": selective_scan_state_cpu}.get(backend) or _triton_scan()[1]
+        x, z, dt, B, C = self._last_inputs(hidden_states, index, backend)
         low_rank = {"delta_proj": _fp32(self.dt_proj.weight)} if backend == "cpu" else {}
-        h = state_fn(
+        h = _state_scan(backend)(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True, **low_rank,
         )  # (batch, E·D, N), float32
@@ -307,11 +311,9 @@ class Mamba(nn.Module):
         rows = torch.arange(batch, device=hidden_states.device)
         index = (lengths - 1).clamp(min=0)  # (batch,)
         started = (lengths > 0)[:, None]  # (batch, 1)
-        x, z, dt, B, C = self._scan_inputs(hidden_states)
-        # mamba_ssm has no state-only scan: its backends use the PyTorch one (which also runs on CUDA)
         backend = self._resolve_backend(hidden_states)
-        state_fn = {"triton": _triton_scan()[1], "cpu": selective_scan_state_cpu}.get(backend, selective_scan_state)
-        h = state_fn(
+        x, z, dt, B, C = self._scan_inputs(hidden_states, backend)
+        h = _state_scan(backend)(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True,
         )  # (batch, E·D, N)
@@ -327,19 +329,19 @@ class Mamba(nn.Module):
         return MambaState(conv=conv.transpose(1, 2), ssm=h), y
 
     def _last_inputs(self, hidden_states: Tensor, index: Tensor,
-                     project_dt: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """_scan_inputs for forward_last: x, dt and B at every position (the recurrence reads them), but z (batch, E·D)
         and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row. dt is
-        (batch, seqlen, E·D), or its rank-R input (batch, seqlen, R) when not project_dt."""
+        (batch, seqlen, E·D), or on the cpu backend its rank-R input (batch, seqlen, R): that kernel projects it."""
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
-        x = self._conv_silu(F.linear(hidden_states, w_x, b_x))  # (batch, seqlen, E·D)
+        x = self._conv_silu(F.linear(hidden_states, w_x, b_x), backend)  # (batch, seqlen, E·D)
         z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
         w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
         dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)
         C = F.linear(x[rows, index], w_c)  # (batch, N)
-        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight) if project_dt else dt, B, C
+        return x.transpose(1, 2), z, dt if backend == "cpu" else F.linear(dt, self.dt_proj.weight), B, C
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
