@@ -43,10 +43,11 @@ def test_matches_reference_float64(L, use, softplus):
         assert rel_err(g[k], g_ref[k]) <= 1e-12, k
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_float32_close_to_float64_reference(threads):
-    # the float32 path uses the kernel's own exp2 (a degree-6 polynomial); Mamba's ranges at L = 200
-    inputs = make_inputs(5, 16, 16, 200, seed=3, realistic=True)
+@pytest.mark.parametrize("threads,dim", [(1, 16), (2, 16), (1, 37)])
+def test_float32_close_to_float64_reference(threads, dim):
+    # the float32 path uses the kernel's own exp2 (a degree-5 polynomial); Mamba's ranges at L = 200. With AVX-512 the
+    # state update runs on blocks of 16 channels: dim 37 has two full blocks and a masked partial one
+    inputs = make_inputs(5, dim, 16, 200, seed=3, realistic=True)
     inputs["delta"] *= 6.0  # raw delta up to a few units: decays from ~1 to ~0
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -71,8 +72,8 @@ def test_exp2_over_its_range():
     A = -torch.ones(1, 1, dtype=torch.float64)
     y = selective_scan_cpu(u.float(), dt.float(), A.float(), ones.float(), ones.float())[:, 0, 1].double()
     expected = torch.exp(x.float().double())  # h_1 = exp(dt_1 A) h_0, h_0 = 1
-    # the polynomial's own error is below 2.5e-7; dt A log2(e) rounded to float32 adds about |x| · 6e-8
-    assert (((y - expected).abs() / expected) / (2.5e-7 + 8e-8 * x.abs())).max() <= 1
+    # the polynomial's own error is below 1.8e-7; dt A log2(e) rounded to float32 adds about |x| · 6e-8
+    assert (((y - expected).abs() / expected) / (1.8e-7 + 8e-8 * x.abs())).max() <= 1
 
 
 def test_inputs_not_modified_and_no_grad_paths():
