@@ -8,9 +8,14 @@ import torch.nn.functional as F
 
 import m2rec_lightning.ops.cpu_kernels as cpu_scan
 import m2rec_lightning.ops.mamba as mamba_module
-from m2rec_lightning.ops.cpu_kernels import causal_conv1d_silu_cpu, selective_scan_cpu, selective_scan_state_cpu
+from m2rec_lightning.ops.cpu_kernels import (
+    causal_conv1d_silu_cpu,
+    selective_scan_cpu,
+    selective_scan_last_cpu,
+    selective_scan_state_cpu,
+)
 from m2rec_lightning.ops.mamba import Mamba
-from m2rec_lightning.ops.selective_scan import selective_scan_ref
+from m2rec_lightning.ops.selective_scan import selective_scan_last, selective_scan_ref
 from tests.test_selective_scan import NAMES, make_inputs, rel_err, states_per_step
 
 pytestmark = pytest.mark.skipif(cpu_scan.cpu_kernels_unavailable() is not None,
@@ -121,6 +126,43 @@ def test_state_at_index_matches_per_step_states(L, softplus):
         assert h32.dtype == torch.float32 and rel_err(h32.double(), expected) <= 1e-5
     with pytest.raises(ValueError, match=r"index must lie in \[0, %d\)" % L):
         selective_scan_state_cpu(*args, torch.full((6,), L))
+
+
+@pytest.mark.parametrize("use", [("D", "z"), ("D",), ("z",), ()])
+@pytest.mark.parametrize("low_rank", [False, True])
+def test_output_at_index_matches_the_reference(use, low_rank):
+    # forward_last's scan: the output y at each row's index, formed in the kernel from the state there
+    x = make_inputs(5, 21, 4, 30, seed=13)
+    index = torch.tensor([29, 0, 9, 17, 29])
+    rows = torch.arange(5)
+    D, z = (x["D"] if "D" in use else None), (x["z"][rows, :, index] if "z" in use else None)
+    delta, proj = x["delta"], None
+    if low_rank:  # Mamba's rank-R step-size input and dt_proj's weight
+        g = torch.Generator().manual_seed(14)
+        delta, proj = torch.randn(5, 2, 30, generator=g, dtype=torch.float64), torch.randn(21, 2, generator=g,
+                                                                                          dtype=torch.float64)
+    full_delta = torch.einsum("dr,brl->bdl", proj, delta) if low_rank else delta
+    expected = selective_scan_ref(x["u"], full_delta, x["A"], x["B"], x["C"], D, x["z"] if "z" in use else None,
+                                  x["delta_bias"], delta_softplus=True)[rows, :, index]
+    C = x["C"][rows, :, index]
+    got = selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], C, index, D, z, x["delta_bias"], True,
+                                  delta_proj=proj)
+    assert got.shape == (5, 21) and got.dtype == torch.float64 and rel_err(got, expected) <= 1e-12
+    reference = selective_scan_last(x["u"], full_delta, x["A"], x["B"], C, index, D, z, x["delta_bias"], True)
+    assert rel_err(reference, expected) <= 1e-12
+    f = {k: v.float() for k, v in x.items()}  # float32: dim 21 has a full 16-channel block and a partial one
+    got32 = selective_scan_last_cpu(f["u"], full_delta.float(), f["A"], f["B"], C.float(), index,
+                                    None if D is None else D.float(), None if z is None else z.float(),
+                                    f["delta_bias"], True)
+    assert got32.dtype == torch.float32 and rel_err(got32.double(), expected) <= 1e-5
+    A = x["A"].clone()
+    A[3, 1] = float("nan")  # a diverged model: the PyTorch scan, which propagates it
+    nan = selective_scan_last_cpu(x["u"], delta, A, x["B"], C, index, D, z, x["delta_bias"], True, delta_proj=proj)
+    assert nan[:, 3].isnan().all() and not nan[:, 4].isnan().any()
+    with pytest.raises(ValueError, match=r"C must be \(batch=5, dstate\)"):
+        selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], x["C"], index, delta_proj=proj)
+    with pytest.raises(ValueError, match=r"z must be \(batch=5, dim=21\)"):
+        selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], C, index, z=x["z"], delta_proj=proj)
 
 
 def test_inputs_read_in_place_from_wider_rows():

@@ -57,13 +57,20 @@ inline float fast_exp2(float x) {
 }
 inline double fast_exp2(double x) { return std::exp2(x); }
 
-// x unchanged when it is NaN, else y. The test is on the bits: the library is compiled with -ffast-math, under which a
-// floating-point NaN test would be optimised away.
-inline float keep_nan(float x, float y) {
+// NaN tests on the bits: the library is compiled with -ffast-math, under which a floating-point NaN test (x != x,
+// std::isnan) would be optimised away.
+inline bool is_nan_bits(float x) {
     int32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    return (bits & 0x7fffffff) > 0x7f800000 ? x : y;
+    return (bits & 0x7fffffff) > 0x7f800000;
 }
+inline bool is_nan_bits(double x) {
+    int64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7fffffffffffffffLL) > 0x7ff0000000000000LL;
+}
+// x unchanged when it is NaN, else y
+inline float keep_nan(float x, float y) { return is_nan_bits(x) ? x : y; }
 
 // log(1 + e) for e in [0, 1], float32, vectorisable: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], an odd series to
 // s^11 (truncation below 1e-7 relative; no cancellation for small e, where it is e).
@@ -237,7 +244,9 @@ void forward(const Args<T>& a, T* out, T* hsave, int64_t chunk, int threads) {
 
 // The state after step index[i] of each row i, without outputs: out (batch, dim, dstate), Mamba's layout. With
 // delta_proj (rank, dim), delta holds Mamba's rank-R step-size inputs (batch, seqlen, rank) and each step's delta is
-// projected here: no (batch, seqlen, dim) tensor, no matmul of inner size R (a few columns, slow in a BLAS).
+// projected here: no (batch, seqlen, dim) tensor, no matmul of inner size R (a few columns, slow in a BLAS). With C
+// (a.C, (batch, dstate): C at each row's index), out is instead the scan's output there, (batch, dim):
+// y = (C . h + D u) silu(z), with z (a.z, (batch, dim), optional) at the index too, as forward computes it.
 template <typename T>
 void state(const Args<T>& a, const T* delta_proj, int64_t rank, const int64_t* index, T* out, int threads) {
     const int64_t L = a.seqlen, dim = a.dim, n = a.dstate;
@@ -266,8 +275,25 @@ void state(const Args<T>& a, const T* delta_proj, int64_t rank, const int64_t* i
                 advance(a, dt.data(), dtu.data(), a.B + row * a.sB, (const T*)nullptr, h.data(), h.data(), (T*)nullptr,
                         (T*)nullptr);
             }
-            for (int64_t d = 0; d < dim; ++d)
-                for (int64_t k = 0; k < n; ++k) out[(i * dim + d) * n + k] = h[k * dim + d];
+            if (a.C) {
+                T* y = out + i * dim;
+                const T* u_t = a.u + (i * L + index[i]) * a.su;
+                const T* C_t = a.C + i * n;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) y[d] = a.D ? a.D[d] * u_t[d] : T(0);
+                for (int64_t k = 0; k < n; ++k) {
+                    const T c = C_t[k];
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) y[d] += h[k * dim + d] * c;
+                }
+                if (a.z) {
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) y[d] *= silu(a.z[i * dim + d]);
+                }
+            } else {
+                for (int64_t d = 0; d < dim; ++d)
+                    for (int64_t k = 0; k < n; ++k) out[(i * dim + d) * n + k] = h[k * dim + d];
+            }
         }
     }
 }
@@ -541,20 +567,29 @@ void scan_forward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int
                 (float*)out, (float*)hsave, chunk, threads);
 }
 
-void scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
-                const void* delta, const void* A, const void* B, const void* bias, const int64_t* strides,
-                int softplus_on, const void* delta_proj, int64_t rank, const int64_t* index, void* out,
-                int threads) {
+// C, D, z null: out = the states (batch, dim, dstate); C (batch, dstate) given: out = the outputs (batch, dim), with
+// D (dim) and z (batch, dim) optional. C and z are contiguous and hold each row's values at its index. Checks its
+// inputs first (cheaper here than as tensor ops and host syncs in Python) and returns 1 when an index lies outside
+// [0, seqlen), 2 when A holds a NaN (the caller then uses the PyTorch scan), else 0 once out is written.
+int scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
+               const void* delta, const void* A, const void* B, const void* C, const void* D, const void* z,
+               const void* bias, const int64_t* strides, int softplus_on, const void* delta_proj, int64_t rank,
+               const int64_t* index, void* out, int threads) {
+    for (int64_t i = 0; i < batch; ++i)
+        if (index[i] < 0 || index[i] >= seqlen) return 1;
+    for (int64_t j = 0; j < dim * dstate; ++j) {
+        const bool nan = is_double ? is_nan_bits(((const double*)A)[j]) : is_nan_bits(((const float*)A)[j]);
+        if (nan) return 2;
+    }
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
-        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
-                           softplus_on, a2d),
+        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2d),
               (const double*)delta_proj, rank, index, (double*)out, threads);
     else
-        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
-                          softplus_on, a2f),
+        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2f),
               (const float*)delta_proj, rank, index, (float*)out, threads);
+    return 0;
 }
 
 void scan_backward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,

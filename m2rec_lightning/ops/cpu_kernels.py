@@ -1,8 +1,8 @@
 """CPU kernels in compiled C++: Mamba's selective scan and causal depthwise conv + SiLU, and dropout.
 
 Same signatures and results as the PyTorch paths they replace (:func:`.selective_scan.selective_scan`,
-:func:`.selective_scan.selective_scan_state`, and the conv + SiLU of the Mamba block), checked against them and
-against the float64 one-step reference.
+:func:`.selective_scan.selective_scan_state`, :func:`.selective_scan.selective_scan_last`, and the conv + SiLU of the
+Mamba block), checked against them and against the float64 one-step reference.
 
 Why: the PyTorch scan is bound by memory traffic (about four passes over the (batch, dim, dstate) state per step)
 and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. cpu_kernels.cpp
@@ -20,6 +20,7 @@ different machine builds anew. It is built with ``-march=native``: it is made fo
 then falls back to the PyTorch paths.
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -36,9 +37,12 @@ from torch.profiler import record_function
 
 from m2rec_lightning.ops.selective_scan import (
     _check_inputs,
+    _check_last_inputs,
     _check_state_inputs,
+    _index_range_error,
     _scan_dtype,
     selective_scan,
+    selective_scan_last,
     selective_scan_state,
 )
 
@@ -97,15 +101,15 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dims = [c_int, i64, i64, i64, i64]  # is_double, batch, seqlen, dim, dstate (or conv width)
     lib.scan_forward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, ptr, i64, c_int]
-    lib.scan_state.argtypes = [*dims, *[ptr] * 6, c_int, ptr, i64, ptr, ptr, c_int]
+    lib.scan_state.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, ptr, ptr, c_int]
     lib.scan_backward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, *[ptr] * 9, c_int]
     lib.conv_forward.argtypes = [*dims, ptr, i64, ptr, ptr, ptr, c_int]
     lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
     lib.dropout_forward.argtypes = [c_int, ctypes.c_uint64, i64, ctypes.c_uint32, ctypes.c_double, ptr, ptr, ptr,
                                     c_int]
-    for fn in (lib.scan_forward, lib.scan_state, lib.scan_backward, lib.conv_forward, lib.conv_backward,
-               lib.dropout_forward):
+    for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward):
         fn.restype = None
+    lib.scan_state.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
 
 
@@ -119,6 +123,12 @@ def _require(name: str) -> ctypes.CDLL:
     if why:
         raise RuntimeError(f"{name}: {why}")
     return lib
+
+
+def _traced(name: str):
+    """record_function(name) while torch.profiler records, where a ctypes call would be invisible otherwise; else a
+    no-op context (record_function costs about 6 µs even with no profiler running)."""
+    return record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -155,7 +165,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         out = u.new_empty(b, L, d)
         # forward runs with autograd off: needs_input_grad says whether a backward will come
         hsave = u.new_empty(b, -(-L // CHUNK), n, d) if any(ctx.needs_input_grad) else None
-        with record_function("selective_scan_cpu"):  # a ctypes call is invisible to torch.profiler otherwise
+        with _traced("selective_scan_cpu"):
             _library()[0].scan_forward(u.dtype == torch.float64, b, L, d, n, _ptr(u), _ptr(delta), _ptr(A_t),
                                        _ptr(B), _ptr(C), _ptr(D), _ptr(z), _ptr(bias), _ptr(strides), delta_softplus,
                                        _ptr(out), _ptr(hsave), CHUNK, _threads(b))
@@ -176,7 +186,7 @@ class _SelectiveScanCpu(torch.autograd.Function):
         gA_t = torch.zeros_like(A_t)
         gD = torch.zeros_like(D) if D is not None else None
         g_bias = torch.zeros_like(bias) if bias is not None else None
-        with record_function("selective_scan_cpu_backward"):
+        with _traced("selective_scan_cpu_backward"):
             _library()[0].scan_backward(
                 u.dtype == torch.float64, b, L, d, n, _ptr(u), _ptr(delta), _ptr(A_t), _ptr(B), _ptr(C), _ptr(D),
                 _ptr(z), _ptr(bias), _ptr(strides), ctx.delta_softplus, _ptr(hsave), CHUNK, _ptr(gout), _ptr(g_u),
@@ -223,33 +233,61 @@ def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, ind
     delta_proj: Mamba's dt_proj weight (dim, R); then delta is its rank-R input (batch, R, seqlen) and the kernel
         projects each step's delta itself (the same as passing ``delta_proj @ delta``, without that tensor).
     """
-    _require("selective_scan_state_cpu")
+    return _state_or_last("selective_scan_state_cpu", u, delta, A, B, index, delta_bias, delta_softplus, delta_proj)
+
+
+@torch.no_grad()
+def selective_scan_last_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, index: Tensor,
+                            D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+                            delta_softplus: bool = False, delta_proj: Tensor | None = None) -> Tensor:
+    """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_last`, compiled: the scan's output at step index[i] of
+    each row i, (batch, dim), formed in the kernel from the state there (no (batch, dim, dstate) tensor). delta_proj
+    as in :func:`selective_scan_state_cpu`."""
+    _check_last_inputs("selective_scan_last_cpu", u, C, D, z)
+    return _state_or_last("selective_scan_last_cpu", u, delta, A, B, index, delta_bias, delta_softplus, delta_proj,
+                          (C, D, z))
+
+
+def _state_or_last(name: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
+                   delta_bias: Tensor | None, delta_softplus: bool, delta_proj: Tensor | None,
+                   last: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> Tensor:
+    """The state-only kernel: the states at the index, or with `last` = (C, D, z) at the index, the outputs there. The
+    kernel checks the index range and A for NaN itself: forward_last calls it per Mamba and batch, where the tensor
+    ops and host syncs of those checks cost more than the scan of a short history."""
+    _require(name)
     if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[1] or delta.shape != (
             u.shape[0], delta_proj.shape[1], u.shape[2])):
-        raise ValueError(f"selective_scan_state_cpu: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
+        raise ValueError(f"{name}: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
                          f"got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u {tuple(u.shape)}")
-    if A.isnan().any():
-        if delta_proj is not None:
-            delta = torch.einsum("dr,brl->bdl", delta_proj.to(delta.dtype), delta)
-        return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
-    B = _check_state_inputs("selective_scan_state_cpu", u, u if delta_proj is not None else delta, A, B, index,
-                            delta_bias)
+    B = _check_state_inputs(name, u, u if delta_proj is not None else delta, A, B, index, delta_bias,
+                            index_range=False)
     batch, dim, seqlen = u.shape
     dtype = _scan_dtype(u)
     n = A.shape[1]
-    out = u.new_empty(batch, dim, n, dtype=dtype)
+    out = u.new_empty((batch, dim, n) if last is None else (batch, dim), dtype=dtype)
     if batch == 0:
         return out
+    C, D, z = (None, None, None) if last is None else (last[0].to(dtype).contiguous(), _vector(last[1], dtype),
+                                                        _vector(last[2], dtype))
     with torch.autocast("cpu", enabled=False):
-        (u, su), (delta, sdelta), (B, sB) = (_rows(t.transpose(1, 2), dtype) for t in (u, delta, B))
+        (u_, su), (delta_, sdelta), (B_, sB) = (_rows(t.transpose(1, 2), dtype) for t in (u, delta, B))
         strides = torch.tensor([su, sdelta, sB, 0, 0], dtype=torch.int64)
         A_t, bias = A.to(dtype).t().contiguous(), _vector(delta_bias, dtype)
         proj = None if delta_proj is None else delta_proj.to(dtype).t().contiguous()  # (R, dim)
         index = index.to(torch.int64).contiguous()
-        with record_function("selective_scan_state_cpu"):
-            _library()[0].scan_state(dtype == torch.float64, batch, seqlen, dim, n, _ptr(u), _ptr(delta), _ptr(A_t),
-                                     _ptr(B), _ptr(bias), _ptr(strides), delta_softplus, _ptr(proj),
-                                     0 if proj is None else proj.shape[0], _ptr(index), _ptr(out), _threads(batch))
+        with _traced(name):
+            status = _library()[0].scan_state(
+                dtype == torch.float64, batch, seqlen, dim, n, _ptr(u_), _ptr(delta_), _ptr(A_t), _ptr(B_), _ptr(C),
+                _ptr(D), _ptr(z), _ptr(bias), _ptr(strides), delta_softplus, _ptr(proj),
+                0 if proj is None else proj.shape[0], _ptr(index), _ptr(out), _threads(batch))
+    if status == 1:
+        raise _index_range_error(name, index, seqlen)
+    if status == 2:  # a NaN in A (a diverged model): the PyTorch scan propagates it
+        if delta_proj is not None:
+            delta = torch.einsum("dr,brl->bdl", delta_proj.to(delta.dtype), delta)
+        if last is None:
+            return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
+        return selective_scan_last(u, delta, A, B, last[0], index, last[1], last[2], delta_bias, delta_softplus)
     return out
 
 
@@ -260,7 +298,7 @@ class _CausalConvSiluCpu(torch.autograd.Function):
     def forward(ctx, x, w, bias, stride: int):
         b, L, d = x.shape
         y = x.new_empty(b, L, d)
-        with record_function("causal_conv1d_silu_cpu"):
+        with _traced("causal_conv1d_silu_cpu"):
             _library()[0].conv_forward(x.dtype == torch.float64, b, L, d, w.shape[0], _ptr(x), stride, _ptr(w),
                                        _ptr(bias), _ptr(y), _threads(b))
         ctx.stride = stride
@@ -274,7 +312,7 @@ class _CausalConvSiluCpu(torch.autograd.Function):
         b, L, d = x.shape
         gx, gw = x.new_empty(b, L, d), torch.zeros_like(w)
         g_bias = torch.zeros_like(bias) if bias is not None else None
-        with record_function("causal_conv1d_silu_cpu_backward"):
+        with _traced("causal_conv1d_silu_cpu_backward"):
             _library()[0].conv_backward(x.dtype == torch.float64, b, L, d, w.shape[0], _ptr(x), ctx.stride, _ptr(w),
                                         _ptr(bias), _ptr(gy.contiguous()), _ptr(gx), _ptr(gw), _ptr(g_bias),
                                         _threads(b))
@@ -309,7 +347,7 @@ class _DropoutCpu(torch.autograd.Function):
         scale = 1.0 / (1.0 - p)
         seed = int(torch.randint(0, 2**62, ()))  # from torch's generator: seeded runs repeat their masks
         threshold = min(round(p * 2**32), 2**32 - 1)  # keep when a uniform 32-bit draw >= threshold
-        with record_function("dropout_cpu"):
+        with _traced("dropout_cpu"):
             _library()[0].dropout_forward(x.dtype == torch.float64, seed, x.numel(), threshold, scale, _ptr(x),
                                           _ptr(y), _ptr(keep), torch.get_num_threads())
         ctx.scale = scale

@@ -23,9 +23,10 @@ from m2rec_lightning.ops.cpu_kernels import (
     causal_conv1d_silu_cpu,
     cpu_kernels_unavailable,
     selective_scan_cpu,
+    selective_scan_last_cpu,
     selective_scan_state_cpu,
 )
-from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_state
+from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_last, selective_scan_state
 
 log = logging.getLogger("m2rec")
 
@@ -53,6 +54,14 @@ def _triton_scan() -> tuple[object | None, object | None, str | None]:
 def _state_scan(backend: str):
     """The state-only scan of a backend. mamba_ssm has none: its backends use the PyTorch one, which runs on CUDA too."""
     return {"cpu": selective_scan_state_cpu, "triton": _triton_scan()[1]}.get(backend, selective_scan_state)
+
+
+def _last_scan(backend: str):
+    """The scan's output at one step per row (selective_scan_last's signature) of a backend: one compiled kernel on
+    cpu, else the backend's state-only scan with the output formed from its state."""
+    if backend == "cpu":
+        return selective_scan_last_cpu
+    return functools.partial(selective_scan_last, state_scan=_state_scan(backend))
 
 
 @functools.cache
@@ -264,23 +273,20 @@ class Mamba(nn.Module):
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
 
         Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch, cpu and triton backends
-        it runs the recurrence only up to each row's index (selective_scan_state / its compiled or Triton kernel) and
-        forms C·h + D·u, the gate and out_proj at the index alone; otherwise it is that expression.
+        it runs the recurrence only up to each row's index (selective_scan_last: the state-only scan, compiled or
+        Triton, with C·h + D·u and the gate formed at the index alone) and out_proj at the index; otherwise it is that
+        expression.
         """
-        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         backend = self._resolve_backend(hidden_states)
         if torch.is_grad_enabled() or backend not in ("torch", "cpu", "triton"):
-            return self(hidden_states)[rows, index]
+            return self(hidden_states)[torch.arange(hidden_states.size(0), device=hidden_states.device), index]
         # the compiled scan projects each step's Δ from its rank-R input itself
         x, z, dt, B, C = self._last_inputs(hidden_states, index, backend)
         low_rank = {"delta_proj": _fp32(self.dt_proj.weight)} if backend == "cpu" else {}
-        h = _state_scan(backend)(
-            x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), index,
+        y = _last_scan(backend)(
+            x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), C, index, _fp32(self.D), z,
             delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True, **low_rank,
-        )  # (batch, E·D, N), float32
-        u = x[rows, :, index]  # (batch, E·D)
-        y = (h * C[:, None, :].to(h.dtype)).sum(-1) + _fp32(self.D).to(h.dtype) * u.to(h.dtype)
-        y = y * F.silu(z.to(h.dtype))
+        )  # (batch, E·D), float32
         return self.out_proj(y.to(hidden_states.dtype))
 
     def init_state(self, batch_size: int) -> MambaState:

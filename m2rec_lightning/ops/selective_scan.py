@@ -9,8 +9,11 @@ Mamba-1 uses: real diagonal ``A`` and input-dependent ("variable") ``B`` and ``C
     y     = y * silu(z)
 
 ``selective_scan_ref`` is the one-step-at-a-time reference; ``selective_scan`` is the fast path;
-``selective_scan_state`` gives only the state h at one step per batch row (inference at the last real position).
+``selective_scan_state`` gives only the state h at one step per batch row (inference at the last real position), and
+``selective_scan_last`` the output y there.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +56,33 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> tuple[Tensor, Tensor]:
     return checked[0], checked[1]
 
 
-def _check_state_inputs(name: str, u, delta, A, B, index, delta_bias) -> Tensor:
-    """The checks of the state-only scans: the scan's own, and index (batch,) integers in [0, seqlen); returns B as
+def _check_state_inputs(name: str, u, delta, A, B, index, delta_bias, index_range: bool = True) -> Tensor:
+    """The checks of the state-only scans: the scan's own, and index (batch,) integers in [0, seqlen) (the range
+    unless index_range is False: the compiled kernel checks it itself, see _index_range_error); returns B as
     (batch, dstate, seqlen)."""
     B, _ = _check_inputs(u, delta, A, B, B, None, None, delta_bias)
     batch, _, seqlen = u.shape
     if index.shape != (batch,) or index.dtype.is_floating_point:
         raise ValueError(f"{name}: index must be (batch={batch},) integers, got {tuple(index.shape)} {index.dtype}")
-    if batch and (index.min() < 0 or index.max() >= seqlen):
-        raise ValueError(f"{name}: index must lie in [0, {seqlen}), got [{int(index.min())}, {int(index.max())}]")
+    if index_range and batch and (index.min() < 0 or index.max() >= seqlen):
+        raise _index_range_error(name, index, seqlen)
     return B
+
+
+def _index_range_error(name: str, index: Tensor, seqlen: int) -> ValueError:
+    return ValueError(f"{name}: index must lie in [0, {seqlen}), got [{int(index.min())}, {int(index.max())}]")
+
+
+def _check_last_inputs(name: str, u, C, D, z) -> None:
+    """The checks of the output-at-an-index scans beyond the state-only scan's: C (batch, dstate), D (dim,) and z
+    (batch, dim), C and z at each row's index."""
+    batch, dim, _ = u.shape
+    if C.dim() != 2 or C.shape[0] != batch:
+        raise ValueError(f"{name}: C must be (batch={batch}, dstate), C at each row's index, got {tuple(C.shape)}")
+    if D is not None and D.shape != (dim,):
+        raise ValueError(f"{name}: D must be (dim={dim},), got {tuple(D.shape)}")
+    if z is not None and z.shape != (batch, dim):
+        raise ValueError(f"{name}: z must be (batch={batch}, dim={dim}), z at each row's index, got {tuple(z.shape)}")
 
 
 def _scan_dtype(u: Tensor) -> torch.dtype:
@@ -382,3 +402,28 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
                 _chunk_states(dt[t0:t1, s], A2, dtu[t0:t1, s], B[t0:t1, s], h, dA, dA_t, hs, hs_t)
                 h.copy_(hs_t[-1])  # the next chunk overwrites hs before reading its initial state
     return out
+
+
+@torch.no_grad()
+def selective_scan_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, index: Tensor,
+                        D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
+                        delta_softplus: bool = False, state_scan: Callable[..., Tensor] = selective_scan_state) -> Tensor:
+    """The scan's output y at t = index[i] of each batch row i, (batch, dim): ``selective_scan_ref(...)[rows, :,
+    index]``, from the state there (`state_scan`: :func:`selective_scan_state`, or a backend's kernel of that
+    signature), so C and the gate are formed at one step per row. Inference only.
+
+    Args:
+        u, delta, A, B, D, delta_bias, delta_softplus: as in :func:`selective_scan_ref`.
+        C: (batch, dstate) C at each row's index.
+        index: (batch,) integer step of each row, in [0, seqlen).
+        z: (batch, dim) the gate's input at each row's index, or None.
+
+    Returns:
+        (batch, dim) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
+    """
+    _check_last_inputs("selective_scan_last", u, C, D, z)
+    h = state_scan(u, delta, A, B, index, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (batch, dim, N)
+    y = (h * C[:, None, :].to(h.dtype)).sum(-1)
+    if D is not None:
+        y = y + D.to(h.dtype) * u[torch.arange(u.size(0), device=u.device), :, index].to(h.dtype)
+    return y if z is None else y * F.silu(z.to(h.dtype))
