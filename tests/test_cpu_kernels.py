@@ -8,12 +8,7 @@ import torch.nn.functional as F
 
 import m2rec_lightning.ops.cpu_kernels as cpu_scan
 import m2rec_lightning.ops.mamba as mamba_module
-from m2rec_lightning.ops.cpu_kernels import (
-    causal_conv1d_silu_cpu,
-    selective_scan_cpu,
-    selective_scan_last_cpu,
-    selective_scan_state_cpu,
-)
+from m2rec_lightning.ops.cpu_kernels import causal_conv1d_silu_cpu, selective_scan_cpu, selective_scan_state_cpu
 from m2rec_lightning.ops.mamba import Mamba
 from m2rec_lightning.ops.selective_scan import selective_scan_last, selective_scan_ref
 from tests.test_selective_scan import NAMES, make_inputs, rel_err, states_per_step
@@ -129,40 +124,67 @@ def test_state_at_index_matches_per_step_states(L, softplus):
 
 
 @pytest.mark.parametrize("use", [("D", "z"), ("D",), ("z",), ()])
-@pytest.mark.parametrize("low_rank", [False, True])
-def test_output_at_index_matches_the_reference(use, low_rank):
-    # forward_last's scan: the output y at each row's index, formed in the kernel from the state there
+def test_output_at_index_reference(use):
+    # selective_scan_last, the scan's output at each row's index from the state there (forward_last on the torch
+    # and triton backends), against the one-step reference
     x = make_inputs(5, 21, 4, 30, seed=13)
     index = torch.tensor([29, 0, 9, 17, 29])
     rows = torch.arange(5)
     D, z = (x["D"] if "D" in use else None), (x["z"][rows, :, index] if "z" in use else None)
-    delta, proj = x["delta"], None
-    if low_rank:  # Mamba's rank-R step-size input and dt_proj's weight
-        g = torch.Generator().manual_seed(14)
-        delta, proj = torch.randn(5, 2, 30, generator=g, dtype=torch.float64), torch.randn(21, 2, generator=g,
-                                                                                          dtype=torch.float64)
-    full_delta = torch.einsum("dr,brl->bdl", proj, delta) if low_rank else delta
-    expected = selective_scan_ref(x["u"], full_delta, x["A"], x["B"], x["C"], D, x["z"] if "z" in use else None,
+    expected = selective_scan_ref(x["u"], x["delta"], x["A"], x["B"], x["C"], D, x["z"] if "z" in use else None,
                                   x["delta_bias"], delta_softplus=True)[rows, :, index]
-    C = x["C"][rows, :, index]
-    got = selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], C, index, D, z, x["delta_bias"], True,
-                                  delta_proj=proj)
-    assert got.shape == (5, 21) and got.dtype == torch.float64 and rel_err(got, expected) <= 1e-12
-    reference = selective_scan_last(x["u"], full_delta, x["A"], x["B"], C, index, D, z, x["delta_bias"], True)
-    assert rel_err(reference, expected) <= 1e-12
-    f = {k: v.float() for k, v in x.items()}  # float32: dim 21 has a full 16-channel block and a partial one
-    got32 = selective_scan_last_cpu(f["u"], full_delta.float(), f["A"], f["B"], C.float(), index,
-                                    None if D is None else D.float(), None if z is None else z.float(),
-                                    f["delta_bias"], True)
-    assert got32.dtype == torch.float32 and rel_err(got32.double(), expected) <= 1e-5
-    A = x["A"].clone()
-    A[3, 1] = float("nan")  # a diverged model: the PyTorch scan, which propagates it
-    nan = selective_scan_last_cpu(x["u"], delta, A, x["B"], C, index, D, z, x["delta_bias"], True, delta_proj=proj)
-    assert nan[:, 3].isnan().all() and not nan[:, 4].isnan().any()
+    got = selective_scan_last(x["u"], x["delta"], x["A"], x["B"], x["C"][rows, :, index], index, D, z,
+                              x["delta_bias"], True)
+    assert got.shape == (5, 21) and rel_err(got, expected) <= 1e-12
     with pytest.raises(ValueError, match=r"C must be \(batch=5, dstate\)"):
-        selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], x["C"], index, delta_proj=proj)
-    with pytest.raises(ValueError, match=r"z must be \(batch=5, dim=21\)"):
-        selective_scan_last_cpu(x["u"], delta, x["A"], x["B"], C, index, z=x["z"], delta_proj=proj)
+        selective_scan_last(x["u"], x["delta"], x["A"], x["B"], x["C"], index)
+
+
+def _mamba_pair(d_model, d_conv, bias, seed):
+    torch.manual_seed(seed)
+    fast = Mamba(d_model, d_state=6, d_conv=d_conv, bias=bias, backend="cpu").double()
+    for name, p in fast.named_parameters():  # away from the initialisation, biases included
+        if name != "A_log":
+            torch.nn.init.normal_(p, std=0.3 if p.dim() > 1 else 0.5)
+    ref = Mamba(d_model, d_state=6, d_conv=d_conv, bias=bias, backend="torch").double()
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+# lengths crossing the kernel's 16-step chunks, a width that is not a multiple of 16 lanes (E·D = 2 · 11),
+# convolutions wider than the shortest history
+@pytest.mark.parametrize("d_model,d_conv,bias", [(11, 4, False), (11, 1, True), (16, 2, True), (16, 4, False)])
+def test_fused_forward_last_matches_the_torch_path(d_model, d_conv, bias):
+    fast, ref = _mamba_pair(d_model, d_conv, bias, seed=d_model + d_conv)
+    x = torch.randn(6, 41, d_model, dtype=torch.float64)
+    index = torch.tensor([40, 0, 15, 16, 17, 2])
+    with torch.no_grad():
+        expected = ref(x)[torch.arange(6), index]
+        assert rel_err(fast.forward_last(x, index), expected) <= 1e-12
+        assert rel_err(ref.forward_last(x, index), expected) <= 1e-12
+        fast32, ref32 = fast.float(), ref.float()
+        got32 = fast32.forward_last(x.float(), index)
+        assert got32.dtype == torch.float32 and rel_err(got32.double(), expected) <= 1e-5
+        assert rel_err(got32.double(), ref32.forward_last(x.float(), index).double()) <= 1e-5
+        # inputs at any row stride (a pooled or sliced sequence), read in place
+        wide = torch.randn(6, 41, 2 * d_model)
+        wide[..., :d_model] = x.float()
+        assert rel_err(fast32.forward_last(wide[..., :d_model], index).double(), expected) <= 1e-5
+
+
+def test_fused_forward_last_refuses_bad_input_and_leaves_nan_to_the_torch_path():
+    fast, ref = _mamba_pair(8, 4, False, seed=3)
+    x = torch.randn(3, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        w, _ = fast._cpu_last_weights()
+        with pytest.raises(ValueError, match=r"index must lie in \[0, 9\)"):
+            cpu_scan.mamba_last_cpu(x, torch.tensor([0, 9, 1]), *w, None)
+        with pytest.raises(ValueError, match="inconsistent shapes"):
+            cpu_scan.mamba_last_cpu(x[..., :7], torch.tensor([0, 8, 1]), *w, None)
+        fast.A_log[2, 1] = float("nan")  # a diverged model: its NaN reaches the output, as on the torch path
+        assert fast.forward_last(x, torch.tensor([8, 0, 4])).isnan().all()
+        with pytest.raises(FloatingPointError, match="A holds a NaN"):
+            cpu_scan.mamba_last_cpu(x, torch.tensor([8, 0, 4]), *fast._cpu_last_weights()[0], None)
 
 
 def test_inputs_read_in_place_from_wider_rows():
@@ -352,20 +374,3 @@ def test_dropout_module_uses_the_kernel_in_training_only():
     d.train()
     xb = x.bfloat16()  # another dtype: the uniform mask, same law
     assert ((d(xb) != 0).float().mean() - 0.6).abs() < 0.05
-
-
-def test_state_with_rank_r_step_sizes_equals_the_projected_ones():
-    # forward_last passes Mamba's rank-R Δ input and dt_proj's weight; the kernel projects each step itself
-    x = make_inputs(4, 6, 3, 23, seed=11)
-    g = torch.Generator().manual_seed(12)
-    low = torch.randn(4, 2, 23, generator=g, dtype=torch.float64)  # (batch, R, seqlen)
-    proj = torch.randn(6, 2, generator=g, dtype=torch.float64)  # (dim, R)
-    index = torch.tensor([22, 0, 9, 15])
-    args = (x["u"], torch.einsum("dr,brl->bdl", proj, low), x["A"], x["B"], index)
-    expected = selective_scan_state_cpu(*args, delta_bias=x["delta_bias"], delta_softplus=True)
-    got = selective_scan_state_cpu(x["u"], low, x["A"], x["B"], index, delta_bias=x["delta_bias"], delta_softplus=True,
-                                   delta_proj=proj)
-    assert rel_err(got, expected) <= 1e-12
-    assert rel_err(got, states_per_step(*args[:4], x["delta_bias"], True)[torch.arange(4), index]) <= 1e-12
-    with pytest.raises(ValueError, match=r"delta must be \(batch, R, seqlen\)"):
-        selective_scan_state_cpu(x["u"], low[:, :1], x["A"], x["B"], index, delta_proj=proj)

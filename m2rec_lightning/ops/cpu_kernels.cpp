@@ -208,6 +208,14 @@ inline void advance<float>(const Args<float>& a, const float* dt, const float* d
 }
 #endif
 
+// h (dstate, dim) advanced through np steps with no outputs: dts, dtus (np, dim) the steps' dt and dt u, Bs (np rows of
+// dstate at stride ldb). The state-only scans' update.
+template <typename T>
+inline void advance_steps(const Args<T>& a, int64_t np, const T* dts, const T* dtus, const T* Bs, int64_t ldb, T* h) {
+    for (int64_t s = 0; s < np; ++s)
+        advance(a, dts + s * a.dim, dtus + s * a.dim, Bs + s * ldb, (const T*)nullptr, h, h, (T*)nullptr, (T*)nullptr);
+}
+
 template <typename T>
 inline T silu(T x) { return x * sigmoid(x); }
 
@@ -242,58 +250,26 @@ void forward(const Args<T>& a, T* out, T* hsave, int64_t chunk, int threads) {
     }
 }
 
-// The state after step index[i] of each row i, without outputs: out (batch, dim, dstate), Mamba's layout. With
-// delta_proj (rank, dim), delta holds Mamba's rank-R step-size inputs (batch, seqlen, rank) and each step's delta is
-// projected here: no (batch, seqlen, dim) tensor, no matmul of inner size R (a few columns, slow in a BLAS). With C
-// (a.C, (batch, dstate): C at each row's index), out is instead the scan's output there, (batch, dim):
-// y = (C . h + D u) silu(z), with z (a.z, (batch, dim), optional) at the index too, as forward computes it.
+// The state after step index[i] of each row i, without outputs: out (batch, dim, dstate), Mamba's layout.
 template <typename T>
-void state(const Args<T>& a, const T* delta_proj, int64_t rank, const int64_t* index, T* out, int threads) {
+void state(const Args<T>& a, const int64_t* index, T* out, int threads) {
     const int64_t L = a.seqlen, dim = a.dim, n = a.dstate;
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<T> h(n * dim), dt(dim), dtu(dim), full(dim);
+        std::vector<T> h(n * dim), dt(dim), dtu(dim);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < a.batch; ++i) {
             std::fill(h.begin(), h.end(), T(0));
             for (int64_t t = 0; t <= index[i]; ++t) {
                 const int64_t row = i * L + t;
-                const T* delta_t = a.delta + row * a.sdelta;
-                if (delta_proj) {
-                    std::fill(full.begin(), full.end(), T(0));
-                    for (int64_t r = 0; r < rank; ++r) {
-                        const T c = delta_t[r];
-                        const T* w = delta_proj + r * dim;
-#pragma omp simd
-                        for (int64_t d = 0; d < dim; ++d) full[d] += c * w[d];
-                    }
-                    delta_t = full.data();
-                }
-                step_size(a, delta_t, dt.data());
+                step_size(a, a.delta + row * a.sdelta, dt.data());
 #pragma omp simd
                 for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
                 advance(a, dt.data(), dtu.data(), a.B + row * a.sB, (const T*)nullptr, h.data(), h.data(), (T*)nullptr,
                         (T*)nullptr);
             }
-            if (a.C) {
-                T* y = out + i * dim;
-                const T* u_t = a.u + (i * L + index[i]) * a.su;
-                const T* C_t = a.C + i * n;
-#pragma omp simd
-                for (int64_t d = 0; d < dim; ++d) y[d] = a.D ? a.D[d] * u_t[d] : T(0);
-                for (int64_t k = 0; k < n; ++k) {
-                    const T c = C_t[k];
-#pragma omp simd
-                    for (int64_t d = 0; d < dim; ++d) y[d] += h[k * dim + d] * c;
-                }
-                if (a.z) {
-#pragma omp simd
-                    for (int64_t d = 0; d < dim; ++d) y[d] *= silu(a.z[i * dim + d]);
-                }
-            } else {
-                for (int64_t d = 0; d < dim; ++d)
-                    for (int64_t k = 0; k < n; ++k) out[(i * dim + d) * n + k] = h[k * dim + d];
-            }
+            for (int64_t d = 0; d < dim; ++d)
+                for (int64_t k = 0; k < n; ++k) out[(i * dim + d) * n + k] = h[k * dim + d];
         }
     }
 }
@@ -547,6 +523,160 @@ Args<T> args(int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const v
                    a2.data()};
 }
 
+// out[p][0:m] = init[0:m] (zeros when null) + sum_{j<k} x[p][j] W[j ldw + 0:m] for rows p < np of x (row stride
+// ldx) and out (row stride ldo): a few vectors times a matrix whose rows are contiguous, the matrix products of
+// mamba_last.
+template <typename T>
+inline void rows_mat(const T* x, int64_t ldx, int64_t np, int64_t k, const T* W, int64_t ldw, int64_t m, const T* init,
+                     T* out, int64_t ldo) {
+    for (int64_t p = 0; p < np; ++p) {
+        T* o = out + p * ldo;
+#pragma omp simd
+        for (int64_t r = 0; r < m; ++r) o[r] = init ? init[r] : T(0);
+        for (int64_t j = 0; j < k; ++j) {
+            const T c = x[p * ldx + j];
+            const T* w = W + j * ldw;
+#pragma omp simd
+            for (int64_t r = 0; r < m; ++r) o[r] += c * w[r];
+        }
+    }
+}
+
+#ifdef __AVX512F__
+// float32 with AVX-512: blocks of R <= 4 rows x 64 outputs summed in 4R registers across all k (R fixed at compile
+// time, so they stay registers), each weight vector loaded once per block and out written once; the loop above
+// reloads and stores out for every j.
+template <int R>
+inline void rows_block(const float* x, int64_t ldx, int64_t k, const float* W, int64_t ldw, const __mmask16* mask,
+                       const __m512* start, float* out, int64_t ldo) {
+    __m512 acc[R][4];
+    for (int q = 0; q < R; ++q)
+        for (int b = 0; b < 4; ++b) acc[q][b] = start[b];
+    for (int64_t j = 0; j < k; ++j) {
+        __m512 wv[4];
+        for (int b = 0; b < 4; ++b) wv[b] = _mm512_maskz_loadu_ps(mask[b], W + j * ldw + 16 * b);
+        for (int q = 0; q < R; ++q) {
+            const __m512 c = _mm512_set1_ps(x[q * ldx + j]);
+            for (int b = 0; b < 4; ++b) acc[q][b] = _mm512_fmadd_ps(c, wv[b], acc[q][b]);
+        }
+    }
+    for (int q = 0; q < R; ++q)
+        for (int b = 0; b < 4; ++b)
+            if (mask[b] == 0xffff) _mm512_storeu_ps(out + q * ldo + 16 * b, acc[q][b]);
+            else if (mask[b]) _mm512_mask_storeu_ps(out + q * ldo + 16 * b, mask[b], acc[q][b]);
+}
+
+template <>
+inline void rows_mat<float>(const float* x, int64_t ldx, int64_t np, int64_t k, const float* W, int64_t ldw,
+                            int64_t m, const float* init, float* out, int64_t ldo) {
+    for (int64_t r0 = 0; r0 < m; r0 += 64) {
+        __mmask16 mask[4];
+        __m512 start[4];
+        for (int b = 0; b < 4; ++b) {
+            const int64_t left = m - r0 - 16 * b;
+            mask[b] = left >= 16 ? __mmask16(0xffff) : left > 0 ? __mmask16((1u << left) - 1) : __mmask16(0);
+            start[b] = init ? _mm512_maskz_loadu_ps(mask[b], init + r0 + 16 * b) : _mm512_setzero_ps();
+        }
+        int64_t p = 0;
+        for (; p + 4 <= np; p += 4)
+            rows_block<4>(x + p * ldx, ldx, k, W + r0, ldw, mask, start, out + p * ldo + r0, ldo);
+        switch (np - p) {
+            case 3: rows_block<3>(x + p * ldx, ldx, k, W + r0, ldw, mask, start, out + p * ldo + r0, ldo); break;
+            case 2: rows_block<2>(x + p * ldx, ldx, k, W + r0, ldw, mask, start, out + p * ldo + r0, ldo); break;
+            case 1: rows_block<1>(x + p * ldx, ldx, k, W + r0, ldw, mask, start, out + p * ldo + r0, ldo); break;
+        }
+    }
+}
+#endif
+
+// Mamba.forward_last up to out_proj, fused: for each row i, steps 0 .. index[i] of the block on its inputs
+// hidden (batch, seqlen, d_model) (row strides sb, st; last dimension contiguous), and the output at index[i]:
+//     x_t = W_x h_t + b_x                 in_proj's x half
+//     u_t = silu(conv(x)_t)               the causal depthwise conv
+//     [dr_t, B_t] = W_dB u_t              x_proj's rank-R step-size and B rows
+//     dt_t = softplus(W_dt dr_t + bias)   dt_proj
+//     h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t
+//     y = (C . h + D u) silu(z)           at t = index[i] only, with C = W_C u there and z given
+// Weights in the layouts the loops read with unit stride: w_x (d_model, dim) = in_proj's x rows transposed, w_xproj
+// (dim, R + 2N) = x_proj transposed, w_dt (R, dim) = dt_proj transposed, conv_w (K, dim), A2 (N, dim) = A log2(e)
+// transposed; b_x, conv_b, D optional. The products run on chunks of P steps (register-blocked, rows_mat), then the
+// chunk's state updates. Why: as separate ops (matmuls, conv, scan) at evaluation sizes each pays its dispatch, and
+// writes and rereads a (batch, seqlen, ·) tensor; here nothing of that size is written, the steps after a row's
+// index (its padding) are not run, and the block is one call (at batch 1 and 8 steps, 266 us against 422 us for
+// Mamba4Rec's whole forward_last; at B=32, L=200 Mamba.forward_last takes 7.6 ms against 8.5 ms, one thread).
+template <typename T>
+void mamba_last(const Args<T>& a, int64_t d_model, int64_t rank, int64_t K, const T* hidden, int64_t sb, int64_t st,
+                const T* w_x, const T* b_x, const T* conv_w, const T* conv_b, const T* w_xproj, const T* w_dt,
+                const int64_t* index, T* y, int threads) {
+    const int64_t dim = a.dim, n = a.dstate, width = rank + 2 * n;
+    constexpr int64_t P = 16;  // steps whose projections run together (the weights are read once per chunk)
+#pragma omp parallel num_threads(threads)
+    {
+        // xs: the conv's inputs, its K-1 previous ones (zeros before step 0) then the chunk's; us, vs: the chunk's
+        // conv outputs and x_proj outputs
+        std::vector<T> h(n * dim), xs((K - 1 + P) * dim), us(P * dim), vs(P * width), dts(P * dim), dtus(P * dim);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < a.batch; ++i) {
+            std::fill(h.begin(), h.end(), T(0));
+            std::fill(xs.begin(), xs.end(), T(0));
+            const int64_t steps = index[i] + 1;
+            for (int64_t t0 = 0; t0 < steps; t0 += P) {
+                const int64_t np = std::min(P, steps - t0);
+                T* x = xs.data() + (K - 1) * dim;  // x[s] = in_proj's x at step t0 + s; x[-K+1 .. -1] before it
+                rows_mat(hidden + i * sb + t0 * st, st, np, d_model, w_x, dim, dim, b_x, x, dim);
+                for (int64_t s = 0; s < np; ++s) {
+                    T* u = us.data() + s * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) u[d] = conv_b ? conv_b[d] : T(0);
+                    for (int64_t j = 0; j < K; ++j) {  // tap j meets x_{t-K+1+j}
+                        const T* xr = x + (s - K + 1 + j) * dim;
+                        const T* w = conv_w + j * dim;
+#pragma omp simd
+                        for (int64_t d = 0; d < dim; ++d) u[d] += w[d] * xr[d];
+                    }
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) u[d] = silu(u[d]);
+                }
+                // C only at the row's last step, the one whose output is read
+                const bool ends = t0 + np == steps;
+                rows_mat(us.data(), dim, np, dim, w_xproj, width, rank + n, (const T*)nullptr, vs.data(), width);
+                if (ends)
+                    rows_mat(us.data() + (np - 1) * dim, dim, 1, dim, w_xproj + rank + n, width, n, (const T*)nullptr,
+                             vs.data() + (np - 1) * width + rank + n, width);
+                rows_mat(vs.data(), width, np, rank, w_dt, dim, dim, a.bias, dts.data(), dim);
+                for (int64_t s = 0; s < np; ++s) {
+                    T* dt = dts.data() + s * dim;
+                    T* dtu = dtus.data() + s * dim;
+                    const T* u = us.data() + s * dim;
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) {
+                        dt[d] = softplus(dt[d]);
+                        dtu[d] = dt[d] * u[d];
+                    }
+                }
+                advance_steps(a, np, dts.data(), dtus.data(), vs.data() + rank, width, h.data());
+                // the last K-1 conv inputs move to the front for the next chunk
+                std::memmove(xs.data(), xs.data() + np * dim, (K - 1) * dim * sizeof(T));
+                if (!ends) continue;
+                const T* u = us.data() + (np - 1) * dim;
+                const T* C = vs.data() + (np - 1) * width + rank + n;
+                T* yi = y + i * dim;
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) yi[d] = a.D ? a.D[d] * u[d] : T(0);
+                for (int64_t k = 0; k < n; ++k) {
+                    const T c = C[k];
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) yi[d] += h[k * dim + d] * c;
+                }
+                if (a.z) {
+#pragma omp simd
+                    for (int64_t d = 0; d < dim; ++d) yi[d] *= silu(a.z[i * dim + d]);
+                }
+            }
+        }
+    }
+}
+
 }  // namespace
 
 // The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional;
@@ -567,14 +697,11 @@ void scan_forward(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int
                 (float*)out, (float*)hsave, chunk, threads);
 }
 
-// C, D, z null: out = the states (batch, dim, dstate); C (batch, dstate) given: out = the outputs (batch, dim), with
-// D (dim) and z (batch, dim) optional. C and z are contiguous and hold each row's values at its index. Checks its
-// inputs first (cheaper here than as tensor ops and host syncs in Python) and returns 1 when an index lies outside
-// [0, seqlen), 2 when A holds a NaN (the caller then uses the PyTorch scan), else 0 once out is written.
+// Checks its inputs first (cheaper here than as tensor ops and host syncs in Python) and returns 1 when an index lies
+// outside [0, seqlen), 2 when A holds a NaN (the caller then uses the PyTorch scan), else 0 once out is written.
 int scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_t dstate, const void* u,
-               const void* delta, const void* A, const void* B, const void* C, const void* D, const void* z,
-               const void* bias, const int64_t* strides, int softplus_on, const void* delta_proj, int64_t rank,
-               const int64_t* index, void* out, int threads) {
+               const void* delta, const void* A, const void* B, const void* bias, const int64_t* strides,
+               int softplus_on, const int64_t* index, void* out, int threads) {
     for (int64_t i = 0; i < batch; ++i)
         if (index[i] < 0 || index[i] >= seqlen) return 1;
     for (int64_t j = 0; j < dim * dstate; ++j) {
@@ -584,11 +711,13 @@ int scan_state(int is_double, int64_t batch, int64_t seqlen, int64_t dim, int64_
     std::vector<double> a2d;
     std::vector<float> a2f;
     if (is_double)
-        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2d),
-              (const double*)delta_proj, rank, index, (double*)out, threads);
+        state(args<double>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
+                           softplus_on, a2d),
+              index, (double*)out, threads);
     else
-        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, C, D, z, bias, strides, softplus_on, a2f),
-              (const float*)delta_proj, rank, index, (float*)out, threads);
+        state(args<float>(batch, seqlen, dim, dstate, u, delta, A, B, nullptr, nullptr, nullptr, bias, strides,
+                          softplus_on, a2f),
+              index, (float*)out, threads);
     return 0;
 }
 
@@ -636,5 +765,45 @@ void dropout_forward(int is_double, uint64_t seed, int64_t size, uint32_t thresh
         dropout_forward(seed, size, threshold, scale, (const double*)x, (double*)y, (uint8_t*)keep, threads);
     else
         dropout_forward(seed, size, threshold, (float)scale, (const float*)x, (float*)y, (uint8_t*)keep, threads);
+}
+
+// Mamba.forward_last before out_proj (see mamba_last above): y (batch, dim). A (dim, N) as Mamba holds it (the other
+// weights already in the kernel's layouts); z (batch, dim) and D, b_x, conv_b optional; delta_bias required. Returns 1
+// when an index lies outside [0, seqlen), 2 when A holds a NaN (nothing written then), else 0.
+int mamba_last(int is_double, int64_t batch, int64_t seqlen, int64_t d_model, int64_t dim, int64_t dstate,
+               int64_t rank, int64_t conv_width, const void* hidden, int64_t sb, int64_t st, const void* w_x,
+               const void* b_x, const void* conv_w, const void* conv_b, const void* w_xproj, const void* w_dt,
+               const void* delta_bias, const void* A, const void* D, const void* z, const int64_t* index, void* y,
+               int threads) {
+    for (int64_t i = 0; i < batch; ++i)
+        if (index[i] < 0 || index[i] >= seqlen) return 1;
+    for (int64_t j = 0; j < dim * dstate; ++j) {
+        const bool nan = is_double ? is_nan_bits(((const double*)A)[j]) : is_nan_bits(((const float*)A)[j]);
+        if (nan) return 2;
+    }
+    const auto run = [&](auto zero) {
+        using T = decltype(zero);
+        std::vector<T> a2(dim * dstate);  // (N, dim): A log2(e), transposed
+        for (int64_t d = 0; d < dim; ++d)
+            for (int64_t k = 0; k < dstate; ++k)
+                a2[k * dim + d] = ((const T*)A)[d * dstate + k] * T(1.4426950408889634);
+        Args<T> a{};
+        a.batch = batch;
+        a.seqlen = seqlen;
+        a.dim = dim;
+        a.dstate = dstate;
+        a.D = (const T*)D;
+        a.z = (const T*)z;
+        a.bias = (const T*)delta_bias;
+        a.softplus_on = 1;
+        a.A2 = a2.data();
+        mamba_last(a, d_model, rank, conv_width, (const T*)hidden, sb, st, (const T*)w_x, (const T*)b_x,
+                   (const T*)conv_w, (const T*)conv_b, (const T*)w_xproj, (const T*)w_dt, index, (T*)y, threads);
+    };
+    if (is_double)
+        run(0.0);
+    else
+        run(0.0f);
+    return 0;
 }
 }

@@ -1,8 +1,8 @@
 """CPU kernels in compiled C++: Mamba's selective scan and causal depthwise conv + SiLU, and dropout.
 
 Same signatures and results as the PyTorch paths they replace (:func:`.selective_scan.selective_scan`,
-:func:`.selective_scan.selective_scan_state`, :func:`.selective_scan.selective_scan_last`, and the conv + SiLU of the
-Mamba block), checked against them and against the float64 one-step reference.
+:func:`.selective_scan.selective_scan_state`, and the conv + SiLU of the Mamba block; Mamba's forward_last before
+out_proj, fused), checked against them and against the float64 one-step reference.
 
 Why: the PyTorch scan is bound by memory traffic (about four passes over the (batch, dim, dstate) state per step)
 and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. cpu_kernels.cpp
@@ -37,12 +37,10 @@ from torch.profiler import record_function
 
 from m2rec_lightning.ops.selective_scan import (
     _check_inputs,
-    _check_last_inputs,
     _check_state_inputs,
     _index_range_error,
     _scan_dtype,
     selective_scan,
-    selective_scan_last,
     selective_scan_state,
 )
 
@@ -101,7 +99,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dims = [c_int, i64, i64, i64, i64]  # is_double, batch, seqlen, dim, dstate (or conv width)
     lib.scan_forward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, ptr, i64, c_int]
-    lib.scan_state.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, ptr, ptr, c_int]
+    lib.scan_state.argtypes = [*dims, *[ptr] * 6, c_int, ptr, ptr, c_int]
     lib.scan_backward.argtypes = [*dims, *[ptr] * 9, c_int, ptr, i64, *[ptr] * 9, c_int]
     lib.conv_forward.argtypes = [*dims, ptr, i64, ptr, ptr, ptr, c_int]
     lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
@@ -109,7 +107,9 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                                     c_int]
     for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward):
         fn.restype = None
-    lib.scan_state.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
+    lib.mamba_last.argtypes = [c_int, *[i64] * 7, ptr, i64, i64, *[ptr] * 11, ptr, c_int]
+    for fn in (lib.scan_state, lib.mamba_last):
+        fn.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
 
 
@@ -224,71 +224,88 @@ def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 @torch.no_grad()
 def selective_scan_state_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
-                             delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                             delta_proj: Tensor | None = None) -> Tensor:
+                             delta_bias: Tensor | None = None, delta_softplus: bool = False) -> Tensor:
     """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_state`, compiled: the state h at step index[i] of each
-    row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index. A NaN
-    in A goes to the PyTorch scan, as in :func:`selective_scan_cpu`.
-
-    delta_proj: Mamba's dt_proj weight (dim, R); then delta is its rank-R input (batch, R, seqlen) and the kernel
-        projects each step's delta itself (the same as passing ``delta_proj @ delta``, without that tensor).
-    """
-    return _state_or_last("selective_scan_state_cpu", u, delta, A, B, index, delta_bias, delta_softplus, delta_proj)
-
-
-@torch.no_grad()
-def selective_scan_last_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, index: Tensor,
-                            D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
-                            delta_softplus: bool = False, delta_proj: Tensor | None = None) -> Tensor:
-    """:func:`~m2rec_lightning.ops.selective_scan.selective_scan_last`, compiled: the scan's output at step index[i] of
-    each row i, (batch, dim), formed in the kernel from the state there (no (batch, dim, dstate) tensor). delta_proj
-    as in :func:`selective_scan_state_cpu`."""
-    _check_last_inputs("selective_scan_last_cpu", u, C, D, z)
-    return _state_or_last("selective_scan_last_cpu", u, delta, A, B, index, delta_bias, delta_softplus, delta_proj,
-                          (C, D, z))
-
-
-def _state_or_last(name: str, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: Tensor,
-                   delta_bias: Tensor | None, delta_softplus: bool, delta_proj: Tensor | None,
-                   last: tuple[Tensor, Tensor | None, Tensor | None] | None = None) -> Tensor:
-    """The state-only kernel: the states at the index, or with `last` = (C, D, z) at the index, the outputs there. The
-    kernel checks the index range and A for NaN itself: forward_last calls it per Mamba and batch, where the tensor
-    ops and host syncs of those checks cost more than the scan of a short history."""
-    _require(name)
-    if delta_proj is not None and (delta_proj.dim() != 2 or delta_proj.shape[0] != u.shape[1] or delta.shape != (
-            u.shape[0], delta_proj.shape[1], u.shape[2])):
-        raise ValueError(f"{name}: with delta_proj (dim, R), delta must be (batch, R, seqlen); "
-                         f"got delta_proj {tuple(delta_proj.shape)}, delta {tuple(delta.shape)}, u {tuple(u.shape)}")
-    B = _check_state_inputs(name, u, u if delta_proj is not None else delta, A, B, index, delta_bias,
-                            index_range=False)
+    row i, (batch, dim, dstate), float32 (float64 for float64 inputs). Each row runs only up to its own index. The
+    kernel checks the index range and A for NaN itself (no tensor reductions or host syncs per call); a NaN in A goes
+    to the PyTorch scan, as in :func:`selective_scan_cpu`."""
+    _require("selective_scan_state_cpu")
+    B = _check_state_inputs("selective_scan_state_cpu", u, delta, A, B, index, delta_bias, index_range=False)
     batch, dim, seqlen = u.shape
     dtype = _scan_dtype(u)
-    n = A.shape[1]
-    out = u.new_empty((batch, dim, n) if last is None else (batch, dim), dtype=dtype)
+    out = u.new_empty(batch, dim, A.shape[1], dtype=dtype)
     if batch == 0:
         return out
-    C, D, z = (None, None, None) if last is None else (last[0].to(dtype).contiguous(), _vector(last[1], dtype),
-                                                        _vector(last[2], dtype))
     with torch.autocast("cpu", enabled=False):
         (u_, su), (delta_, sdelta), (B_, sB) = (_rows(t.transpose(1, 2), dtype) for t in (u, delta, B))
         strides = torch.tensor([su, sdelta, sB, 0, 0], dtype=torch.int64)
         A_t, bias = A.to(dtype).t().contiguous(), _vector(delta_bias, dtype)
-        proj = None if delta_proj is None else delta_proj.to(dtype).t().contiguous()  # (R, dim)
         index = index.to(torch.int64).contiguous()
-        with _traced(name):
-            status = _library()[0].scan_state(
-                dtype == torch.float64, batch, seqlen, dim, n, _ptr(u_), _ptr(delta_), _ptr(A_t), _ptr(B_), _ptr(C),
-                _ptr(D), _ptr(z), _ptr(bias), _ptr(strides), delta_softplus, _ptr(proj),
-                0 if proj is None else proj.shape[0], _ptr(index), _ptr(out), _threads(batch))
+        with _traced("selective_scan_state_cpu"):
+            status = _library()[0].scan_state(dtype == torch.float64, batch, seqlen, dim, A.shape[1], _ptr(u_),
+                                              _ptr(delta_), _ptr(A_t), _ptr(B_), _ptr(bias), _ptr(strides),
+                                              delta_softplus, _ptr(index), _ptr(out), _threads(batch))
     if status == 1:
-        raise _index_range_error(name, index, seqlen)
+        raise _index_range_error("selective_scan_state_cpu", index, seqlen)
     if status == 2:  # a NaN in A (a diverged model): the PyTorch scan propagates it
-        if delta_proj is not None:
-            delta = torch.einsum("dr,brl->bdl", delta_proj.to(delta.dtype), delta)
-        if last is None:
-            return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
-        return selective_scan_last(u, delta, A, B, last[0], index, last[1], last[2], delta_bias, delta_softplus)
+        return selective_scan_state(u, delta, A, B, index, delta_bias, delta_softplus)
     return out
+
+
+@torch.no_grad()
+def mamba_last_cpu(hidden: Tensor, index: Tensor, w_x: Tensor, b_x: Tensor | None, conv_w: Tensor,
+                   conv_b: Tensor | None, x_proj: Tensor, dt_proj: Tensor, dt_bias: Tensor, A: Tensor,
+                   D: Tensor | None, z: Tensor | None) -> Tensor:
+    """A Mamba block's forward_last before out_proj, in one compiled call: in_proj's x half, the causal conv and SiLU,
+    x_proj, dt_proj, softplus and the state-only scan over each row's steps 0 .. index[i], then the output there,
+    ``(C·h + D·u)·silu(z)``, with C from x_proj at the index alone. The same as Mamba's `_last_inputs` followed by
+    :func:`~m2rec_lightning.ops.selective_scan.selective_scan_last`, without their (batch, seqlen, ·) tensors.
+
+    Args:
+        hidden: (batch, seqlen, d_model) the block's inputs.
+        index: (batch,) integer step of each row, in [0, seqlen).
+        w_x, b_x: (d_model, E·D) in_proj's x rows transposed, and their bias (E·D,) or None.
+        conv_w, conv_b: (K, E·D) the depthwise conv's taps (tap K-1 meets the current step), bias (E·D,) or None.
+        x_proj: (E·D, R + 2N) x_proj's weight transposed (rows: Δ's rank-R input, B, C).
+        dt_proj, dt_bias: (R, E·D) dt_proj's weight transposed, and its bias (E·D,).
+        A, D: (E·D, N) and (E·D,) or None, as the scan takes them.
+        z: (batch, E·D) the gate's input (in_proj's z half) at each row's index, or None.
+
+    Returns:
+        (batch, E·D) float32 (float64 for a float64 `hidden`). Weights are converted to that dtype and layout if they
+        are not already (Mamba passes them so: see Mamba._cpu_last_weights).
+    """
+    _require("mamba_last_cpu")
+    batch, seqlen, d_model = hidden.shape
+    dim, n = A.shape
+    rank = x_proj.shape[1] - 2 * n
+    dtype = _scan_dtype(hidden)
+    if w_x.shape != (d_model, dim) or conv_w.dim() != 2 or conv_w.shape[1] != dim or x_proj.shape[0] != dim \
+            or rank < 1 or dt_proj.shape != (rank, dim) or index.shape != (batch,):
+        raise ValueError(f"mamba_last_cpu: inconsistent shapes: hidden {tuple(hidden.shape)}, w_x {tuple(w_x.shape)}, "
+                         f"conv_w {tuple(conv_w.shape)}, x_proj {tuple(x_proj.shape)}, dt_proj {tuple(dt_proj.shape)}, "
+                         f"A {tuple(A.shape)}, index {tuple(index.shape)}")
+    if z is not None and z.shape != (batch, dim):
+        raise ValueError(f"mamba_last_cpu: z must be (batch={batch}, E·D={dim}), got {tuple(z.shape)}")
+    y = hidden.new_empty(batch, dim, dtype=dtype)
+    if batch == 0:
+        return y
+    hidden = hidden.to(dtype)
+    if hidden.stride(2) != 1:
+        hidden = hidden.contiguous()
+    w_x, conv_w, x_proj, dt_proj, A = (_vector(t, dtype) for t in (w_x, conv_w, x_proj, dt_proj, A))
+    b_x, conv_b, dt_bias, D, z = (_vector(t, dtype) for t in (b_x, conv_b, dt_bias, D, z))
+    index = index.to(torch.int64).contiguous()
+    with _traced("mamba_last_cpu"):
+        status = _library()[0].mamba_last(
+            dtype == torch.float64, batch, seqlen, d_model, dim, n, rank, conv_w.shape[0], _ptr(hidden),
+            hidden.stride(0), hidden.stride(1), _ptr(w_x), _ptr(b_x), _ptr(conv_w), _ptr(conv_b), _ptr(x_proj),
+            _ptr(dt_proj), _ptr(dt_bias), _ptr(A), _ptr(D), _ptr(z), _ptr(index), _ptr(y), _threads(batch))
+    if status == 1:
+        raise _index_range_error("mamba_last_cpu", index, seqlen)
+    if status == 2:
+        raise FloatingPointError("mamba_last_cpu: A holds a NaN; use the PyTorch path, which propagates it")
+    return y
 
 
 class _CausalConvSiluCpu(torch.autograd.Function):

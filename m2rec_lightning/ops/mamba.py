@@ -22,8 +22,8 @@ from m2rec_lightning.models.state import MambaState, step_constant
 from m2rec_lightning.ops.cpu_kernels import (
     causal_conv1d_silu_cpu,
     cpu_kernels_unavailable,
+    mamba_last_cpu,
     selective_scan_cpu,
-    selective_scan_last_cpu,
     selective_scan_state_cpu,
 )
 from m2rec_lightning.ops.selective_scan import _scan_dtype, selective_scan, selective_scan_last, selective_scan_state
@@ -54,14 +54,6 @@ def _triton_scan() -> tuple[object | None, object | None, str | None]:
 def _state_scan(backend: str):
     """The state-only scan of a backend. mamba_ssm has none: its backends use the PyTorch one, which runs on CUDA too."""
     return {"cpu": selective_scan_state_cpu, "triton": _triton_scan()[1]}.get(backend, selective_scan_state)
-
-
-def _last_scan(backend: str):
-    """The scan's output at one step per row (selective_scan_last's signature) of a backend: one compiled kernel on
-    cpu, else the backend's state-only scan with the output formed from its state."""
-    if backend == "cpu":
-        return selective_scan_last_cpu
-    return functools.partial(selective_scan_last, state_scan=_state_scan(backend))
 
 
 @functools.cache
@@ -273,21 +265,40 @@ class Mamba(nn.Module):
         """The output at position index[i] of each row i: (batch, seqlen, d_model), (batch,) -> (batch, d_model).
 
         Equal to ``self(hidden_states)[arange(batch), index]``. Without autograd on the torch, cpu and triton backends
-        it runs the recurrence only up to each row's index (selective_scan_last: the state-only scan, compiled or
-        Triton, with C·h + D·u and the gate formed at the index alone) and out_proj at the index; otherwise it is that
-        expression.
+        it runs the recurrence only up to each row's index and forms C·h + D·u, the gate and out_proj at the index
+        alone: on cpu the whole path before out_proj is one compiled call (mamba_last_cpu), on torch and triton the
+        projections are matmuls and the scan selective_scan_last with the backend's state-only scan; otherwise it is
+        that expression.
         """
         backend = self._resolve_backend(hidden_states)
+        rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         if torch.is_grad_enabled() or backend not in ("torch", "cpu", "triton"):
-            return self(hidden_states)[torch.arange(hidden_states.size(0), device=hidden_states.device), index]
-        # the compiled scan projects each step's Δ from its rank-R input itself
-        x, z, dt, B, C = self._last_inputs(hidden_states, index, backend)
-        low_rank = {"delta_proj": _fp32(self.dt_proj.weight)} if backend == "cpu" else {}
-        y = _last_scan(backend)(
+            return self(hidden_states)[rows, index]
+        if backend == "cpu":
+            weights, a_nan = step_constant(self, "_cpu_last_weights_kept", [self], [], self._cpu_last_weights)
+            if not a_nan:  # (a NaN in A, a diverged model, takes the PyTorch scan, which propagates it)
+                _, w_z = self.in_proj.weight.chunk(2)
+                b_z = self.in_proj.bias.chunk(2)[1] if self.in_proj.bias is not None else None
+                z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
+                y = mamba_last_cpu(hidden_states, index, *weights, z)  # (batch, E·D), float32
+                return self.out_proj(y.to(hidden_states.dtype))
+            backend = "torch"
+        x, z, dt, B, C = self._last_inputs(hidden_states, index)
+        y = selective_scan_last(
             x, dt.transpose(1, 2), -torch.exp(_fp32(self.A_log)), B.transpose(1, 2), C, index, _fp32(self.D), z,
-            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True, **low_rank,
+            delta_bias=_fp32(self.dt_proj.bias), delta_softplus=True, state_scan=_state_scan(backend),
         )  # (batch, E·D), float32
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def _cpu_last_weights(self) -> tuple[tuple[Tensor | None, ...], bool]:
+        """(forward_last's weights in mamba_last_cpu's layouts and the scan's dtype, whether A holds a NaN)."""
+        dtype = _scan_dtype(self.in_proj.weight)
+        w_x = self.in_proj.weight[: self.d_inner]
+        b_x = self.in_proj.bias[: self.d_inner] if self.in_proj.bias is not None else None
+        A = -torch.exp(self.A_log.to(dtype))
+        parts = (w_x.t(), b_x, self.conv1d.weight[:, 0].t(), self.conv1d.bias, self.x_proj.weight.t(),
+                 self.dt_proj.weight.t(), self.dt_proj.bias, A, self.D)
+        return tuple(None if t is None else t.to(dtype).contiguous() for t in parts), bool(A.isnan().any())
 
     def init_state(self, batch_size: int) -> MambaState:
         """The state before the first input: zero conv inputs (the conv's padding) and h = 0."""
@@ -334,20 +345,19 @@ class Mamba(nn.Module):
         conv = self.in_proj(tail)[..., : self.d_inner] * (source >= 0)[:, :, None]  # (batch, d_conv-1, E·D)
         return MambaState(conv=conv.transpose(1, 2), ssm=h), y
 
-    def _last_inputs(self, hidden_states: Tensor, index: Tensor,
-                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """_scan_inputs for forward_last: x, dt and B at every position (the recurrence reads them), but z (batch, E·D)
-        and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on one position per row. dt is
-        (batch, seqlen, E·D), or on the cpu backend its rank-R input (batch, seqlen, R): that kernel projects it."""
+    def _last_inputs(self, hidden_states: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """_scan_inputs for forward_last on the torch and triton backends: x, dt and B at every position (the recurrence
+        reads them), but z (batch, E·D) and C (batch, N) at index only, so in_proj's z half and x_proj's C rows run on
+        one position per row."""
         rows = torch.arange(hidden_states.size(0), device=hidden_states.device)
         w_x, w_z = self.in_proj.weight.chunk(2)  # (E·D, d_model) each
         b_x, b_z = self.in_proj.bias.chunk(2) if self.in_proj.bias is not None else (None, None)
-        x = self._conv_silu(F.linear(hidden_states, w_x, b_x), backend)  # (batch, seqlen, E·D)
+        x = self.act(self._conv(F.linear(hidden_states, w_x, b_x)))  # (batch, seqlen, E·D)
         z = F.linear(hidden_states[rows, index], w_z, b_z)  # (batch, E·D)
         w_dt_b, w_c = self.x_proj.weight.split([self.dt_rank + self.d_state, self.d_state])
         dt, B = F.linear(x, w_dt_b).split([self.dt_rank, self.d_state], dim=-1)  # (batch, seqlen, ·)
         C = F.linear(x[rows, index], w_c)  # (batch, N)
-        return x.transpose(1, 2), z, dt if backend == "cpu" else F.linear(dt, self.dt_proj.weight), B, C
+        return x.transpose(1, 2), z, F.linear(dt, self.dt_proj.weight), B, C
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):

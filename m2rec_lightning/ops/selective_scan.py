@@ -73,18 +73,6 @@ def _index_range_error(name: str, index: Tensor, seqlen: int) -> ValueError:
     return ValueError(f"{name}: index must lie in [0, {seqlen}), got [{int(index.min())}, {int(index.max())}]")
 
 
-def _check_last_inputs(name: str, u, C, D, z) -> None:
-    """The checks of the output-at-an-index scans beyond the state-only scan's: C (batch, dstate), D (dim,) and z
-    (batch, dim), C and z at each row's index."""
-    batch, dim, _ = u.shape
-    if C.dim() != 2 or C.shape[0] != batch:
-        raise ValueError(f"{name}: C must be (batch={batch}, dstate), C at each row's index, got {tuple(C.shape)}")
-    if D is not None and D.shape != (dim,):
-        raise ValueError(f"{name}: D must be (dim={dim},), got {tuple(D.shape)}")
-    if z is not None and z.shape != (batch, dim):
-        raise ValueError(f"{name}: z must be (batch={batch}, dim={dim}), z at each row's index, got {tuple(z.shape)}")
-
-
 def _scan_dtype(u: Tensor) -> torch.dtype:
     # The recurrence runs in float32 (float64 if given float64), as mamba_ssm's kernel does.
     return torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -407,7 +395,8 @@ def selective_scan_state(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, index: 
 @torch.no_grad()
 def selective_scan_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, index: Tensor,
                         D: Tensor | None = None, z: Tensor | None = None, delta_bias: Tensor | None = None,
-                        delta_softplus: bool = False, state_scan: Callable[..., Tensor] = selective_scan_state) -> Tensor:
+                        delta_softplus: bool = False,
+                        state_scan: Callable[..., Tensor] = selective_scan_state) -> Tensor:
     """The scan's output y at t = index[i] of each batch row i, (batch, dim): ``selective_scan_ref(...)[rows, :,
     index]``, from the state there (`state_scan`: :func:`selective_scan_state`, or a backend's kernel of that
     signature), so C and the gate are formed at one step per row. Inference only.
@@ -421,7 +410,13 @@ def selective_scan_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tenso
     Returns:
         (batch, dim) in float32 (float64 for float64 inputs), the dtype the recurrence runs in.
     """
-    _check_last_inputs("selective_scan_last", u, C, D, z)
+    batch, dim, _ = u.shape
+    if C.dim() != 2 or C.shape[0] != batch:
+        raise ValueError(f"selective_scan_last: C must be (batch={batch}, dstate), C at each row's index, got "
+                         f"{tuple(C.shape)}")
+    if z is not None and z.shape != (batch, dim):
+        raise ValueError(f"selective_scan_last: z must be (batch={batch}, dim={dim}), z at each row's index, got "
+                         f"{tuple(z.shape)}")
     h = state_scan(u, delta, A, B, index, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (batch, dim, N)
     y = (h * C[:, None, :].to(h.dtype)).sum(-1)
     if D is not None:
