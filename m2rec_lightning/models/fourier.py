@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.cpu_kernels import causal_filter_last_cpu, cpu_kernels_unavailable
 from .state import step_constant
 
 
@@ -57,7 +58,8 @@ class CausalFourierFilter(nn.Module):
             )
 
     def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
-        """y[index[i]] of each row i, as the direct sum sum_{s<=t} k[t-s] h[s]: O(L·d) per row instead of an FFT."""
+        """y[index[i]] of each row i, as the direct sum sum_{s<=t} k[t-s] h[s]: O(L·d) per row instead of an FFT (a
+        compiled loop on CPU without autograd, where the (B, L, d) gather of the kernel below cost more than the sum)."""
         length = h.size(1)
         self._check_length(length)
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
@@ -68,6 +70,8 @@ class CausalFourierFilter(nn.Module):
                 k = step_constant(self, f"_step_kernel_{compute}", [self], [],
                                   lambda: self.kernel(dtype=compute).contiguous())
                 k = k[:length]
+            if h.device.type == "cpu" and not torch.is_grad_enabled() and not cpu_kernels_unavailable():
+                return causal_filter_last_cpu(h.to(compute), k, index).to(h.dtype)
             # the reversed kernel followed by zeros, R[m] = k[L-1-m] (0 for m >= L), read at m = L-1-t+s gives
             # k[t-s] for s <= t and 0 after t: rows of a (2L, d) table instead of a gather of h and a mask
             reversed_k = torch.cat([k.flip(0), k.new_zeros(length, k.size(1))])  # (2L, d)

@@ -677,6 +677,25 @@ void mamba_last(const Args<T>& a, int64_t d_model, int64_t rank, int64_t K, cons
     }
 }
 
+// y[i] = sum_{s <= t} k[t - s] h[i, s] at t = index[i]: the causal long convolution (the Fourier filter's) at one step
+// per row. h (batch, seqlen, d) with row strides sb, st; k (>= seqlen, d) contiguous.
+template <typename T>
+void causal_filter_last(int64_t batch, int64_t d, const T* h, int64_t sb, int64_t st, const T* k, const int64_t* index,
+                        T* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < batch; ++i) {
+        T* yi = y + i * d;
+        std::fill(yi, yi + d, T(0));
+        const int64_t t = index[i];
+        for (int64_t s = 0; s <= t; ++s) {
+            const T* hs = h + i * sb + s * st;
+            const T* kt = k + (t - s) * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) yi[c] += kt[c] * hs[c];
+        }
+    }
+}
+
 }  // namespace
 
 // The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional;
@@ -805,5 +824,13 @@ int mamba_last(int is_double, int64_t batch, int64_t seqlen, int64_t d_model, in
     else
         run(0.0f);
     return 0;
+}
+
+void causal_filter_last(int is_double, int64_t batch, int64_t seqlen, int64_t d, const void* h, int64_t sb, int64_t st,
+                        const void* k, const int64_t* index, void* y, int threads) {
+    if (is_double)
+        causal_filter_last(batch, d, (const double*)h, sb, st, (const double*)k, index, (double*)y, threads);
+    else
+        causal_filter_last(batch, d, (const float*)h, sb, st, (const float*)k, index, (float*)y, threads);
 }
 }

@@ -105,9 +105,11 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.conv_backward.argtypes = [*dims, ptr, i64, *[ptr] * 6, c_int]
     lib.dropout_forward.argtypes = [c_int, ctypes.c_uint64, i64, ctypes.c_uint32, ctypes.c_double, ptr, ptr, ptr,
                                     c_int]
-    for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward):
+    for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward,
+               lib.causal_filter_last):
         fn.restype = None
     lib.mamba_last.argtypes = [c_int, *[i64] * 7, ptr, i64, i64, *[ptr] * 11, ptr, c_int]
+    lib.causal_filter_last.argtypes = [c_int, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, c_int]
     for fn in (lib.scan_state, lib.mamba_last):
         fn.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
@@ -195,7 +197,9 @@ class _SelectiveScanCpu(torch.autograd.Function):
 
 
 def _vector(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None or (t.dtype == dtype and t.is_contiguous()):  # (the checks cost a tenth of two no-op calls)
+        return t
+    return t.to(dtype).contiguous()
 
 
 def selective_scan_cpu(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
@@ -305,6 +309,30 @@ def mamba_last_cpu(hidden: Tensor, index: Tensor, w_x: Tensor, b_x: Tensor | Non
         raise _index_range_error("mamba_last_cpu", index, seqlen)
     if status == 2:
         raise FloatingPointError("mamba_last_cpu: A holds a NaN; use the PyTorch path, which propagates it")
+    return y
+
+
+@torch.no_grad()
+def causal_filter_last_cpu(h: Tensor, kernel: Tensor, index: Tensor) -> Tensor:
+    """The causal long convolution y_t = sum_{s <= t} kernel[t - s] h_s (channel-wise) at t = index[i] of each row:
+    h (batch, seqlen, d), kernel (>= seqlen, d), index (batch,) in [0, seqlen) -> (batch, d), in h's dtype (float32 or
+    float64). CausalFourierFilter.forward_last's sum, without its (batch, seqlen, d) gather of the kernel."""
+    _require("causal_filter_last_cpu")
+    batch, seqlen, d = h.shape
+    if kernel.dim() != 2 or kernel.shape[0] < seqlen or kernel.shape[1] != d or index.shape != (batch,):
+        raise ValueError(f"causal_filter_last_cpu: h (batch, seqlen, d), kernel (>= seqlen, d), index (batch,); got "
+                         f"{tuple(h.shape)}, {tuple(kernel.shape)}, {tuple(index.shape)}")
+    if h.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"causal_filter_last_cpu: float32 or float64 inputs, got {h.dtype}")
+    if batch and (int(index.min()) < 0 or int(index.max()) >= seqlen):
+        raise _index_range_error("causal_filter_last_cpu", index, seqlen)
+    if h.stride(2) != 1:
+        h = h.contiguous()
+    kernel, index = _vector(kernel, h.dtype), index.to(torch.int64).contiguous()
+    y = h.new_empty(batch, d)
+    with _traced("causal_filter_last_cpu"):
+        _library()[0].causal_filter_last(h.dtype == torch.float64, batch, seqlen, d, _ptr(h), h.stride(0),
+                                         h.stride(1), _ptr(kernel), _ptr(index), _ptr(y), _threads(batch))
     return y
 
 
