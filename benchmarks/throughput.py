@@ -3,7 +3,8 @@ against sequence length L, at the same width d and, at each L, the same batch fo
 
 What one measurement is:
   * train: one optimiser step of the real module: encoder forward over (B, L), `SequentialRecommender.loss`
-    (full-softmax cross-entropy at all B·L positions against all N items), backward, Adam step.
+    (full-softmax cross-entropy at all B·L positions against all N items), backward, and the step of the module's own
+    optimizer (`configure_optimizers`: fused Adam; a per-tensor Adam would add a dozen small ops per parameter).
   * infer: one evaluation batch as `validation_step` runs it: the encoder's `forward_last` (hidden state at the last
     position only), (B, N+1) scores in one matmul against the item table, masking and `pessimistic_rank` (a comparison
     and a sum per row, no sort), under inference_mode. Like the module, it builds the item table (with M2Rec's text
@@ -111,7 +112,8 @@ def make_steps(model: SequentialRecommender, batch: int, length: int, device: st
     ids = torch.randint(1, num_items + 1, (batch, length + 1), generator=generator).to(device)
     inputs, targets = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # (B, L) each
     eval_target = ids[:, -1].contiguous()  # (B,)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = model.configure_optimizers()  # what `m2rec fit` steps: fused Adam over the weight-decay groups
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     encoder = torch.compile(model.encoder) if compile_model else model.encoder
     encode_last = torch.compile(model.encoder.forward_last) if compile_model else model.encoder.forward_last
 

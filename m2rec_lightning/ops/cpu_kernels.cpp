@@ -115,7 +115,7 @@ inline void step_size(const Args<T>& a, const T* delta_t, T* out) {
 }
 
 // One recurrence step for one batch row: h_out <- exp(dt A) h_in + dt u B_t (h_out may be h_in); writes exp(dt A)
-// into dA when given and C_t . h_out into y when given.
+// into dA when given and C_t . h_out into y when given (both when both are).
 template <typename T>
 inline void advance(const Args<T>& a, const T* dt, const T* dtu, const T* B_t, const T* C_t, const T* h_in, T* h_out,
                     T* dA, T* y) {
@@ -132,6 +132,11 @@ inline void advance(const Args<T>& a, const T* dt, const T* dtu, const T* B_t, c
             for (int64_t d = 0; d < dim; ++d) {
                 dAk[d] = fast_exp2(dt[d] * A2k[d]);
                 ho[d] = dAk[d] * hi[d] + dtu[d] * b;
+            }
+            if (y) {
+                const T c = C_t[k];
+#pragma omp simd
+                for (int64_t d = 0; d < dim; ++d) y[d] += ho[d] * c;
             }
         } else if (y) {
             const T c = C_t[k];
@@ -199,7 +204,9 @@ inline void advance_avx512(const Args<float>& a, const float* dt, const float* d
 template <>
 inline void advance<float>(const Args<float>& a, const float* dt, const float* dtu, const float* B_t,
                            const float* C_t, const float* h_in, float* h_out, float* dA, float* y) {
-    if (dA)
+    if (dA && y)
+        advance_avx512<true, true>(a, dt, dtu, B_t, C_t, h_in, h_out, dA, y);
+    else if (dA)
         advance_avx512<true, false>(a, dt, dtu, B_t, C_t, h_in, h_out, dA, y);
     else if (y)
         advance_avx512<false, true>(a, dt, dtu, B_t, C_t, h_in, h_out, dA, y);
@@ -293,7 +300,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
         const T* D = a.D ? a.D : zeros.data();
         const T* bias = a.bias ? a.bias : zeros.data();
         std::vector<T> hs((chunk + 1) * n * dim), dAs(chunk * n * dim), G(n * dim), dts(chunk * dim),
-            dtus(chunk * dim), y(dim), gy(dim), g_dtu(dim), g_dt(dim);
+            dtus(chunk * dim), ys(a.z ? chunk * dim : 0), gy(dim), g_dtu(dim), g_dt(dim);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < a.batch; ++i) {
             std::fill(G.begin(), G.end(), T(0));
@@ -308,8 +315,10 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     step_size(a, a.delta + row * a.sdelta, dt);
 #pragma omp simd
                     for (int64_t d = 0; d < dim; ++d) dtu[d] = dt[d] * a.u[row * a.su + d];
-                    advance(a, dt, dtu, a.B + row * a.sB, (const T*)nullptr, hs.data() + s * n * dim,
-                            hs.data() + (s + 1) * n * dim, dAs.data() + s * n * dim, (T*)nullptr);
+                    // C.h too when the gate's gradient will need it
+                    advance(a, dt, dtu, a.B + row * a.sB, a.C + row * a.sC, hs.data() + s * n * dim,
+                            hs.data() + (s + 1) * n * dim, dAs.data() + s * n * dim,
+                            a.z ? ys.data() + s * dim : (T*)nullptr);
                 }
                 for (int64_t t = t1 - 1; t >= t0; --t) {
                     const int64_t s = t - t0, row = i * L + t;
@@ -322,14 +331,9 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     const T* B_t = a.B + row * a.sB;
                     const T* C_t = a.C + row * a.sC;
                     const T* go = gout + row * dim;
-                    // gy: the gradient of C.h + D u; the gate's gradient needs C.h itself, so it is recomputed
+                    // gy: the gradient of C.h + D u; the gate's gradient needs C.h itself (y, from the recompute)
                     if (a.z) {
-                        std::fill(y.begin(), y.end(), T(0));
-                        for (int64_t k = 0; k < n; ++k) {
-                            const T ck = C_t[k];
-#pragma omp simd
-                            for (int64_t d = 0; d < dim; ++d) y[d] += h[k * dim + d] * ck;
-                        }
+                        const T* y = ys.data() + s * dim;
 #pragma omp simd
                         for (int64_t d = 0; d < dim; ++d) {
                             const T zv = a.z[row * a.sz + d], sg = sigmoid(zv);
