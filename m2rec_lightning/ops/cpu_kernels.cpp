@@ -281,6 +281,92 @@ void state(const Args<T>& a, const int64_t* index, T* out, int threads) {
     }
 }
 
+// One step of the backward through the state, for one batch row: with G = dL/dh_{t+1} flowing back (in: from the
+// later steps; out: into h_{t-1}) and gy the gradient of C.h at t, writes gC, gB (dstate) and g_dtu, g_dt (dim) of
+// step t and adds the step's share to gA (dstate, dim). partials: scratch (used by the AVX-512 version).
+template <typename T>
+inline void back_step(const Args<T>& a, const T* gy, const T* dt, const T* dtu, const T* B_t, const T* C_t, const T* h,
+                      const T* h_prev, const T* dA, T* G, T* gA, T* gC, T* gB, T* g_dtu, T* g_dt, T*) {
+    const int64_t dim = a.dim;
+    std::fill(g_dtu, g_dtu + dim, T(0));
+    std::fill(g_dt, g_dt + dim, T(0));
+    for (int64_t k = 0; k < a.dstate; ++k) {
+        const T bk = B_t[k], ck = C_t[k];
+        T* Gk = G + k * dim;
+        const T* hk = h + k * dim;
+        const T* hpk = h_prev + k * dim;
+        const T* dAk = dA + k * dim;
+        const T* Ak = a.A + k * dim;
+        T* gAk = gA + k * dim;
+        T sC = 0, sB = 0;
+#pragma omp simd reduction(+ : sC, sB)
+        for (int64_t d = 0; d < dim; ++d) {
+            sC += gy[d] * hk[d];
+            const T g = Gk[d] + gy[d] * ck;  // dL/dh_t
+            sB += g * dtu[d];
+            g_dtu[d] += g * bk;
+            const T w = g * hpk[d] * dAk[d];  // d/d(dt A) of exp(dt A) h_{t-1}
+            g_dt[d] += w * Ak[d];
+            gAk[d] += w * dt[d];
+            Gk[d] = g * dAk[d];  // what flows into h_{t-1}
+        }
+        gC[k] = sC;
+        gB[k] = sB;
+    }
+}
+
+#ifdef __AVX512F__
+// back_step for float32 with AVX-512, each block of 16 channels through all dstate rows: its gy, dt, dt u and the
+// sums over k of g_dtu and g_dt stay in registers (the loop above loads and stores the two sums for every k); the
+// sums over channels of gC and gB are kept as 16-lane partials per k and reduced once per step.
+template <bool kMasked>
+inline void back_block(const Args<float>& a, int64_t d, __mmask16 m, const float* gy, const float* dt,
+                       const float* dtu, const float* B_t, const float* C_t, const float* h, const float* h_prev,
+                       const float* dA, float* G, float* gA, float* g_dtu, float* g_dt, float* pC, float* pB) {
+    const auto load = [m](const float* p) { return kMasked ? _mm512_maskz_loadu_ps(m, p) : _mm512_loadu_ps(p); };
+    const auto store = [m](float* p, __m512 v) {
+        if (kMasked) _mm512_mask_storeu_ps(p, m, v);
+        else _mm512_storeu_ps(p, v);
+    };
+    const int64_t dim = a.dim;
+    const __m512 gy_v = load(gy + d), dt_v = load(dt + d), dtu_v = load(dtu + d);  // zeros in masked-off lanes
+    __m512 s_dtu = _mm512_setzero_ps(), s_dt = _mm512_setzero_ps();
+    for (int64_t k = 0; k < a.dstate; ++k) {
+        const int64_t o = k * dim + d;
+        const __m512 dAk = load(dA + o);
+        _mm512_storeu_ps(pC + 16 * k, _mm512_fmadd_ps(gy_v, load(h + o), _mm512_loadu_ps(pC + 16 * k)));
+        const __m512 g = _mm512_fmadd_ps(gy_v, _mm512_set1_ps(C_t[k]), load(G + o));  // dL/dh_t
+        _mm512_storeu_ps(pB + 16 * k, _mm512_fmadd_ps(g, dtu_v, _mm512_loadu_ps(pB + 16 * k)));
+        s_dtu = _mm512_fmadd_ps(g, _mm512_set1_ps(B_t[k]), s_dtu);
+        const __m512 w = _mm512_mul_ps(_mm512_mul_ps(g, load(h_prev + o)), dAk);  // d/d(dt A) of exp(dt A) h_{t-1}
+        s_dt = _mm512_fmadd_ps(w, load(a.A + o), s_dt);
+        store(gA + o, _mm512_fmadd_ps(w, dt_v, load(gA + o)));
+        store(G + o, _mm512_mul_ps(g, dAk));  // what flows into h_{t-1}
+    }
+    store(g_dtu + d, s_dtu);
+    store(g_dt + d, s_dt);
+}
+
+template <>
+inline void back_step<float>(const Args<float>& a, const float* gy, const float* dt, const float* dtu,
+                             const float* B_t, const float* C_t, const float* h, const float* h_prev, const float* dA,
+                             float* G, float* gA, float* gC, float* gB, float* g_dtu, float* g_dt, float* partials) {
+    const int64_t dim = a.dim, n = a.dstate, full = dim / 16 * 16;
+    float* pC = partials;
+    float* pB = partials + 16 * n;
+    std::fill(partials, partials + 32 * n, 0.0f);
+    for (int64_t d = 0; d < full; d += 16)
+        back_block<false>(a, d, 0xffff, gy, dt, dtu, B_t, C_t, h, h_prev, dA, G, gA, g_dtu, g_dt, pC, pB);
+    if (full < dim)
+        back_block<true>(a, full, __mmask16((1u << (dim - full)) - 1), gy, dt, dtu, B_t, C_t, h, h_prev, dA, G, gA,
+                         g_dtu, g_dt, pC, pB);
+    for (int64_t k = 0; k < n; ++k) {
+        gC[k] = _mm512_reduce_add_ps(_mm512_loadu_ps(pC + 16 * k));
+        gB[k] = _mm512_reduce_add_ps(_mm512_loadu_ps(pB + 16 * k));
+    }
+}
+#endif
+
 // Gradients of sum(gout . out). Each chunk's states are recomputed from hsave, then the chunk is walked backwards
 // with G = dL/dh_t:  G_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1},  where gy = gout silu(z) is the gradient of C.h + D u.
 // Writes g_u, g_delta, g_z (when z), gB, gC; gA (dstate, dim), gD, g_bias (dim) are summed over the batch.
@@ -300,7 +386,7 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
         const T* D = a.D ? a.D : zeros.data();
         const T* bias = a.bias ? a.bias : zeros.data();
         std::vector<T> hs((chunk + 1) * n * dim), dAs(chunk * n * dim), G(n * dim), dts(chunk * dim),
-            dtus(chunk * dim), ys(a.z ? chunk * dim : 0), gy(dim), g_dtu(dim), g_dt(dim);
+            dtus(chunk * dim), ys(a.z ? chunk * dim : 0), gy(dim), g_dtu(dim), g_dt(dim), partials(2 * 16 * n);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < a.batch; ++i) {
             std::fill(G.begin(), G.end(), T(0));
@@ -344,31 +430,8 @@ void backward(const Args<T>& a, const T* hsave, int64_t chunk, const T* gout, T*
                     } else {
                         std::copy(go, go + dim, gy.begin());
                     }
-                    std::fill(g_dtu.begin(), g_dtu.end(), T(0));
-                    std::fill(g_dt.begin(), g_dt.end(), T(0));
-                    for (int64_t k = 0; k < n; ++k) {
-                        const T bk = B_t[k], ck = C_t[k];
-                        T* Gk = G.data() + k * dim;
-                        const T* hk = h + k * dim;
-                        const T* hpk = h_prev + k * dim;
-                        const T* dAk = dA + k * dim;
-                        const T* Ak = a.A + k * dim;
-                        T* gAk = myA + k * dim;
-                        T sC = 0, sB = 0;
-#pragma omp simd reduction(+ : sC, sB)
-                        for (int64_t d = 0; d < dim; ++d) {
-                            sC += gy[d] * hk[d];
-                            const T g = Gk[d] + gy[d] * ck;  // dL/dh_t
-                            sB += g * dtu[d];
-                            g_dtu[d] += g * bk;
-                            const T w = g * hpk[d] * dAk[d];  // d/d(dt A) of exp(dt A) h_{t-1}
-                            g_dt[d] += w * Ak[d];
-                            gAk[d] += w * dt[d];
-                            Gk[d] = g * dAk[d];  // what flows into h_{t-1}
-                        }
-                        gC[row * n + k] = sC;
-                        gB[row * n + k] = sB;
-                    }
+                    back_step(a, gy.data(), dt, dtu, B_t, C_t, h, h_prev, dA, G.data(), myA, gC + row * n,
+                              gB + row * n, g_dtu.data(), g_dt.data(), partials.data());
                     // no conditional stores in the loop, which would keep it from being vectorised: a missing D
                     // or bias reads zeros (myD is then summed and dropped)
                     const T* delta_t = a.delta + row * a.sdelta;
