@@ -374,3 +374,25 @@ def test_dropout_module_uses_the_kernel_in_training_only():
     d.train()
     xb = x.bfloat16()  # another dtype: the uniform mask, same law
     assert ((d(xb) != 0).float().mean() - 0.6).abs() < 0.05
+
+
+@pytest.mark.parametrize("L", [1, 7, 50, 70])
+def test_direct_long_conv_matches_the_fft_convolution(L):
+    # the Fourier filter's convolution computed directly (CPU, L <= DIRECT_MAX_LEN) against its FFT form, with gradients
+    from m2rec_lightning.models.fourier import DIRECT_MAX_LEN, CausalFourierFilter, _CausalConv
+
+    g = torch.Generator().manual_seed(L)
+    x = torch.randn(3, L, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(L, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, L, 5, generator=g, dtype=torch.float64)
+    y, y_ref = cpu_scan.causal_long_conv_cpu(x, k), _CausalConv.apply(x, k)
+    assert rel_err(y, y_ref) <= 1e-12
+    for a, b in zip(torch.autograd.grad(y, [x, k], gy), torch.autograd.grad(y_ref, [x, k], gy)):
+        assert rel_err(a, b) <= 1e-12
+    y32 = cpu_scan.causal_long_conv_cpu(x.float(), k.float())
+    assert y32.dtype == torch.float32 and rel_err(y32.double(), y_ref) <= 1e-5
+    filt = CausalFourierFilter(5, max_len=80).double()  # the filter picks the direct path up to DIRECT_MAX_LEN
+    torch.testing.assert_close(filt(x), _CausalConv.apply(x, filt.kernel(L, torch.float64)), rtol=1e-10, atol=1e-12)
+    assert (L <= DIRECT_MAX_LEN) == (L != 70)
+    with pytest.raises(ValueError, match="one float dtype"):
+        cpu_scan.causal_long_conv_cpu(x, k.float())

@@ -14,8 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.cpu_kernels import causal_filter_last_cpu, cpu_kernels_unavailable
+from ..ops.cpu_kernels import causal_filter_last_cpu, causal_long_conv_cpu, cpu_kernels_unavailable
 from .state import step_constant
+
+# Up to this length the CPU computes the filter's convolution directly (compiled, O(L^2 d)) rather than by FFTs: at
+# B=32, d=64, one thread, forward + backward took 0.72 ms against 1.69 ms at L=50, were level at L=100 and 10.5
+# against 7.2 ms at L=200.
+DIRECT_MAX_LEN = 64
 
 
 class CausalFourierFilter(nn.Module):
@@ -85,7 +90,10 @@ class CausalFourierFilter(nn.Module):
         # FFTs in float32 (float64 stays float64): half-precision FFTs are inaccurate and limited to powers of two
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=h.device.type, enabled=False):
-            y = _CausalConv.apply(h.to(compute), self.kernel(length, compute))  # (B, L, d)
+            if h.device.type == "cpu" and length <= DIRECT_MAX_LEN and not cpu_kernels_unavailable():
+                y = causal_long_conv_cpu(h.to(compute), self.kernel(length, compute))  # (B, L, d)
+            else:
+                y = _CausalConv.apply(h.to(compute), self.kernel(length, compute))  # (B, L, d)
         return y.to(h.dtype)
 
     def convolve(self, h: Tensor) -> Tensor:  # (B, L, d) -> (B, L, d), any L

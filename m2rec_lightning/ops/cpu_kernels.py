@@ -106,10 +106,12 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.dropout_forward.argtypes = [c_int, ctypes.c_uint64, i64, ctypes.c_uint32, ctypes.c_double, ptr, ptr, ptr,
                                     c_int]
     for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward,
-               lib.causal_filter_last):
+               lib.causal_filter_last, lib.long_conv_forward, lib.long_conv_backward):
         fn.restype = None
     lib.mamba_last.argtypes = [c_int, *[i64] * 7, ptr, i64, i64, *[ptr] * 11, ptr, c_int]
     lib.causal_filter_last.argtypes = [c_int, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, c_int]
+    lib.long_conv_forward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
+    lib.long_conv_backward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     for fn in (lib.scan_state, lib.mamba_last):
         fn.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
@@ -334,6 +336,42 @@ def causal_filter_last_cpu(h: Tensor, kernel: Tensor, index: Tensor) -> Tensor:
         _library()[0].causal_filter_last(h.dtype == torch.float64, batch, seqlen, d, _ptr(h), h.stride(0),
                                          h.stride(1), _ptr(kernel), _ptr(index), _ptr(y), _threads(batch))
     return y
+
+
+class _LongConvCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, k: Tensor) -> Tensor:  # (b, L, d), (L, d), contiguous, one dtype
+        batch, length, d = x.shape
+        y = torch.empty_like(x)
+        with _traced("causal_long_conv_cpu"):
+            _library()[0].long_conv_forward(x.dtype == torch.float64, batch, length, d, _ptr(x), _ptr(k), _ptr(y),
+                                            _threads(batch))
+        ctx.save_for_backward(x, k)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, k = ctx.saved_tensors
+        batch, length, d = x.shape
+        gy = gy.contiguous()
+        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        gk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+        with _traced("causal_long_conv_cpu_backward"):
+            _library()[0].long_conv_backward(x.dtype == torch.float64, batch, length, d, _ptr(x), _ptr(k), _ptr(gy),
+                                             _ptr(gx), _ptr(gk), _threads(batch))
+        return gx, gk
+
+
+def causal_long_conv_cpu(x: Tensor, k: Tensor) -> Tensor:
+    """y[t] = sum_{j <= t} k[j] x[t-j] along time, channel-wise: x (batch, L, d), k (L, d) -> (batch, L, d), float32 or
+    float64 (the two alike), differentiable in both. The causal Fourier filter's convolution, computed directly: at
+    L = 50 (B=32, d=64, one thread) forward and backward take a fraction of the FFT path's time."""
+    _require("causal_long_conv_cpu")
+    if x.dim() != 3 or k.shape != x.shape[1:] or x.dtype != k.dtype or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"causal_long_conv_cpu: x (batch, L, d) and k (L, d) of one float dtype, got "
+                         f"{tuple(x.shape)} {x.dtype} and {tuple(k.shape)} {k.dtype}")
+    return _LongConvCpu.apply(x.contiguous(), k.contiguous())
 
 
 class _CausalConvSiluCpu(torch.autograd.Function):
