@@ -64,7 +64,8 @@ class CausalFourierFilter(nn.Module):
 
     def forward_last(self, h: Tensor, index: Tensor) -> Tensor:  # (B, L, d), (B,) -> (B, d)
         """y[index[i]] of each row i, as the direct sum sum_{s<=t} k[t-s] h[s]: O(L·d) per row instead of an FFT (a
-        compiled loop on CPU without autograd, where the (B, L, d) gather of the kernel below cost more than the sum)."""
+        compiled loop on CPU without autograd, where the (B, L, d) gather of the kernel below cost more than the
+        sum)."""
         length = h.size(1)
         self._check_length(length)
         compute = torch.float64 if h.dtype == torch.float64 else torch.float32
