@@ -381,18 +381,26 @@ def test_direct_long_conv_matches_the_fft_convolution(L):
     # the Fourier filter's convolution computed directly (CPU, L <= DIRECT_MAX_LEN) against its FFT form, with gradients
     from m2rec_lightning.models.fourier import DIRECT_MAX_LEN, CausalFourierFilter, _CausalConv
 
+    # d = 21: with AVX-512, a full 16-channel block and a masked one; L = 70 is not a multiple of the 4-row blocks
     g = torch.Generator().manual_seed(L)
-    x = torch.randn(3, L, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(L, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    gy = torch.randn(3, L, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(3, L, 21, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(L, 21, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, L, 21, generator=g, dtype=torch.float64)
     y, y_ref = cpu_scan.causal_long_conv_cpu(x, k), _CausalConv.apply(x, k)
     assert rel_err(y, y_ref) <= 1e-12
-    for a, b in zip(torch.autograd.grad(y, [x, k], gy), torch.autograd.grad(y_ref, [x, k], gy)):
+    grads_ref = torch.autograd.grad(y_ref, [x, k], gy)
+    for a, b in zip(torch.autograd.grad(y, [x, k], gy), grads_ref):
         assert rel_err(a, b) <= 1e-12
-    y32 = cpu_scan.causal_long_conv_cpu(x.float(), k.float())
+    x32, k32 = x.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    y32 = cpu_scan.causal_long_conv_cpu(x32, k32)
     assert y32.dtype == torch.float32 and rel_err(y32.double(), y_ref) <= 1e-5
-    filt = CausalFourierFilter(5, max_len=80).double()  # the filter picks the direct path up to DIRECT_MAX_LEN
-    torch.testing.assert_close(filt(x), _CausalConv.apply(x, filt.kernel(L, torch.float64)), rtol=1e-10, atol=1e-12)
-    assert (L <= DIRECT_MAX_LEN) == (L != 70)
+    for a, b in zip(torch.autograd.grad(y32, [x32, k32], gy.float()), grads_ref):
+        assert rel_err(a.double(), b) <= 1e-5
+    filt = CausalFourierFilter(21, max_len=300).double()  # the direct path up to DIRECT_MAX_LEN, FFTs beyond
+    long = torch.randn(2, 280, 21, dtype=torch.float64)
+    assert DIRECT_MAX_LEN < 280
+    for h in (x, long):
+        torch.testing.assert_close(filt(h), _CausalConv.apply(h, filt.kernel(h.size(1), torch.float64)), rtol=1e-10,
+                                   atol=1e-12)
     with pytest.raises(ValueError, match="one float dtype"):
         cpu_scan.causal_long_conv_cpu(x, k.float())

@@ -18,9 +18,9 @@ from ..ops.cpu_kernels import causal_filter_last_cpu, causal_long_conv_cpu, cpu_
 from .state import step_constant
 
 # Up to this length the CPU computes the filter's convolution directly (compiled, O(L^2 d)) rather than by FFTs: at
-# B=32, d=64, one thread, forward + backward took 0.72 ms against 1.69 ms at L=50, were level at L=100 and 10.5
-# against 7.2 ms at L=200.
-DIRECT_MAX_LEN = 64
+# B=32, d=64, one thread, forward + backward took 0.47 ms against 1.9-2.2 ms at L=50, 6.5 against 8.5-9.2 ms at
+# L=200, 10.5 against 11.3-11.8 ms at L=256 and 15.5 against 13.5-14.6 ms at L=320 (load average 4).
+DIRECT_MAX_LEN = 256
 
 
 class CausalFourierFilter(nn.Module):

@@ -768,22 +768,91 @@ void causal_filter_last(int64_t batch, int64_t d, const T* h, int64_t sb, int64_
 //     gx[s] = sum_{t >= s} k[t-s] gy[t],  gk[j] = sum_{b, t >= j} gy[b, t] x[b, t-j]
 // directly, in O(L^2 d) per row: at the lengths of sequential recommendation (tens to a few hundred steps) fewer
 // operations than the FFTs' passes, copies and complex arithmetic. Everything contiguous; gk summed over the batch
-// (per-thread partials).
+// (per-thread partials). Each is a sum over pairs (p, q) of out[p] += a[p - q or q - p] * b[q]; the three loops share
+// one shape: R consecutive outputs at a time (`corr_rows`), summed in registers with AVX-512.
+//
+// out[p0 + r] (r < R) += sum over the pairs that run through all R rows at once, then the partial ones:
+//     causal (y):      out[p] = sum_{q <= p} a[p - q] b[q]     (a = k, b = x)
+//     anti (gx):       out[p] = sum_{q >= p} a[q - p] b[q]     (a = k, b = gy)
+//     lag (gk):        out[p] = sum_{q >= p} a[q] b[q - p]     (a = gy, b = x)
+enum class Pairs { causal, anti, lag };
+
+template <typename T, Pairs kind>
+inline void corr_generic(int64_t L, int64_t d, const T* a, const T* b, T* out) {
+    for (int64_t p = 0; p < L; ++p) {
+        T* o = out + p * d;
+        const int64_t lo = kind == Pairs::causal ? 0 : p, hi = kind == Pairs::causal ? p + 1 : L;
+        for (int64_t q = lo; q < hi; ++q) {
+            const T* av = a + (kind == Pairs::causal ? p - q : kind == Pairs::anti ? q - p : q) * d;
+            const T* bv = b + (kind == Pairs::lag ? q - p : q) * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) o[c] += av[c] * bv[c];
+        }
+    }
+}
+
+template <typename T, Pairs kind>
+inline void corr(int64_t L, int64_t d, const T* a, const T* b, T* out) {
+    corr_generic<T, kind>(L, d, a, b, out);
+}
+
+#ifdef __AVX512F__
+template <Pairs kind, int R>
+inline void corr_rows(int64_t L, int64_t d, int64_t c, __mmask16 m, int64_t p0, const float* a, const float* b,
+                      float* out) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_maskz_loadu_ps(m, out + (p0 + r) * d + c);
+    const auto term = [&](int r, int64_t q) {  // pair (p0 + r, q)
+        const int64_t p = p0 + r;
+        const int64_t ia = kind == Pairs::causal ? p - q : kind == Pairs::anti ? q - p : q;
+        const int64_t ib = kind == Pairs::lag ? q - p : q;
+        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + ia * d + c), _mm512_maskz_loadu_ps(m, b + ib * d + c),
+                                 acc[r]);
+    };
+    if (kind == Pairs::causal) {  // q <= p: q < p0 reaches every row, q = p0 .. p0+R-2 the later ones
+        for (int64_t q = 0; q < p0; ++q)
+            for (int r = 0; r < R; ++r) term(r, q);
+        for (int64_t q = p0; q < p0 + R; ++q)
+            for (int r = int(q - p0); r < R; ++r) term(r, q);
+    } else {  // q >= p: q >= p0 + R - 1 reaches every row, q = p0 .. p0+R-2 the earlier ones
+        for (int64_t q = p0; q < p0 + R - 1; ++q)
+            for (int r = 0; r <= int(q - p0); ++r) term(r, q);
+        for (int64_t q = p0 + R - 1; q < L; ++q)
+            for (int r = 0; r < R; ++r) term(r, q);
+    }
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + (p0 + r) * d + c, m, acc[r]);
+}
+
+template <Pairs kind>
+inline void corr_avx512(int64_t L, int64_t d, const float* a, const float* b, float* out) {
+    for (int64_t c = 0; c < d; c += 16) {
+        const __mmask16 m = d - c >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - c)) - 1);
+        int64_t p = 0;
+        for (; p + 4 <= L; p += 4) corr_rows<kind, 4>(L, d, c, m, p, a, b, out);
+        for (; p < L; ++p) corr_rows<kind, 1>(L, d, c, m, p, a, b, out);
+    }
+}
+
+template <>
+inline void corr<float, Pairs::causal>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
+    corr_avx512<Pairs::causal>(L, d, a, b, out);
+}
+template <>
+inline void corr<float, Pairs::anti>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
+    corr_avx512<Pairs::anti>(L, d, a, b, out);
+}
+template <>
+inline void corr<float, Pairs::lag>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
+    corr_avx512<Pairs::lag>(L, d, a, b, out);
+}
+#endif
+
 template <typename T>
 void long_conv_forward(int64_t batch, int64_t L, int64_t d, const T* x, const T* k, T* y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < batch; ++i) {
-        const T* xi = x + i * L * d;
-        for (int64_t t = 0; t < L; ++t) {
-            T* yt = y + (i * L + t) * d;
-            std::fill(yt, yt + d, T(0));
-            for (int64_t j = 0; j <= t; ++j) {
-                const T* kj = k + j * d;
-                const T* xs = xi + (t - j) * d;
-#pragma omp simd
-                for (int64_t c = 0; c < d; ++c) yt[c] += kj[c] * xs[c];
-            }
-        }
+        std::fill(y + i * L * d, y + (i + 1) * L * d, T(0));
+        corr<T, Pairs::causal>(L, d, k, x + i * L * d, y + i * L * d);
     }
 }
 
@@ -797,31 +866,11 @@ void long_conv_backward(int64_t batch, int64_t L, int64_t d, const T* x, const T
         T* mine = gk ? acc.data() + omp_get_thread_num() * L * d : nullptr;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < batch; ++i) {
-            const T* xi = x + i * L * d;
-            const T* gi = gy + i * L * d;
             if (gx) {
-                for (int64_t s = 0; s < L; ++s) {
-                    T* gs = gx + (i * L + s) * d;
-                    std::fill(gs, gs + d, T(0));
-                    for (int64_t t = s; t < L; ++t) {
-                        const T* kj = k + (t - s) * d;
-                        const T* gt = gi + t * d;
-#pragma omp simd
-                        for (int64_t c = 0; c < d; ++c) gs[c] += kj[c] * gt[c];
-                    }
-                }
+                std::fill(gx + i * L * d, gx + (i + 1) * L * d, T(0));
+                corr<T, Pairs::anti>(L, d, k, gy + i * L * d, gx + i * L * d);
             }
-            if (gk) {
-                for (int64_t j = 0; j < L; ++j) {
-                    T* gj = mine + j * d;
-                    for (int64_t t = j; t < L; ++t) {
-                        const T* gt = gi + t * d;
-                        const T* xs = xi + (t - j) * d;
-#pragma omp simd
-                        for (int64_t c = 0; c < d; ++c) gj[c] += gt[c] * xs[c];
-                    }
-                }
-            }
+            if (gk) corr<T, Pairs::lag>(L, d, gy + i * L * d, x + i * L * d, mine);
         }
     }
     if (gk) {
