@@ -404,3 +404,31 @@ def test_direct_long_conv_matches_the_fft_convolution(L):
                                    atol=1e-12)
     with pytest.raises(ValueError, match="one float dtype"):
         cpu_scan.causal_long_conv_cpu(x, k.float())
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_compiled_stream_gate_matches_the_ops(n):
+    # StreamGate's softmax fusion in one compiled pass (what it runs on CPU) against the same fusion as torch ops
+    from m2rec_lightning.models.gate import StreamGate
+
+    gate = StreamGate(7, n).double()
+    g = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        gate.proj.weight.copy_(torch.randn(gate.proj.weight.shape, generator=g))
+        gate.proj.bias.copy_(torch.randn(n, generator=g))
+    streams = [torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+    gout = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+
+    def ops(s, weight, bias):  # the fusion as the ops StreamGate runs elsewhere
+        alpha = torch.nn.functional.linear(torch.cat(s, -1), weight, bias).softmax(-1)
+        return sum(alpha[..., i:i + 1] * s[i] for i in range(n))
+
+    leaves = [*streams, gate.proj.weight, gate.proj.bias]
+    y, y_ref = gate(streams), ops(streams, gate.proj.weight, gate.proj.bias)
+    assert rel_err(y, y_ref) <= 1e-12
+    for a, b in zip(torch.autograd.grad(y, leaves, gout), torch.autograd.grad(y_ref, leaves, gout)):
+        assert rel_err(a, b) <= 1e-12
+    y32 = cpu_scan.stream_gate_cpu([t.float() for t in streams], gate.proj.weight.float(), gate.proj.bias.float())
+    assert y32.dtype == torch.float32 and rel_err(y32.double(), y_ref) <= 1e-5
+    with pytest.raises(ValueError, match="weight \\(n, n·d\\)"):
+        cpu_scan.stream_gate_cpu(streams, gate.proj.weight[:, 1:], gate.proj.bias)

@@ -6,6 +6,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..ops.cpu_kernels import cpu_kernels_unavailable, stream_gate_cpu
+
 
 class StreamGate(nn.Module):
     """Per-position fusion of n streams of width d.
@@ -42,6 +44,11 @@ class StreamGate(nn.Module):
     def forward(self, streams: list[Tensor]) -> Tensor:  # n × (..., d) -> (..., d), e.g. (B, L, d) or (B, d)
         if self.proj is None:
             return sum(streams[1:], streams[0])
+        if streams[0].device.type == "cpu" and streams[0].dtype in (torch.float32, torch.float64) \
+                and not cpu_kernels_unavailable():
+            # one compiled pass per position, forward and backward (a quarter of the time of the ops below at
+            # B=32, L=200, d=64 on one thread)
+            return stream_gate_cpu(streams, self.proj.weight, self.proj.bias)
         # a multiply-add per stream: stacking the streams into (..., n, d) copies them, and the product and its
         # gradients are then n times the size of the output (the gate's forward+backward took twice as long)
         alpha = self.weights(streams)  # (..., n, 1)

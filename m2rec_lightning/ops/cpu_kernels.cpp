@@ -880,6 +880,98 @@ void long_conv_backward(int64_t batch, int64_t L, int64_t d, const T* x, const T
     }
 }
 
+// The softmax stream gate (models/gate.py) at P positions, n streams s_i (P, d) each, W (n, n d), b (n):
+//     alpha[p] = softmax(W [s_1[p]; ...; s_n[p]] + b),   out[p] = sum_i alpha_i[p] s_i[p]
+// and its backward, with g = dL/dout and ga_i = g . s_i:
+//     dlogit = alpha (ga - alpha . ga),   ds_i = alpha_i g + dlogit W[:, i d : (i+1) d],
+//     dW = sum_p dlogit s^T,   db = sum_p dlogit
+// per position in one pass, where autograd runs a concatenation, two matmuls, a softmax and n multiply-adds, and as
+// many backward ops, each over the whole (P, n d) tensor. dW and db are summed per thread, then added.
+template <typename T>
+void gate_forward(int64_t P, int64_t n, int64_t d, const T* const* s, const T* W, const T* b, T* out, T* alpha,
+                  int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+        T* a = alpha + p * n;
+        for (int64_t i = 0; i < n; ++i) {
+            T z = b[i];
+            for (int64_t j = 0; j < n; ++j) {
+                const T* w = W + i * n * d + j * d;
+                const T* sj = s[j] + p * d;
+#pragma omp simd reduction(+ : z)
+                for (int64_t c = 0; c < d; ++c) z += w[c] * sj[c];
+            }
+            a[i] = z;
+        }
+        const T top = *std::max_element(a, a + n);  // (no -inf start: -ffast-math assumes finite values)
+        T total = 0;
+        for (int64_t i = 0; i < n; ++i) total += a[i] = std::exp(a[i] - top);
+        for (int64_t i = 0; i < n; ++i) a[i] /= total;
+        T* o = out + p * d;
+        std::fill(o, o + d, T(0));
+        for (int64_t i = 0; i < n; ++i) {
+            const T ai = a[i];
+            const T* si = s[i] + p * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) o[c] += ai * si[c];
+        }
+    }
+}
+
+template <typename T>
+void gate_backward(int64_t P, int64_t n, int64_t d, const T* const* s, const T* W, const T* alpha, const T* gout,
+                   T* const* gs, T* gW, T* gb, int threads) {
+    const int nt = std::max(1, std::min<int>(threads, (int)std::max<int64_t>(P, 1)));
+    std::vector<T> accW(nt * n * n * d, T(0)), accb(nt * n, T(0));
+#pragma omp parallel num_threads(nt)
+    {
+        T* myW = accW.data() + omp_get_thread_num() * n * n * d;
+        T* myb = accb.data() + omp_get_thread_num() * n;
+        std::vector<T> ga(n), dl(n);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; ++p) {
+            const T* a = alpha + p * n;
+            const T* g = gout + p * d;
+            T mean = 0;
+            for (int64_t i = 0; i < n; ++i) {
+                const T* si = s[i] + p * d;
+                T dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t c = 0; c < d; ++c) dot += g[c] * si[c];
+                ga[i] = dot;
+                mean += a[i] * dot;
+            }
+            for (int64_t i = 0; i < n; ++i) {
+                dl[i] = a[i] * (ga[i] - mean);
+                myb[i] += dl[i];
+            }
+            for (int64_t j = 0; j < n; ++j) {  // stream j: its own weight, and the logits it feeds
+                T* gj = gs[j] + p * d;
+                const T* sj = s[j] + p * d;
+                const T aj = a[j];
+#pragma omp simd
+                for (int64_t c = 0; c < d; ++c) gj[c] = aj * g[c];
+                for (int64_t i = 0; i < n; ++i) {
+                    const T di = dl[i];
+                    const T* w = W + i * n * d + j * d;
+                    T* gw = myW + i * n * d + j * d;
+#pragma omp simd
+                    for (int64_t c = 0; c < d; ++c) {
+                        gj[c] += di * w[c];
+                        gw[c] += di * sj[c];
+                    }
+                }
+            }
+        }
+    }
+    std::fill(gW, gW + n * n * d, T(0));
+    std::fill(gb, gb + n, T(0));
+    for (int t = 0; t < nt; ++t) {
+        for (int64_t j = 0; j < n * n * d; ++j) gW[j] += accW[t * n * n * d + j];
+        for (int64_t i = 0; i < n; ++i) gb[i] += accb[t * n + i];
+    }
+}
+
 }  // namespace
 
 // The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional;
@@ -1034,5 +1126,25 @@ void long_conv_backward(int is_double, int64_t batch, int64_t L, int64_t d, cons
     else
         long_conv_backward(batch, L, d, (const float*)x, (const float*)k, (const float*)gy, (float*)gx, (float*)gk,
                            threads);
+}
+
+void gate_forward(int is_double, int64_t P, int64_t n, int64_t d, const void* const* s, const void* W, const void* b,
+                  void* out, void* alpha, int threads) {
+    if (is_double)
+        gate_forward(P, n, d, (const double* const*)s, (const double*)W, (const double*)b, (double*)out,
+                     (double*)alpha, threads);
+    else
+        gate_forward(P, n, d, (const float* const*)s, (const float*)W, (const float*)b, (float*)out, (float*)alpha,
+                     threads);
+}
+
+void gate_backward(int is_double, int64_t P, int64_t n, int64_t d, const void* const* s, const void* W,
+                   const void* alpha, const void* gout, void* const* gs, void* gW, void* gb, int threads) {
+    if (is_double)
+        gate_backward(P, n, d, (const double* const*)s, (const double*)W, (const double*)alpha, (const double*)gout,
+                      (double* const*)gs, (double*)gW, (double*)gb, threads);
+    else
+        gate_backward(P, n, d, (const float* const*)s, (const float*)W, (const float*)alpha, (const float*)gout,
+                      (float* const*)gs, (float*)gW, (float*)gb, threads);
 }
 }

@@ -106,12 +106,15 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.dropout_forward.argtypes = [c_int, ctypes.c_uint64, i64, ctypes.c_uint32, ctypes.c_double, ptr, ptr, ptr,
                                     c_int]
     for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward,
-               lib.causal_filter_last, lib.long_conv_forward, lib.long_conv_backward):
+               lib.causal_filter_last, lib.long_conv_forward, lib.long_conv_backward, lib.gate_forward,
+               lib.gate_backward):
         fn.restype = None
     lib.mamba_last.argtypes = [c_int, *[i64] * 7, ptr, i64, i64, *[ptr] * 11, ptr, c_int]
     lib.causal_filter_last.argtypes = [c_int, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, c_int]
     lib.long_conv_forward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, c_int]
     lib.long_conv_backward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.gate_forward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.gate_backward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
     for fn in (lib.scan_state, lib.mamba_last):
         fn.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
@@ -372,6 +375,53 @@ def causal_long_conv_cpu(x: Tensor, k: Tensor) -> Tensor:
         raise ValueError(f"causal_long_conv_cpu: x (batch, L, d) and k (L, d) of one float dtype, got "
                          f"{tuple(x.shape)} {x.dtype} and {tuple(k.shape)} {k.dtype}")
     return _LongConvCpu.apply(x.contiguous(), k.contiguous())
+
+
+def _pointers(tensors: list[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+class _StreamGateCpu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, bias: Tensor, *streams: Tensor) -> Tensor:  # (n, n d), (n,), n x (P, d)
+        P, d = streams[0].shape
+        n = len(streams)
+        out, alpha = streams[0].new_empty(P, d), streams[0].new_empty(P, n)
+        with _traced("stream_gate_cpu"):
+            _library()[0].gate_forward(out.dtype == torch.float64, P, n, d, _pointers(streams), _ptr(weight),
+                                       _ptr(bias), _ptr(out), _ptr(alpha), _threads(P))
+        ctx.save_for_backward(weight, alpha, *streams)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout: Tensor):
+        weight, alpha, *streams = ctx.saved_tensors
+        P, d = streams[0].shape
+        n = len(streams)
+        gout = gout.contiguous()
+        gs = [torch.empty_like(t) for t in streams]
+        gW, gb = torch.empty_like(weight), weight.new_empty(n)
+        with _traced("stream_gate_cpu_backward"):
+            _library()[0].gate_backward(gout.dtype == torch.float64, P, n, d, _pointers(streams), _ptr(weight),
+                                        _ptr(alpha), _ptr(gout), _pointers(gs), _ptr(gW), _ptr(gb), _threads(P))
+        return (gW, gb, *gs)
+
+
+def stream_gate_cpu(streams: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
+    """StreamGate's softmax fusion, compiled: streams n x (..., d), weight (n, n·d), bias (n,) -> (..., d) =
+    sum_i alpha_i s_i with alpha = softmax(weight [s_1; ...; s_n] + bias) per position; float32 or float64 (all alike),
+    differentiable in everything."""
+    _require("stream_gate_cpu")
+    shape, d, n = streams[0].shape, streams[0].shape[-1], len(streams)
+    dtype = streams[0].dtype
+    if any(t.shape != shape or t.dtype != dtype for t in streams) or weight.shape != (n, n * d) \
+            or bias.shape != (n,) or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stream_gate_cpu: n streams of one shape (..., d) and float dtype, weight (n, n·d), bias "
+                         f"(n,); got {[tuple(t.shape) for t in streams]}, {tuple(weight.shape)}, {tuple(bias.shape)}")
+    flat = [t.reshape(-1, d).contiguous() for t in streams]
+    out = _StreamGateCpu.apply(weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), *flat)
+    return out.view(shape)
 
 
 class _CausalConvSiluCpu(torch.autograd.Function):
