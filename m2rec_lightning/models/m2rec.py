@@ -195,15 +195,16 @@ class M2RecBlock(nn.Module):
             in_proj, in_bias, scales, mix, mambas = self.temporal._step_constants()
             if mambas.compiled is None:
                 return None
-            dtype = in_proj.dtype
-            gate = 0 if self.gate is None else 1 if self.gate.proj is None else 2
-            gate_proj, skip, ffn = self.gate.proj if gate == 2 else None, self.skip_gate, self.ffn
+            gate = None if self.gate is None else self.gate.proj  # the softmax gate's projection
+            skip, ffn = self.skip_gate, self.ffn
             return pack_block_step(
-                mambas.compiled, scales, self.semantic, gate, {False: 0, True: 1, "gated": 2}[self.residual],
-                self.norm.eps, ffn.norm.eps, in_proj=in_proj, in_bias=in_bias, mix=mix,
-                kernel=None if self.fourier is None else self.fourier.kernel(dtype=dtype),
-                gate_weight=gate_proj and gate_proj.weight.T, gate_bias=gate_proj and gate_proj.bias,
-                skip_weight=skip and skip.weight.T, skip_bias=skip and skip.bias,
+                mambas.compiled, scales, self.semantic,
+                gate=0 if self.gate is None else 1 if gate is None else 2,
+                residual={False: 0, True: 1, "gated": 2}[self.residual], norm_eps=self.norm.eps,
+                ffn_norm_eps=ffn.norm.eps, in_proj=in_proj, in_bias=in_bias, mix=mix,
+                kernel=None if self.fourier is None else self.fourier.kernel(dtype=in_proj.dtype),
+                gate_weight=None if gate is None else gate.weight.T, gate_bias=None if gate is None else gate.bias,
+                skip_weight=None if skip is None else skip.weight.T, skip_bias=None if skip is None else skip.bias,
                 norm_weight=self.norm.weight, norm_bias=self.norm.bias, w1=ffn.w_1.weight.T, b1=ffn.w_1.bias,
                 w2=ffn.w_2.weight.T, b2=ffn.w_2.bias, ffn_norm_weight=ffn.norm.weight, ffn_norm_bias=ffn.norm.bias)
 

@@ -421,7 +421,8 @@ class StepWeights:
 
 def step_weights(mambas: Sequence[Mamba]) -> StepWeights:
     """The step constants of these Mambas (same sizes, biases alike). dt_proj · x_proj's Δ rows is one (E·D, E·D)
-    matrix, multiplied in float64 once: one matmul less per step, and no rounding of the rank-R intermediate."""
+    matrix, multiplied in float64 once: one matmul less per step, and no rounding of the rank-R intermediate. Where
+    the Mambas run on the cpu backend, `compiled` packs them for the compiled step as well."""
     first = mambas[0]
     dtype, scan = first.in_proj.weight.dtype, _scan_dtype(first.in_proj.weight)
 
