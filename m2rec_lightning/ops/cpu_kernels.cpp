@@ -1188,19 +1188,43 @@ struct BlockStep {
     double ffn_norm_eps;
 };
 
-// y = b + x W: x (in,), W (in, out), b (out,) or null
+// y = b + x W: x (in,), W (in, out), b (out,) or null. Four rows of W per pass over y: a quarter of the loads and
+// stores of y, and of the store-to-load waits on it when it is short.
 template <typename T>
 inline void linear(const T* x, const T* W, const T* b, int64_t in, int64_t out, T* y) {
     if (b)
         std::copy(b, b + out, y);
     else
         std::fill(y, y + out, T(0));
-    for (int64_t i = 0; i < in; ++i) {
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+        const T x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+        const T *W0 = W + i * out, *W1 = W0 + out, *W2 = W1 + out, *W3 = W2 + out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) y[o] += x0 * W0[o] + x1 * W1[o] + x2 * W2[o] + x3 * W3[o];
+    }
+    for (; i < in; ++i) {
         const T xi = x[i];
         const T* Wi = W + i * out;
 #pragma omp simd
         for (int64_t o = 0; o < out; ++o) y[o] += xi * Wi[o];
     }
+}
+
+// y[j] = sum_t a[t, j] b[t, j] over rows t < rows of width d, four rows per pass over y (as in linear)
+template <typename T>
+inline void column_dots(const T* a, const T* b, int64_t rows, int64_t d, T* y) {
+    std::fill(y, y + d, T(0));
+    int64_t t = 0;
+    for (; t + 4 <= rows; t += 4) {
+        const T *a0 = a + t * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+        const T *b0 = b + t * d, *b1 = b0 + d, *b2 = b1 + d, *b3 = b2 + d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) y[j] += a0[j] * b0[j] + a1[j] * b1[j] + a2[j] * b2[j] + a3[j] * b3[j];
+    }
+    for (; t < rows; ++t)
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) y[j] += a[t * d + j] * b[t * d + j];
 }
 
 template <typename T>
@@ -1224,7 +1248,8 @@ inline int64_t mamba_scratch(const MambaStep& w) { return 3 * w.inner + 2 * w.ds
 
 // One step of Mamba s of the stack on one row: conv (E·D, width-1) and ssm (E·D, N) its state, xz (2·E·D) in_proj of
 // the input, step 1 or 0 (0: Δ = 0, which leaves the scan state as it was). Writes window (E·D, width), the conv's
-// inputs t-width+1 .. t; ssm_out (E·D, N); y (d_model).
+// inputs t-width+1 .. t; ssm_out (E·D, N); y (d_model). The activations (SiLU, softplus) run in loops of their own
+// over the channels, vectorised, not per channel beside a loop over the state.
 template <typename T>
 void mamba_row(const MambaStep& w, int64_t s, const T* conv, const T* ssm, const T* xz, T step, T* window, T* ssm_out,
                T* y, T* scratch) {
@@ -1235,19 +1260,26 @@ void mamba_row(const MambaStep& w, int64_t s, const T* conv, const T* ssm, const
     const T* A = (const T*)w.A + s * E * N;
     const T* D = (const T*)w.D + s * E;
     T *u = scratch, *dtbc = u + E, *gated = dtbc + R;
-    for (int64_t c = 0; c < E; ++c) {  // the depthwise conv at t alone, then SiLU
+    for (int64_t c = 0; c < E; ++c) {  // the depthwise conv at t alone
         T* win = window + c * K;
         std::copy(conv + c * (K - 1), conv + (c + 1) * (K - 1), win);
         win[K - 1] = xz[c];
         T acc = conv_b ? conv_b[c] : T(0);
         for (int64_t j = 0; j < K; ++j) acc += conv_w[c * K + j] * win[j];
-        u[c] = silu(acc);
+        u[c] = acc;
     }
+#pragma omp simd
+    for (int64_t c = 0; c < E; ++c) u[c] = silu(u[c]);
     linear(u, (const T*)w.x_proj + s * E * R, (const T*)nullptr, E, R, dtbc);
+    T* dt = dtbc;  // Δ in place of its pre-activation
+#pragma omp simd
+    for (int64_t c = 0; c < E; ++c) {
+        dt[c] = softplus(dtbc[c] + dt_bias[c]) * step;
+        gated[c] = silu(xz[E + c]);
+    }
     const T *B = dtbc + E, *C = B + N;
     for (int64_t c = 0; c < E; ++c) {  // h = exp(Δ A) h + Δ x B;  y = (C . h + D x) silu(z)
-        const T dt = softplus(dtbc[c] + dt_bias[c]) * step;
-        const T dt2 = dt * T(1.4426950408889634), dtu = dt * u[c];
+        const T dt2 = dt[c] * T(1.4426950408889634), dtu = dt[c] * u[c];
         const T* Ac = A + c * N;
         const T* hc = ssm + c * N;
         T* out = ssm_out + c * N;
@@ -1258,7 +1290,7 @@ void mamba_row(const MambaStep& w, int64_t s, const T* conv, const T* ssm, const
             out[k] = h;
             acc += h * C[k];
         }
-        gated[c] = (acc + D[c] * u[c]) * silu(xz[E + c]);
+        gated[c] *= acc + D[c] * u[c];
     }
     linear(gated, (const T*)w.out_proj + s * E * w.d_model, w.out_bias ? (const T*)w.out_bias + s * w.d_model : nullptr,
            E, w.d_model, y);
@@ -1327,25 +1359,12 @@ void block_row(const BlockStep& w, const T* h, const T* semantic, const RowState
         for (int64_t j = 0; j < d; ++j) streams[j] += mix[s] * out.output[s * d + j];
     int64_t n = 1;
 
-    // Fourier filter: the history shifts by one input (newest first), and y = sum_j k[j] h[t-j] in the same pass
+    // Fourier filter: the history (newest first) shifts by one input, one copy of its contiguous rows, then
+    // y = sum_j k[j] h[t-j]
     if (w.taps) {
-        const T* k = (const T*)w.kernel;
-        T* f = streams + n++ * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) {
-            out.fourier[j] = h[j];
-            f[j] = k[j] * h[j];
-        }
-        for (int64_t t = 1; t < w.taps; ++t) {
-            const T* past = in.fourier + (t - 1) * d;
-            T* to = out.fourier + t * d;
-            const T* kt = k + t * d;
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) {
-                to[j] = past[j];
-                f[j] += kt[j] * past[j];
-            }
-        }
+        std::copy(h, h + d, out.fourier);
+        std::copy(in.fourier, in.fourier + (w.taps - 1) * d, out.fourier + d);
+        column_dots((const T*)w.kernel, out.fourier, w.taps, d, streams + n++ * d);
     }
     if (semantic) std::copy(semantic, semantic + d, streams + n++ * d);
 
