@@ -583,12 +583,6 @@ def pack_block_step(mamba: MambaStepWeights, scales: Tensor, semantic: bool, gat
     return packed
 
 
-def _profiled(name: str) -> contextlib.AbstractContextManager:
-    """record_function(name) while a profiler runs (it does not see a ctypes call otherwise), else nothing: entering
-    a record_function costs 6 µs, which a step at batch 1 cannot spare."""
-    return record_function(name) if torch.autograd.profiler._is_profiler_enabled else contextlib.nullcontext()
-
-
 def _contiguous(t: Tensor, name: str, shape: tuple, dtype: torch.dtype) -> Tensor:
     if t.shape != shape or t.dtype != dtype or t.is_cuda:
         raise ValueError(f"compiled step: {name} must be a {dtype} CPU tensor of shape {shape}, got {t.dtype} "
@@ -609,7 +603,7 @@ def mamba_step_cpu(weights: MambaStepWeights, conv: Tensor, ssm: Tensor, xz: Ten
     steps = None if steps is None else _contiguous(steps, "steps", (batch, w.stack, 1), dtype)
     window, h, y = xz.new_empty(batch, w.stack, w.inner, w.width), torch.empty_like(ssm), xz.new_empty(
         batch, w.stack, w.d_model)
-    with _profiled("mamba_step_cpu"):
+    with _traced("mamba_step_cpu"):
         _step_library().mamba_step(dtype == torch.float64, ctypes.byref(w), batch, _ptr(conv), _ptr(ssm), _ptr(xz),
                                    _ptr(steps), _ptr(window), _ptr(h), _ptr(y), _threads(batch * w.stack))
     return window, h, y
@@ -632,7 +626,7 @@ def m2rec_block_step_cpu(weights: BlockStepWeights, h: Tensor, semantic: Tensor 
     new = [torch.empty_like(t) for t in state]
     y = h.new_empty(batch, d)
     fourier_in, fourier_out = (state[5], new[5]) if w.taps else (None, None)
-    with _profiled("m2rec_block_step_cpu"):
+    with _traced("m2rec_block_step_cpu"):
         _step_library().m2rec_block_step(
             dtype == torch.float64, ctypes.byref(w), batch, _ptr(h), _ptr(semantic), *map(_ptr, state[:5]),
             _ptr(fourier_in), *map(_ptr, new[:5]), _ptr(fourier_out), _ptr(y), _threads(batch))
