@@ -1419,7 +1419,8 @@ void block_step_rows(const BlockStep& w, int64_t batch, const T* h, const T* sem
     const int64_t sizes[] = {S * 2 * E, S, S * E * (m.width - 1), S * E * m.dstate, S * d, w.taps * d};
 #pragma omp parallel num_threads(threads)
     {
-        std::vector<T> scratch(S * 2 * E + E * m.width + mamba_scratch(m) + (w.streams + 4) * d + w.ffn_inner +
+        // block_row's: window means, conv window, mamba_row's, streams, [h; mixed], x, FFN inner, gate logits
+        std::vector<T> scratch(S * 2 * E + E * m.width + mamba_scratch(m) + (w.streams + 3) * d + w.ffn_inner +
                                w.streams);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < batch; ++i) {
