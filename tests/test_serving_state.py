@@ -1,6 +1,7 @@
 """Recurrent user state (serving): step and encode_state give exactly the hidden states of forward.
 
-Float64, atol 1e-10, over every M2Rec option, SASRec's key/value cache, and batches of users with different histories.
+Float64, atol 1e-10, over every M2Rec option, SASRec's key/value cache, and batches of users with different histories;
+M2Rec's step both in PyTorch (the torch Mamba backend) and compiled (the cpu backend).
 """
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from torch import Tensor
 from m2rec_lightning.models.m2rec import M2RecEncoder
 from m2rec_lightning.models.sasrec import SASRecEncoder
 from m2rec_lightning.models.state import StatePool, cat_states, map_state, select_state
+from m2rec_lightning.ops.cpu_kernels import cpu_kernels_unavailable
 from m2rec_lightning.ops.mamba import Mamba
 
 N_ITEMS, TEXT_DIM, D = 40, 12, 16
 ATOL = 1e-10
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    cpu_kernels_unavailable() is not None, reason=f"the CPU kernels do not build here: {cpu_kernels_unavailable()}"))]
 
 # every value of every option appears at least once; Mamba4Rec is the second
 M2REC_OPTIONS = [
@@ -28,9 +32,9 @@ M2REC_OPTIONS = [
 ]
 
 
-def make_m2rec(options: dict, max_len: int = 16, seed: int = 0) -> M2RecEncoder:
+def make_m2rec(options: dict, max_len: int = 16, seed: int = 0, backend: str = "torch") -> M2RecEncoder:
     torch.manual_seed(seed)
-    encoder = M2RecEncoder(N_ITEMS, TEXT_DIM, hidden_size=D, d_state=4, max_len=max_len, mamba_backend="torch",
+    encoder = M2RecEncoder(N_ITEMS, TEXT_DIM, hidden_size=D, d_state=4, max_len=max_len, mamba_backend=backend,
                            **options)
     with torch.no_grad():  # away from the init's symmetries, so every parameter shapes the output
         for name, p in encoder.named_parameters():
@@ -87,8 +91,9 @@ def close(a: Tensor, b: Tensor) -> None:
 
 
 @pytest.mark.parametrize("options", M2REC_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_m2rec_step_from_empty_equals_forward(options: dict) -> None:
-    encoder = make_m2rec(options)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m2rec_step_from_empty_equals_forward(options: dict, backend: str) -> None:
+    encoder = make_m2rec(options, backend=backend)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, N_ITEMS + 1, (3, 16), generator=gen)
     expected = encoder(ids)  # (B, L, d)
@@ -99,8 +104,9 @@ def test_m2rec_step_from_empty_equals_forward(options: dict) -> None:
 
 
 @pytest.mark.parametrize("options", M2REC_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_m2rec_prefill_then_steps_equal_forward_for_users_of_different_lengths(options: dict) -> None:
-    encoder = make_m2rec(options)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m2rec_prefill_then_steps_equal_forward_for_users_of_different_lengths(options: dict, backend: str) -> None:
+    encoder = make_m2rec(options, backend=backend)
     gen = torch.Generator().manual_seed(2)
     ids, lengths = histories(gen, batch=5, length=11)
     state, hidden = encoder.encode_state(ids)
@@ -114,8 +120,9 @@ def test_m2rec_prefill_then_steps_equal_forward_for_users_of_different_lengths(o
 
 
 @pytest.mark.parametrize("options", M2REC_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_m2rec_reads_a_history_longer_than_max_len_whole(options: dict) -> None:
-    encoder = make_m2rec(options, max_len=8)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m2rec_reads_a_history_longer_than_max_len_whole(options: dict, backend: str) -> None:
+    encoder = make_m2rec(options, max_len=8, backend=backend)
     reference = with_longer_max_len(encoder, options, max_len=32)
     gen = torch.Generator().manual_seed(3)
     ids, lengths = histories(gen, batch=4, length=23, min_length=9)  # lengths not multiples of the scales
@@ -139,9 +146,10 @@ def test_m2rec_reads_a_history_longer_than_max_len_whole(options: dict) -> None:
         close(hidden, expected[torch.arange(4), lengths + j])
 
 
-def test_mamba_step_and_prefill_equal_forward_with_biases() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mamba_step_and_prefill_equal_forward_with_biases(backend: str) -> None:
     torch.manual_seed(0)
-    mamba = Mamba(D, d_state=4, d_conv=3, bias=True, conv_bias=False, backend="torch").double()
+    mamba = Mamba(D, d_state=4, d_conv=3, bias=True, conv_bias=False, backend=backend).double()
     with torch.no_grad():
         mamba.in_proj.bias.normal_(0.0, 0.5)  # padding must be zeros of the conv's input x, not of in_proj's input
     u = torch.randn(2, 9, D, dtype=torch.float64)
@@ -181,8 +189,9 @@ def test_sasrec_cache_equals_forward_and_past_max_len_the_window() -> None:
             close(hidden[row], encoder(whole[row: row + 1, max(0, end - encoder.max_len): end])[0, -1])
 
 
-def test_states_stack_select_and_are_not_changed_by_a_step() -> None:
-    encoder = make_m2rec(dict(n_layers=2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_states_stack_select_and_are_not_changed_by_a_step(backend: str) -> None:
+    encoder = make_m2rec(dict(n_layers=2), backend=backend)
     gen = torch.Generator().manual_seed(5)
     ids, _ = histories(gen, batch=4, length=10)
     state, _ = encoder.encode_state(ids)
@@ -219,10 +228,11 @@ def test_serving_refuses_what_it_cannot_do_exactly() -> None:
         encoder.step(state, torch.tensor([3, 4]))
 
 
-def test_step_constants_follow_parameter_changes() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_constants_follow_parameter_changes(backend: str) -> None:
     """step keeps item-independent tensors (Fourier kernel, A, projected text) between calls; a changed parameter or
     text table must not leave a stale copy behind."""
-    encoder = make_m2rec(dict())
+    encoder = make_m2rec(dict(), backend=backend)
     ids = torch.randint(1, N_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(6))
     encoder.step(encoder.init_state(2), ids[:, 0])  # fills the kept constants
     with torch.no_grad():
@@ -257,11 +267,12 @@ def test_kept_constants_follow_a_fused_optimizer_step():
         opt.zero_grad()
 
 
-def test_step_constants_follow_training_conversion_and_loading() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_constants_follow_training_conversion_and_loading(backend: str) -> None:
     """The kept constants are recomputed after an optimizer step in training mode, dtype conversions (new storages)
     and a load_state_dict that assigns other tensors in place of the parameters."""
     options = dict(n_layers=2, residual="gated")
-    encoder = make_m2rec(options)
+    encoder = make_m2rec(options, backend=backend)
     ids = torch.randint(1, N_ITEMS + 1, (2, 6), generator=torch.Generator().manual_seed(7))
 
     def steps_equal_forward(tolerance: float = ATOL) -> None:
@@ -281,12 +292,13 @@ def test_step_constants_follow_training_conversion_and_loading() -> None:
     steps_equal_forward(1e-5)
     encoder.double()
     steps_equal_forward()
-    encoder.load_state_dict(make_m2rec(options, seed=1).state_dict(), assign=True)
+    encoder.load_state_dict(make_m2rec(options, seed=1, backend=backend).state_dict(), assign=True)
     steps_equal_forward()
 
 
-def test_state_pool_reads_writes_grows_and_reuses_slots() -> None:
-    encoder = make_m2rec(dict(n_layers=2))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_pool_reads_writes_grows_and_reuses_slots(backend: str) -> None:
+    encoder = make_m2rec(dict(n_layers=2), backend=backend)
     gen = torch.Generator().manual_seed(8)
     ids, _ = histories(gen, batch=5, length=9)
     state, _ = encoder.encode_state(ids)
@@ -321,11 +333,12 @@ def test_state_pool_reads_writes_grows_and_reuses_slots() -> None:
     assert pool.size == 6
 
 
-def test_step_of_an_encoder_made_under_inference_mode() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_of_an_encoder_made_under_inference_mode(backend: str) -> None:
     """Parameters made under torch.inference_mode have no version counter, so step keeps no constants for them (and
     recomputes them each step) instead of failing."""
     with torch.inference_mode():
-        encoder = make_m2rec(dict())
+        encoder = make_m2rec(dict(), backend=backend)
         ids = torch.randint(1, N_ITEMS + 1, (2, 5), generator=torch.Generator().manual_seed(9))
         state, expected = encoder.init_state(2), encoder(ids)
         for t in range(ids.size(1)):

@@ -1148,3 +1148,329 @@ void gate_backward(int is_double, int64_t P, int64_t n, int64_t d, const void* c
                       (float* const*)gs, (float*)gW, (float*)gb, threads);
 }
 }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Serving steps: one more input per row, at the small batches of a server, where each PyTorch op's dispatch costs more
+// than its arithmetic. References: `step_stacked` (ops/mamba.py) for mamba_step and M2RecBlock.step (models/m2rec.py)
+// for m2rec_block_step. Every matrix is stored (in, out), row-major, so a matrix-vector product adds rows of it into
+// an output that stays in L1, vectorised along the output. Batch rows (and the stacked Mambas of mamba_step) run in
+// parallel, one OpenMP thread each.
+
+namespace {
+
+// S Mambas of the same sizes, weights stacked in dim 0 (StepWeights in ops/mamba.py); conv_bias, out_bias may be null.
+struct MambaStep {
+    int64_t stack, d_model, inner, dstate, width;
+    const void *conv_weight, *conv_bias;  // (S, E·D, width), (S, E·D)
+    const void* x_proj;                   // (S, E·D, E·D + 2N): x -> [Δ before its bias, B, C]
+    const void *dt_bias, *A, *D;          // (S, E·D), (S, E·D, N), (S, E·D)
+    const void *out_proj, *out_bias;      // (S, E·D, d_model), (S, d_model)
+};
+
+// One M2Rec block (M2RecBlock in models/m2rec.py): its multi-scale Mamba, Fourier filter, gate, skip and FFN.
+struct BlockStep {
+    MambaStep mamba;
+    const void *in_proj, *in_bias;  // (d, S·2·E·D) every scale's in_proj divided by its window length s, bias or null
+    const int64_t* scales;          // (S,) window lengths
+    const void* mix;                // (S,) scale weights, null with one scale
+    int64_t taps;                   // Fourier kernel taps = history length; 0 without the Fourier stream
+    const void* kernel;             // (taps, d)
+    int64_t streams;                // streams into the gate: temporal, then Fourier and semantic where present
+    int gate;                       // 0: one stream, no gate; 1: their sum; 2: softmax weights
+    const void *gate_weight, *gate_bias;  // (streams·d, streams), (streams,)
+    int residual;                         // 0: none; 1: h + mixed; 2: the sigmoid skip gate
+    const void *skip_weight, *skip_bias;  // (2d, d), (d,)
+    const void *norm_weight, *norm_bias;  // (d,)
+    double norm_eps;
+    int64_t ffn_inner;
+    const void *w1, *b1, *w2, *b2;                // (d, inner), (inner,), (inner, d), (d,)
+    const void *ffn_norm_weight, *ffn_norm_bias;  // (d,)
+    double ffn_norm_eps;
+};
+
+// y = b + x W: x (in,), W (in, out), b (out,) or null. Four rows of W per pass over y: a quarter of the loads and
+// stores of y, and of the store-to-load waits on it when it is short.
+template <typename T>
+inline void linear(const T* x, const T* W, const T* b, int64_t in, int64_t out, T* y) {
+    if (b)
+        std::copy(b, b + out, y);
+    else
+        std::fill(y, y + out, T(0));
+    int64_t i = 0;
+    for (; i + 4 <= in; i += 4) {
+        const T x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+        const T *W0 = W + i * out, *W1 = W0 + out, *W2 = W1 + out, *W3 = W2 + out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) y[o] += x0 * W0[o] + x1 * W1[o] + x2 * W2[o] + x3 * W3[o];
+    }
+    for (; i < in; ++i) {
+        const T xi = x[i];
+        const T* Wi = W + i * out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) y[o] += xi * Wi[o];
+    }
+}
+
+// y[j] = sum_t a[t, j] b[t, j] over rows t < rows of width d, four rows per pass over y (as in linear)
+template <typename T>
+inline void column_dots(const T* a, const T* b, int64_t rows, int64_t d, T* y) {
+    std::fill(y, y + d, T(0));
+    int64_t t = 0;
+    for (; t + 4 <= rows; t += 4) {
+        const T *a0 = a + t * d, *a1 = a0 + d, *a2 = a1 + d, *a3 = a2 + d;
+        const T *b0 = b + t * d, *b1 = b0 + d, *b2 = b1 + d, *b3 = b2 + d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) y[j] += a0[j] * b0[j] + a1[j] * b1[j] + a2[j] * b2[j] + a3[j] * b3[j];
+    }
+    for (; t < rows; ++t)
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) y[j] += a[t * d + j] * b[t * d + j];
+}
+
+template <typename T>
+inline void layer_norm(const T* x, const T* weight, const T* bias, T eps, int64_t d, T* y) {
+    T mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
+    for (int64_t j = 0; j < d; ++j) mean += x[j];
+    mean /= T(d);
+#pragma omp simd reduction(+ : var)
+    for (int64_t j = 0; j < d; ++j) var += (x[j] - mean) * (x[j] - mean);
+    const T inv = T(1) / std::sqrt(var / T(d) + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) y[j] = (x[j] - mean) * inv * weight[j] + bias[j];
+}
+
+template <typename T>
+inline T gelu(T x) { return T(0.5) * x * (T(1) + std::erf(x * T(0.70710678118654752))); }
+
+// Values of scratch memory mamba_row needs.
+inline int64_t mamba_scratch(const MambaStep& w) { return 3 * w.inner + 2 * w.dstate; }
+
+// One step of Mamba s of the stack on one row: conv (E·D, width-1) and ssm (E·D, N) its state, xz (2·E·D) in_proj of
+// the input, step 1 or 0 (0: Δ = 0, which leaves the scan state as it was). Writes window (E·D, width), the conv's
+// inputs t-width+1 .. t; ssm_out (E·D, N); y (d_model). The activations (SiLU, softplus) run in loops of their own
+// over the channels, vectorised, not per channel beside a loop over the state.
+template <typename T>
+void mamba_row(const MambaStep& w, int64_t s, const T* conv, const T* ssm, const T* xz, T step, T* window, T* ssm_out,
+               T* y, T* scratch) {
+    const int64_t E = w.inner, N = w.dstate, K = w.width, R = E + 2 * N;
+    const T* conv_w = (const T*)w.conv_weight + s * E * K;
+    const T* conv_b = w.conv_bias ? (const T*)w.conv_bias + s * E : nullptr;
+    const T* dt_bias = (const T*)w.dt_bias + s * E;
+    const T* A = (const T*)w.A + s * E * N;
+    const T* D = (const T*)w.D + s * E;
+    T *u = scratch, *dtbc = u + E, *gated = dtbc + R;
+    for (int64_t c = 0; c < E; ++c) {  // the depthwise conv at t alone
+        T* win = window + c * K;
+        std::copy(conv + c * (K - 1), conv + (c + 1) * (K - 1), win);
+        win[K - 1] = xz[c];
+        T acc = conv_b ? conv_b[c] : T(0);
+        for (int64_t j = 0; j < K; ++j) acc += conv_w[c * K + j] * win[j];
+        u[c] = acc;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < E; ++c) u[c] = silu(u[c]);
+    linear(u, (const T*)w.x_proj + s * E * R, (const T*)nullptr, E, R, dtbc);
+    T* dt = dtbc;  // Δ in place of its pre-activation
+#pragma omp simd
+    for (int64_t c = 0; c < E; ++c) {
+        dt[c] = softplus(dtbc[c] + dt_bias[c]) * step;
+        gated[c] = silu(xz[E + c]);
+    }
+    const T *B = dtbc + E, *C = B + N;
+    for (int64_t c = 0; c < E; ++c) {  // h = exp(Δ A) h + Δ x B;  y = (C . h + D x) silu(z)
+        const T dt2 = dt[c] * T(1.4426950408889634), dtu = dt[c] * u[c];
+        const T* Ac = A + c * N;
+        const T* hc = ssm + c * N;
+        T* out = ssm_out + c * N;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t k = 0; k < N; ++k) {
+            const T h = fast_exp2(dt2 * Ac[k]) * hc[k] + dtu * B[k];
+            out[k] = h;
+            acc += h * C[k];
+        }
+        gated[c] *= acc + D[c] * u[c];
+    }
+    linear(gated, (const T*)w.out_proj + s * E * w.d_model, w.out_bias ? (const T*)w.out_bias + s * w.d_model : nullptr,
+           E, w.d_model, y);
+}
+
+// step_stacked on batch x S (row, Mamba) pairs: conv (B, S, E·D, width-1), ssm (B, S, E·D, N), xz (B, S, 2·E·D),
+// steps (B, S) or null (all 1) -> window (B, S, E·D, width), ssm_out (B, S, E·D, N), y (B, S, d_model).
+template <typename T>
+void mamba_step_rows(const MambaStep& w, int64_t batch, const T* conv, const T* ssm, const T* xz, const T* steps,
+                     T* window, T* ssm_out, T* y, int threads) {
+    const int64_t S = w.stack, E = w.inner, N = w.dstate, K = w.width;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<T> scratch(mamba_scratch(w));
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < batch * S; ++r)
+            mamba_row(w, r % S, conv + r * E * (K - 1), ssm + r * E * N, xz + r * 2 * E, steps ? steps[r] : T(1),
+                      window + r * E * K, ssm_out + r * E * N, y + r * w.d_model, scratch.data());
+    }
+}
+
+// The state of one row, as MultiScaleState and M2RecBlockState hold it (models/state.py).
+template <typename T>
+struct RowState {
+    T* window_sum;         // (S, 2·E·D)
+    int64_t* window_count;  // (S,)
+    T *conv, *ssm, *output, *fourier;  // (S, E·D, width-1), (S, E·D, N), (S, d), (taps, d)
+};
+
+// M2RecBlock.step on one row: h (d) the block's input, semantic (d) or null, state `in` -> state `out`, y (d).
+template <typename T>
+void block_row(const BlockStep& w, const T* h, const T* semantic, const RowState<T>& in, const RowState<T>& out, T* y,
+               T* scratch) {
+    const MambaStep& m = w.mamba;
+    const int64_t S = m.stack, d = m.d_model, E = m.inner, N = m.dstate, K = m.width, F = w.ffn_inner;
+    T *mean = scratch, *window = mean + S * 2 * E, *mamba_tmp = window + E * K, *streams = mamba_tmp + mamba_scratch(m);
+    T *both = streams + w.streams * d, *x = both + 2 * d, *inner = x + d, *logits = inner + F;
+
+    // multi-scale Mamba: each open window's sum of in_proj / s gains the input; a complete one is its Mamba's input
+    linear(h, (const T*)w.in_proj, (const T*)w.in_bias, d, S * 2 * E, mean);
+    for (int64_t s = 0; s < S; ++s) {
+        T* ms = mean + s * 2 * E;
+        const T* sum = in.window_sum + s * 2 * E;
+#pragma omp simd
+        for (int64_t j = 0; j < 2 * E; ++j) ms[j] += sum[j];
+        const int64_t count = in.window_count[s] + 1;
+        T* conv_out = out.conv + s * E * (K - 1);
+        if (count == w.scales[s]) {
+            mamba_row(m, s, in.conv + s * E * (K - 1), in.ssm + s * E * N, ms, T(1), window, out.ssm + s * E * N,
+                      out.output + s * d, mamba_tmp);
+            for (int64_t c = 0; c < E; ++c) std::copy(window + c * K + 1, window + (c + 1) * K, conv_out + c * (K - 1));
+            std::fill(out.window_sum + s * 2 * E, out.window_sum + (s + 1) * 2 * E, T(0));
+            out.window_count[s] = 0;
+        } else {  // the scale repeats its last output; its Mamba state waits for the window
+            std::copy(ms, ms + 2 * E, out.window_sum + s * 2 * E);
+            out.window_count[s] = count;
+            std::copy(in.conv + s * E * (K - 1), in.conv + (s + 1) * E * (K - 1), conv_out);
+            std::copy(in.ssm + s * E * N, in.ssm + (s + 1) * E * N, out.ssm + s * E * N);
+            std::copy(in.output + s * d, in.output + (s + 1) * d, out.output + s * d);
+        }
+    }
+    const T* mix = (const T*)w.mix;
+    for (int64_t j = 0; j < d; ++j) streams[j] = mix ? mix[0] * out.output[j] : out.output[j];
+    for (int64_t s = 1; s < S; ++s)
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) streams[j] += mix[s] * out.output[s * d + j];
+    int64_t n = 1;
+
+    // Fourier filter: the history (newest first) shifts by one input, one copy of its contiguous rows, then
+    // y = sum_j k[j] h[t-j]
+    if (w.taps) {
+        std::copy(h, h + d, out.fourier);
+        std::copy(in.fourier, in.fourier + (w.taps - 1) * d, out.fourier + d);
+        column_dots((const T*)w.kernel, out.fourier, w.taps, d, streams + n++ * d);
+    }
+    if (semantic) std::copy(semantic, semantic + d, streams + n++ * d);
+
+    // gate, skip, LayerNorm, FFN
+    T* mixed = streams;
+    if (w.gate == 1) {
+        for (int64_t i = 1; i < n; ++i)
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) mixed[j] += streams[i * d + j];
+    } else if (w.gate == 2) {
+        linear(streams, (const T*)w.gate_weight, (const T*)w.gate_bias, n * d, n, logits);
+        const T top = *std::max_element(logits, logits + n);
+        T total = 0;
+        for (int64_t i = 0; i < n; ++i) total += logits[i] = std::exp(logits[i] - top);
+        mixed = both + d;  // the skip gate reads [h; mixed] as one vector
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) mixed[j] = logits[0] / total * streams[j];
+        for (int64_t i = 1; i < n; ++i) {
+            const T alpha = logits[i] / total;
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) mixed[j] += alpha * streams[i * d + j];
+        }
+    }
+    if (w.residual == 2) {
+        std::copy(h, h + d, both);
+        if (mixed != both + d) std::copy(mixed, mixed + d, both + d);
+        linear(both, (const T*)w.skip_weight, (const T*)w.skip_bias, 2 * d, d, x);
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) {
+            const T g = sigmoid(x[j]);
+            x[j] = g * h[j] + (T(1) - g) * both[d + j];
+        }
+    } else {
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) x[j] = w.residual ? h[j] + mixed[j] : mixed[j];
+    }
+    layer_norm(x, (const T*)w.norm_weight, (const T*)w.norm_bias, T(w.norm_eps), d, x);
+    linear(x, (const T*)w.w1, (const T*)w.b1, d, F, inner);
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) inner[j] = gelu(inner[j]);
+    linear(inner, (const T*)w.w2, (const T*)w.b2, F, d, y);
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) y[j] += x[j];
+    layer_norm(y, (const T*)w.ffn_norm_weight, (const T*)w.ffn_norm_bias, T(w.ffn_norm_eps), d, y);
+}
+
+template <typename T>
+void block_step_rows(const BlockStep& w, int64_t batch, const T* h, const T* semantic, RowState<T> in,
+                     RowState<T> out, T* y, int threads) {
+    const MambaStep& m = w.mamba;
+    const int64_t S = m.stack, d = m.d_model, E = m.inner;
+    const int64_t sizes[] = {S * 2 * E, S, S * E * (m.width - 1), S * E * m.dstate, S * d, w.taps * d};
+#pragma omp parallel num_threads(threads)
+    {
+        // block_row's: window means, conv window, mamba_row's, streams, [h; mixed], x, FFN inner, gate logits
+        std::vector<T> scratch(S * 2 * E + E * m.width + mamba_scratch(m) + (w.streams + 3) * d + w.ffn_inner +
+                               w.streams);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < batch; ++i) {
+            auto row = [&](const RowState<T>& st) {
+                return RowState<T>{st.window_sum + i * sizes[0], st.window_count + i * sizes[1], st.conv + i * sizes[2],
+                                   st.ssm + i * sizes[3], st.output + i * sizes[4],
+                                   st.fourier ? st.fourier + i * sizes[5] : nullptr};
+            };
+            block_row(w, h + i * d, semantic ? semantic + i * d : nullptr, row(in), row(out), y + i * d,
+                      scratch.data());
+        }
+    }
+}
+
+template <typename T>
+RowState<T> row_state(const void* window_sum, const int64_t* window_count, const void* conv, const void* ssm,
+                      const void* output, const void* fourier) {
+    return RowState<T>{(T*)window_sum, (int64_t*)window_count, (T*)conv, (T*)ssm, (T*)output, (T*)fourier};
+}
+
+}  // namespace
+
+// `is_double` picks float64, else float32; every tensor is contiguous, in that dtype (window_count int64).
+extern "C" {
+
+void mamba_step(int is_double, const MambaStep* w, int64_t batch, const void* conv, const void* ssm, const void* xz,
+                const void* steps, void* window, void* ssm_out, void* y, int threads) {
+    if (is_double)
+        mamba_step_rows(*w, batch, (const double*)conv, (const double*)ssm, (const double*)xz, (const double*)steps,
+                        (double*)window, (double*)ssm_out, (double*)y, threads);
+    else
+        mamba_step_rows(*w, batch, (const float*)conv, (const float*)ssm, (const float*)xz, (const float*)steps,
+                        (float*)window, (float*)ssm_out, (float*)y, threads);
+}
+
+// The state in (window_sum .. fourier, fourier null without the Fourier stream) is read only; the new one is written
+// to the *_out tensors, and the block's output to y.
+void m2rec_block_step(int is_double, const BlockStep* w, int64_t batch, const void* h, const void* semantic,
+                      const void* window_sum, const int64_t* window_count, const void* conv, const void* ssm,
+                      const void* output, const void* fourier, void* window_sum_out, int64_t* window_count_out,
+                      void* conv_out, void* ssm_out, void* output_out, void* fourier_out, void* y, int threads) {
+    if (is_double)
+        block_step_rows(*w, batch, (const double*)h, (const double*)semantic,
+                        row_state<double>(window_sum, window_count, conv, ssm, output, fourier),
+                        row_state<double>(window_sum_out, window_count_out, conv_out, ssm_out, output_out, fourier_out),
+                        (double*)y, threads);
+    else
+        block_step_rows(*w, batch, (const float*)h, (const float*)semantic,
+                        row_state<float>(window_sum, window_count, conv, ssm, output, fourier),
+                        row_state<float>(window_sum_out, window_count_out, conv_out, ssm_out, output_out, fourier_out),
+                        (float*)y, threads);
+}
+}

@@ -504,3 +504,130 @@ def dropout_cpu(x: Tensor, p: float) -> Tensor:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_cpu: p must lie in [0, 1), got {p}")
     return _DropoutCpu.apply(x, p)
+
+
+# Serving steps (cpu_kernels.cpp, "Serving steps"): one more input per row in one call, where a step in PyTorch is
+# dozens of small ops whose dispatch, at a server's small batches, costs more than their arithmetic.
+
+_i64, _void_p = ctypes.c_int64, ctypes.c_void_p
+
+
+class MambaStepWeights(ctypes.Structure):
+    """S Mambas' step constants (ops/mamba.py StepWeights) as mamba_step reads them; `tensors` keeps their memory."""
+
+    _fields_ = [*((name, _i64) for name in ("stack", "d_model", "inner", "dstate", "width")),
+                *((name, _void_p) for name in ("conv_weight", "conv_bias", "x_proj", "dt_bias", "A", "D", "out_proj",
+                                               "out_bias"))]
+
+
+class BlockStepWeights(ctypes.Structure):
+    """One M2Rec block's step constants as m2rec_block_step reads them (the BlockStep of cpu_kernels.cpp says what
+    each is); `tensors` keeps their memory."""
+
+    _fields_ = [("mamba", MambaStepWeights), ("in_proj", _void_p), ("in_bias", _void_p), ("scales", _void_p),
+                ("mix", _void_p), ("taps", _i64), ("kernel", _void_p), ("streams", _i64), ("gate", ctypes.c_int),
+                ("gate_weight", _void_p), ("gate_bias", _void_p), ("residual", ctypes.c_int),
+                ("skip_weight", _void_p), ("skip_bias", _void_p), ("norm_weight", _void_p), ("norm_bias", _void_p),
+                ("norm_eps", ctypes.c_double), ("ffn_inner", _i64), ("w1", _void_p), ("b1", _void_p),
+                ("w2", _void_p), ("b2", _void_p), ("ffn_norm_weight", _void_p), ("ffn_norm_bias", _void_p),
+                ("ffn_norm_eps", ctypes.c_double)]
+
+
+@functools.cache
+def _step_library() -> ctypes.CDLL:
+    lib = _require("the compiled serving step")
+    lib.mamba_step.argtypes = [ctypes.c_int, ctypes.POINTER(MambaStepWeights), _i64, *[_void_p] * 7, ctypes.c_int]
+    lib.m2rec_block_step.argtypes = [ctypes.c_int, ctypes.POINTER(BlockStepWeights), _i64, *[_void_p] * 15,
+                                     ctypes.c_int]
+    lib.mamba_step.restype = lib.m2rec_block_step.restype = None
+    return lib
+
+
+def _pack(struct: type[ctypes.Structure], dtype: torch.dtype, sizes: dict, tensors: dict[str, Tensor | None],
+          **rest) -> ctypes.Structure:
+    """struct with sizes, rest and pointers to tensors, made contiguous, the floating-point ones in dtype."""
+    tensors = {k: None if t is None else (t.detach().to(dtype) if t.is_floating_point() else t).contiguous()
+               for k, t in tensors.items()}
+    packed = struct(**sizes, **rest, **{k: _ptr(t) for k, t in tensors.items()})
+    packed.dtype, packed.tensors = dtype, tensors
+    return packed
+
+
+def pack_mamba_step(conv_weight: Tensor, conv_bias: Tensor | None, x_proj: Tensor, dt_bias: Tensor, A: Tensor,
+                    D: Tensor, out_proj: Tensor, out_bias: Tensor | None) -> MambaStepWeights | None:
+    """The step constants of S stacked Mambas (StepWeights' fields and shapes) for :func:`mamba_step_cpu`, or None
+    where the compiled step does not apply: the kernels do not build here, the weights are not float32/float64 CPU
+    tensors, or A holds a NaN (a diverged model, left to PyTorch, which propagates it: see selective_scan_cpu)."""
+    dtype = x_proj.dtype
+    if cpu_kernels_unavailable() or x_proj.is_cuda or dtype not in (torch.float32, torch.float64) \
+            or A.dtype != dtype or A.isnan().any():
+        return None
+    stack, inner, width = conv_weight.shape
+    sizes = dict(stack=stack, d_model=out_proj.shape[-1], inner=inner, dstate=A.shape[-1], width=width)
+    return _pack(MambaStepWeights, dtype, sizes, dict(conv_weight=conv_weight, conv_bias=conv_bias, x_proj=x_proj,
+                                                      dt_bias=dt_bias, A=A, D=D, out_proj=out_proj, out_bias=out_bias))
+
+
+def pack_block_step(mamba: MambaStepWeights, scales: Tensor, semantic: bool, gate: int, residual: int,
+                    norm_eps: float, ffn_norm_eps: float, **tensors: Tensor | None) -> BlockStepWeights:
+    """One M2Rec block's step constants for :func:`m2rec_block_step_cpu`: mamba from :func:`pack_mamba_step`, scales
+    (S,) int64 window lengths, whether a semantic stream comes in, gate 0/1/2 (none, sum, softmax), residual 0/1/2
+    (none, plain, gated), the LayerNorms' epsilons, and as tensors every matrix (in, out) and vector that BlockStep
+    names (absent ones None; kernel (taps, d) or None without the Fourier stream)."""
+    taps = 0 if tensors["kernel"] is None else tensors["kernel"].shape[0]
+    streams = 1 + (taps > 0) + semantic
+    packed = _pack(BlockStepWeights, mamba.dtype, dict(taps=taps, streams=streams, ffn_inner=tensors["b1"].shape[0]),
+                   dict(scales=scales, **tensors), mamba=mamba, gate=gate, residual=residual, norm_eps=norm_eps,
+                   ffn_norm_eps=ffn_norm_eps)
+    packed.tensors["mamba"] = mamba  # the copy in the struct points into mamba's tensors
+    return packed
+
+
+def _contiguous(t: Tensor, name: str, shape: tuple, dtype: torch.dtype) -> Tensor:
+    if t.shape != shape or t.dtype != dtype or t.is_cuda:
+        raise ValueError(f"compiled step: {name} must be a {dtype} CPU tensor of shape {shape}, got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
+    return t.contiguous()
+
+
+def mamba_step_cpu(weights: MambaStepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
+                   steps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`~m2rec_lightning.ops.mamba.step_stacked`, compiled (same arguments, shapes and results, in the weights'
+    dtype): conv (B, S, E·D, d_conv-1), ssm (B, S, E·D, N), xz (B, S, 2·E·D), steps (B, S, 1) of 1 and 0 or None ->
+    (window (B, S, E·D, d_conv), ssm, y (B, S, d_model))."""
+    w, dtype = weights, weights.dtype
+    batch = xz.shape[0]
+    conv = _contiguous(conv, "conv", (batch, w.stack, w.inner, w.width - 1), dtype)
+    ssm = _contiguous(ssm, "ssm", (batch, w.stack, w.inner, w.dstate), dtype)
+    xz = _contiguous(xz, "xz", (batch, w.stack, 2 * w.inner), dtype)
+    steps = None if steps is None else _contiguous(steps, "steps", (batch, w.stack, 1), dtype)
+    window, h, y = xz.new_empty(batch, w.stack, w.inner, w.width), torch.empty_like(ssm), xz.new_empty(
+        batch, w.stack, w.d_model)
+    with _traced("mamba_step_cpu"):
+        _step_library().mamba_step(dtype == torch.float64, ctypes.byref(w), batch, _ptr(conv), _ptr(ssm), _ptr(xz),
+                                   _ptr(steps), _ptr(window), _ptr(h), _ptr(y), _threads(batch * w.stack))
+    return window, h, y
+
+
+def m2rec_block_step_cpu(weights: BlockStepWeights, h: Tensor, semantic: Tensor | None, window_sum: Tensor,
+                         window_count: Tensor, conv: Tensor, ssm: Tensor, output: Tensor,
+                         fourier: Tensor | None) -> tuple[tuple[Tensor, ...], Tensor]:
+    """M2RecBlock.step, compiled: h (B, d) the block's input, semantic (B, d) or None, and the block's state (the
+    fields of MultiScaleState, then the Fourier history (B, taps, d) or None) -> (the new state, fields in that order,
+    (B, d) the block's output). The state passed in is not changed."""
+    w, m, dtype = weights, weights.mamba, weights.dtype
+    batch, d = h.shape[0], m.d_model
+    state = [_contiguous(t, name, shape, dtype if name != "window_count" else torch.int64) for t, name, shape in (
+        (window_sum, "window_sum", (batch, m.stack, 2 * m.inner)), (window_count, "window_count", (batch, m.stack)),
+        (conv, "conv", (batch, m.stack, m.inner, m.width - 1)), (ssm, "ssm", (batch, m.stack, m.inner, m.dstate)),
+        (output, "output", (batch, m.stack, d)), *([(fourier, "fourier", (batch, w.taps, d))] if w.taps else []))]
+    h = _contiguous(h, "h", (batch, d), dtype)
+    semantic = None if semantic is None else _contiguous(semantic, "semantic", (batch, d), dtype)
+    new = [torch.empty_like(t) for t in state]
+    y = h.new_empty(batch, d)
+    fourier_in, fourier_out = (state[5], new[5]) if w.taps else (None, None)
+    with _traced("m2rec_block_step_cpu"):
+        _step_library().m2rec_block_step(
+            dtype == torch.float64, ctypes.byref(w), batch, _ptr(h), _ptr(semantic), *map(_ptr, state[:5]),
+            _ptr(fourier_in), *map(_ptr, new[:5]), _ptr(fourier_out), _ptr(y), _threads(batch))
+    return (*new[:5], fourier_out), y

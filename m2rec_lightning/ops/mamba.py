@@ -20,9 +20,12 @@ from torch import Tensor
 
 from m2rec_lightning.models.state import MambaState, step_constant
 from m2rec_lightning.ops.cpu_kernels import (
+    MambaStepWeights,
     causal_conv1d_silu_cpu,
     cpu_kernels_unavailable,
     mamba_last_cpu,
+    mamba_step_cpu,
+    pack_mamba_step,
     selective_scan_cpu,
     selective_scan_state_cpu,
 )
@@ -413,11 +416,13 @@ class StepWeights:
     D: Tensor  # (S, E·D), in the scan's dtype
     out_proj: Tensor  # (S, E·D, d_model)
     out_bias: Tensor | None  # (S, d_model)
+    compiled: MambaStepWeights | None = None  # the same for the compiled step, where the Mambas run on the cpu backend
 
 
 def step_weights(mambas: Sequence[Mamba]) -> StepWeights:
     """The step constants of these Mambas (same sizes, biases alike). dt_proj · x_proj's Δ rows is one (E·D, E·D)
-    matrix, multiplied in float64 once: one matmul less per step, and no rounding of the rank-R intermediate."""
+    matrix, multiplied in float64 once: one matmul less per step, and no rounding of the rank-R intermediate. Where
+    the Mambas run on the cpu backend, `compiled` packs them for the compiled step as well."""
     first = mambas[0]
     dtype, scan = first.in_proj.weight.dtype, _scan_dtype(first.in_proj.weight)
 
@@ -430,7 +435,7 @@ def step_weights(mambas: Sequence[Mamba]) -> StepWeights:
         folded = (m.dt_proj.weight.double() @ w_dt.double()).to(dtype)  # (E·D, E·D)
         return torch.cat([folded, w_bc]).T
 
-    return StepWeights(
+    weights = StepWeights(
         conv_weight=stack(lambda m: m.conv1d.weight[:, 0]),
         conv_bias=stack(lambda m: m.conv1d.bias),
         x_proj=stack(x_proj),
@@ -440,6 +445,11 @@ def step_weights(mambas: Sequence[Mamba]) -> StepWeights:
         out_proj=stack(lambda m: m.out_proj.weight.T),
         out_bias=stack(lambda m: m.out_proj.bias),
     )
+    weight = first.in_proj.weight
+    if first.backend in ("auto", "cpu") and not weight.is_cuda and first._resolve_backend(weight) == "cpu":
+        weights.compiled = pack_mamba_step(weights.conv_weight, weights.conv_bias, weights.x_proj, weights.dt_bias,
+                                           weights.A, weights.D, weights.out_proj, weights.out_bias)
+    return weights
 
 
 def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
@@ -453,7 +463,10 @@ def step_stacked(weights: StepWeights, conv: Tensor, ssm: Tensor, xz: Tensor,
 
     At batch 1 each op's dispatch costs more than its arithmetic, so the S Mambas run as one: per-Mamba weights are
     batched matmuls over S, and the recurrence uses fused and in-place ops; at larger batches the (B, S, E·D, N)
-    tensors are large, and each one allocated costs more than the arithmetic on it, so the recurrence allocates one."""
+    tensors are large, and each one allocated costs more than the arithmetic on it, so the recurrence allocates one.
+    With weights.compiled, the compiled step of cpu_kernels.py does it all in one call."""
+    if weights.compiled is not None:
+        return mamba_step_cpu(weights.compiled, conv, ssm, xz, steps)
     n = weights.A.size(-1)
     x, z = xz.chunk(2, dim=-1)  # (B, S, E·D) each
     window = torch.cat([conv, x.unsqueeze(-1)], dim=-1)  # (B, S, E·D, d_conv)
