@@ -226,9 +226,10 @@ def step_constant(owner: nn.Module, name: str, modules: Sequence[nn.Module], ten
 
 
 def _spend(kept: weakref.ref) -> Callable[[Tensor], None]:
-    """A gradient hook that makes the kept value match no key. The reference is weak: a strong one from the value's
-    hook back to its _Kept would be a cycle that holds the value's graph until the garbage collector runs."""
+    """A gradient hook that makes the kept value match no key and lets it go. The reference is weak: a strong one
+    from the value's hook back to its _Kept would be a cycle that holds the value's graph until the garbage collector
+    runs."""
     def hook(grad: Tensor) -> None:
         if (spent := kept()) is not None:
-            spent.key = []
+            spent.key, spent.value = [], None
     return hook
