@@ -1,6 +1,7 @@
 """Behaviour of the M2Rec parts and encoders, and of the SASRec baseline (causality: tests/test_causality.py)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -367,6 +368,134 @@ def test_train_mode_uses_dropout():
     assert not torch.allclose(a, b)
     enc.eval()
     assert torch.equal(enc(ids), enc(ids))
+
+
+# ---- the projected text of a training step -------------------------------------------------------------------------
+def text_encoder() -> M2RecEncoder:
+    enc = m2rec(n_layers=2, dropout=0.5).double()
+    enc.set_text_table(text_table().double())
+    return enc.train()
+
+
+def explicit_forward(enc: M2RecEncoder, ids: Tensor, text: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """enc(ids) written out with the semantic stream text[ids] for one projected table text (N+1, d), projected here
+    when None, after the embedding dropout as forward draws it: (B, L) -> ((B, L, d), text)."""
+    h = enc.norm(enc.dropout(enc.item_embedding(ids)))
+    text = enc.semantic(enc.text_table) if text is None else text
+    for block in enc.blocks:
+        h = block(h, text[ids])
+    return h, text
+
+
+def next_item_loss(hidden: Tensor, table: Tensor) -> Tensor:  # (B, L, d), (N+1, d) -> ()
+    scores = hidden @ table.T
+    return scores.logsumexp(-1).mean() - scores[..., 1].mean()
+
+
+def gradients(enc: M2RecEncoder) -> dict[str, Tensor]:
+    return {name: p.grad.to_dense() for name, p in enc.named_parameters()}  # the item lookup's may be sparse
+
+
+def assert_same_gradients(enc: M2RecEncoder, reference: M2RecEncoder) -> None:
+    got, expected = gradients(enc), gradients(reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_training_semantic_stream_reads_the_item_tables_projection():
+    """In a training step the text is projected once: the item table is E_id + P and every block's semantic stream,
+    over length groups too, is P[ids], the same dropout masks."""
+    enc = text_encoder()
+    projections, streams = [], []
+    enc.semantic.register_forward_hook(lambda module, args, out: projections.append(out))
+    enc.blocks[1].gate.register_forward_pre_hook(lambda module, args: streams.append(args[0][-1]))
+    ids = right_padded([L, 7, 3, L])
+    table = enc.item_embeddings()
+    enc(ids[:2]), enc(ids[2:, :7])  # two length groups, as the module encodes a batch
+    (text,) = projections
+    assert text.shape == (N_ITEMS + 1, D) and torch.equal(table, enc.item_embedding.weight + text)
+    assert torch.equal(streams[0], text[ids[:2]]) and torch.equal(streams[1], text[ids[2:, :7]])
+
+
+@pytest.mark.parametrize("table_first", [True, False], ids=["table-then-encoder", "encoder-then-table"])
+def test_training_gradients_equal_one_explicit_projection(table_first):
+    """The module builds the item table before encoding, benchmarks/throughput.py after: either way the step's
+    values and gradients are those of one projection P that both the stream and the table read."""
+    enc = text_encoder()
+    reference = copy.deepcopy(enc)
+    ids = right_padded([L, 9, 4])
+    torch.manual_seed(1)
+    if table_first:
+        table = enc.item_embeddings()
+        hidden = enc(ids)
+    else:
+        hidden = enc(ids)
+        table = enc.item_embeddings()
+    loss = next_item_loss(hidden, table)
+    loss.backward()
+    torch.manual_seed(1)  # the same dropout draws, in the same order
+    text = reference.semantic(reference.text_table) if table_first else None
+    hidden, text = explicit_forward(reference, ids, text)
+    expected = next_item_loss(hidden, reference.item_embedding.weight + text)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert_same_gradients(enc, reference)
+
+
+def test_gradient_accumulation_projects_once_per_backward():
+    """Two forward/backward pairs, then an optimizer step, twice: each pair has its own P (the first backward freed
+    the graph of its P), and the accumulated gradients are the explicit ones."""
+    enc = text_encoder()
+    reference = copy.deepcopy(enc)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.01, fused=True) for m in (enc, reference)]
+    batches = [right_padded([L, 5], seed=seed) for seed in range(4)]
+    for step in range(2):
+        torch.manual_seed(step)
+        for ids in batches[2 * step:2 * step + 2]:
+            table = enc.item_embeddings()
+            next_item_loss(enc(ids), table).backward()
+        torch.manual_seed(step)
+        for ids in batches[2 * step:2 * step + 2]:
+            text = reference.semantic(reference.text_table)
+            next_item_loss(explicit_forward(reference, ids, text)[0], reference.item_embedding.weight + text).backward()
+        assert_same_gradients(enc, reference)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def test_forward_without_backward_leaves_the_next_step_correct():
+    """A forward whose output is dropped keeps its P for the next step (its graph is intact); a forward without
+    autograd keeps none (its P would have no graph); a (fused) optimizer step retires a P no backward spent."""
+    enc = text_encoder()
+    reference = copy.deepcopy(enc)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.01, fused=True) for m in (enc, reference)]
+    ids, other = right_padded([L, 6]), right_padded([5, L], seed=1)
+    torch.manual_seed(0)
+    enc(other)  # dropped
+    with torch.no_grad():
+        enc(other)
+    next_item_loss(enc(ids), enc.item_embeddings()).backward()
+    enc(other)  # dropped, then the weights change
+    optimizers[0].step()
+    optimizers[0].zero_grad()
+    table = enc.item_embeddings()
+    loss = next_item_loss(enc(ids), table)
+    loss.backward()
+
+    torch.manual_seed(0)
+    _, text = explicit_forward(reference, other)
+    with torch.no_grad():
+        reference(other)  # the same draws as the model's
+    next_item_loss(explicit_forward(reference, ids, text)[0], reference.item_embedding.weight + text).backward()
+    explicit_forward(reference, other)
+    optimizers[1].step()
+    optimizers[1].zero_grad()
+    text = reference.semantic(reference.text_table)
+    expected = next_item_loss(explicit_forward(reference, ids, text)[0], reference.item_embedding.weight + text)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert_same_gradients(enc, reference)
 
 
 

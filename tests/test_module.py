@@ -312,6 +312,24 @@ def test_evaluation_with_cached_item_table_equals_direct_scoring():
         assert cached[f"test/{name}"] == pytest.approx(value.item(), abs=1e-6)
 
 
+def test_item_text_is_projected_once_per_training_batch_with_gradient_accumulation():
+    """A training step (the item table, then the batch in length groups) projects the item text once, also when
+    Lightning accumulates the gradients of two batches (a backward after each) before an optimizer step."""
+    torch.manual_seed(0)
+    encoder = partial(M2RecEncoder, hidden_size=16, d_state=4, dropout=0.3, max_len=MAX_LEN, mamba_backend="torch")
+    module = SequentialRecommender(encoder=encoder, num_items=N_ITEMS, text_dim=8, length_groups=4)
+    table = torch.randn(N_ITEMS + 1, 8)
+    table[0] = 0
+    module.encoder.set_text_table(table)
+    module.setup = lambda stage: None  # the table was filled by hand, no datamodule here
+    projected = []
+    module.encoder.semantic.register_forward_hook(lambda m, args, out: projected.append(tuple(out.shape)))
+    before = [p.detach().clone() for p in module.encoder.semantic.parameters()]
+    trainer(max_steps=2, accumulate_grad_batches=2).fit(module, train_batches(synthetic_sequences(300, seed=1)))
+    assert projected == [(N_ITEMS + 1, 16)] * 4  # 4 batches, each one projection of the whole table
+    assert all(not torch.equal(a, b) for a, b in zip(before, module.encoder.semantic.parameters()))
+
+
 @pytest.mark.parametrize("name", ["m2rec", "sasrec"])
 def test_length_groups_give_the_same_loss_gradients_and_scores(name):
     """Encoding a batch in groups of similar length, each cut to its longest row, changes no number."""

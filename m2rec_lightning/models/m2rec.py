@@ -1,13 +1,19 @@
 """The M2Rec encoder: multi-scale Mamba, causal Fourier filter and LLM item text, fused per position by a gate.
 
     e = LayerNorm(Dropout(E_id[x]))                          x: (B, L) right-padded ids, 0 = padding
-    S = SemanticProjection(E_text[x])                        E_text: frozen (N+1, text_dim) buffer, row 0 zeros
+    P = SemanticProjection(E_text)                           E_text: frozen (N+1, text_dim) buffer, row 0 zeros
+    S = P[x]                                                 (B, L, d)
     h = e; per block:
         T = sum_s w_s · Up_s(Mamba_s(Pool_s(h)))             multiscale.py
         F = CausalFourierFilter(h)                           fourier.py
         h = LayerNorm(h + Dropout(gate([T, F, S])))          gate.py (residual="gated": see M2RecBlock)
         h = LayerNorm(h + Dropout(FFN(h)))                   d -> 4d -> d, GELU
-    item table = E_id (+ SemanticProjection(E_text) with text)
+    item table = E_id (+ P with text)
+
+P is the text of every item projected once and shared: in training, one P (one set of dropout masks, drawn per item)
+serves a step's input stream at every position and its output item table, and both send their gradients into it.
+So an item's text dropout is the same wherever it occurs in the step, where projecting per position would draw a
+mask per occurrence; in return the step projects N+1 rows instead of N+1 + B·L (see `_training_text`).
 
 Every part can be switched off. scales=[1], fourier=False, semantic=False, residual=False (n_layers=1) is the released
 Mamba4Rec: LayerNorm(Dropout(emb)) -> Mamba -> LayerNorm(Dropout(.)) -> FFN with residual + LayerNorm, with no gate
@@ -251,7 +257,8 @@ class M2RecEncoder(SequenceEncoder):
         d_state: Mamba SSM state size.
         d_conv: Mamba causal convolution width.
         expand: Mamba inner width factor.
-        dropout: dropout on embeddings, mixer output, FFN and text projection.
+        dropout: dropout on embeddings, mixer output, FFN and text projection (whose masks are drawn per item and
+            training step, not per position: see the module docstring).
         scales: time scales of the multi-scale Mamba (window lengths); [1] = plain Mamba.
         fourier: add the causal Fourier filter stream.
         semantic: add the item-text stream, on the input side and in the output item table (E_id + projected
@@ -361,24 +368,41 @@ class M2RecEncoder(SequenceEncoder):
         if self.semantic is None:
             return None
         self._check_text_filled()
-        if not self.semantic.training and not torch.is_grad_enabled() and input_ids.numel() > len(self.text_table):
+        if self._training_with_grad():
+            table = self._training_text()
+        elif not self.semantic.training and not torch.is_grad_enabled() and input_ids.numel() > len(self.text_table):
             # evaluation of more positions than items: rows of the projected text of every item, projected once per
             # change of the weights (the table `step` keeps), which costs less than projecting the positions even
-            # when the weights change between batches. Training draws a dropout mask per position instead.
-            return self._projected_text()[input_ids]
-        rows = self.text_table.index_select(0, input_ids.flatten())  # half the time of text_table[input_ids]
-        return self.semantic(rows.view(*input_ids.shape, -1))
+            # when the weights change between batches
+            table = self._projected_text()
+        else:
+            rows = self.text_table.index_select(0, input_ids.flatten())  # half the time of text_table[input_ids]
+            return self.semantic(rows.view(*input_ids.shape, -1))
+        return table.index_select(0, input_ids.flatten()).view(*input_ids.shape, -1)
+
+    def _training_with_grad(self) -> bool:
+        return self.semantic.training and torch.is_grad_enabled()
 
     def _projected_text(self) -> Tensor:  # (N+1, d), recomputed when the text table or the projection changes
         return step_constant(self, "_step_text", [self.semantic], [self.text_table],
                              lambda: self.semantic(self.text_table))
+
+    def _training_text(self) -> Tensor:
+        """(N+1, d) P = SemanticProjection(E_text) of a training step, with its dropout masks: what both the input
+        stream (rows P[x]) and the output item table (E_id + P) read, so a step projects each item once, not once per
+        position too (B·L = 6400 rows through the MLP and their weight gradients at B=32, L=200, beside the table's
+        3707 at ML-1M). One P serves every forward until a backward passes through it or the weights change, whichever comes
+        first: the module builds the item table before encoding, other callers encode first, and with gradient
+        accumulation each forward/backward pair gets its own P."""
+        return step_constant(self, "_step_training_text", [self.semantic], [self.text_table],
+                             lambda: self.semantic(self.text_table), until_backward=True)
 
     def item_embeddings(self) -> Tensor:  # (N+1, d)
         table = self.item_embedding.weight
         if self.semantic is None:
             return table
         self._check_text_filled()
-        return table + self.semantic(self.text_table)
+        return table + (self._training_text() if self._training_with_grad() else self.semantic(self.text_table))
 
     def init_state(self, batch_size: int) -> M2RecState:
         return M2RecState([block.init_state(batch_size) for block in self.blocks])

@@ -10,6 +10,7 @@ so the helpers below stack, select and pool any of them without knowing its layo
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, is_dataclass, replace
 from operator import attrgetter
@@ -194,14 +195,19 @@ def _key(tensors: list[Tensor]) -> list[int]:
 
 
 def step_constant(owner: nn.Module, name: str, modules: Sequence[nn.Module], tensors: Sequence[Tensor],
-                  compute: Callable[[], Any]) -> Any:
+                  compute: Callable[[], Any], until_backward: bool = False) -> Any:
     """compute(): what a step needs that depends on parameters only (not on the item), kept on `owner` under `name`
     for the next step. It reads the parameters and buffers of `modules` (and their submodules) and `tensors`, and is
     recomputed when any of them changes: in place (load_state_dict and manual edits bump the tensor's version; an
     optimizer step, fused or not, is counted by a hook) or by replacement (.to(), .double(),
     load_state_dict(assign=True): another storage). Checking costs about 0.2 µs per tensor; the submodules are listed
     when the value is computed. Parameters made under torch.inference_mode have no version to check, so with them
-    nothing is kept: compute() runs at every step."""
+    nothing is kept: compute() runs at every step.
+
+    until_backward: compute() returns a tensor in autograd's graph, shared by every use until a backward has passed
+    through it, then recomputed: that backward has freed its graph (and, with gradient accumulation, the next
+    forward of the same weights needs a graph of its own). A hook on its gradient marks it spent. A forward with no
+    backward leaves it kept, graph and all, for the next."""
     kept = owner.__dict__.get(name)
     if kept is not None:
         try:
@@ -214,7 +220,21 @@ def step_constant(owner: nn.Module, name: str, modules: Sequence[nn.Module], ten
     value = compute()
     try:
         # a plain attribute: not a buffer, so not in the state dict
-        owner.__dict__[name] = _Kept(dicts, _key(sources), [t.untyped_storage() for t in sources], value)
+        kept = _Kept(dicts, _key(sources), [t.untyped_storage() for t in sources], value)
     except RuntimeError:  # "Inference tensors do not track version counter"
         owner.__dict__.pop(name, None)
+        return value
+    owner.__dict__[name] = kept
+    if until_backward and value.requires_grad:
+        value.register_hook(_spend(weakref.ref(kept)))
     return value
+
+
+def _spend(kept: weakref.ref) -> Callable[[Tensor], None]:
+    """A gradient hook that makes the kept value match no key and lets it go. The reference is weak: a strong one
+    from the value's hook back to its _Kept would be a cycle that holds the value's graph until the garbage collector
+    runs."""
+    def hook(grad: Tensor) -> None:
+        if (spent := kept()) is not None:
+            spent.key, spent.value = [], None
+    return hook
