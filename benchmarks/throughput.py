@@ -18,7 +18,9 @@ sasrec.yaml (2 layers, 2 heads), all d=64, N = Beauty's 12,101 items by default;
 MovieLens-1M's 3,706 (`--num-items 3706`), the catalogue of the efficiency issue's targets. The record states N.
 
 Timing: one warm-up call per model and mode, then `--reps` rounds in which every (model, mode) pair runs once, so
-load from other processes hits all of them alike; the table reports medians and the ratios of medians. `--clock cpu`
+load from other processes hits all of them alike, in an order shuffled per round (a fixed order always ran the same
+pair right after another model's training step, with its caches cold); the table reports medians and the ratios of
+medians. `--clock cpu`
 times the process's CPU time instead of wall-clock time: on a CPU shared with other jobs it leaves out the waits for
 a core, which otherwise dominate the spread (medians twice the minima at a load average of 6 on 2 CPUs). Memory: on
 CUDA, `torch.cuda.max_memory_allocated` over one step (after a reset); on CPU, the peak resident set during one step
@@ -41,6 +43,7 @@ import ctypes
 import functools
 import os
 import platform
+import random
 import statistics
 import sys
 import threading
@@ -228,8 +231,11 @@ def measure_length(models: list[str], length: int, batch: int, reps: int, modes:
     for m, mode in times:
         set_mode(built[m], training=mode == "train")
         timed(steps[m][mode], device, CLOCKS[clock])  # warm-up: first-touch allocations, autotuning, compilation
-    for _ in range(reps):  # interleaved over modes and models, so changing load hits every pair alike
-        for m, mode in times:
+    pairs = list(times)
+    for rep in range(reps):  # interleaved over modes and models, so changing load hits every pair alike; in an order
+        # shuffled per round, so no pair always runs right after the same one (after another model's training step
+        # its weights and activations have left the caches: a fixed order made that the first inference step each time)
+        for m, mode in random.Random(rep).sample(pairs, len(pairs)):
             set_mode(built[m], training=mode == "train")
             times[m, mode].append(timed(steps[m][mode], device, CLOCKS[clock]))
     for mode in modes:
