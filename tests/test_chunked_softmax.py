@@ -291,3 +291,31 @@ def test_sampled_softmax_scores_in_batch_targets_and_draws_from_q():
     assert runs[0].item() == runs[1].item() and torch.isfinite(runs[0])
     gh, gt = torch.autograd.grad(runs[0], [h, t])
     assert gh.abs().sum() > 0 and gt.abs().sum() > 0
+
+
+def test_compiled_chunk_passes_match_the_tensor_ops_and_keep_nan():
+    # on CPU a chunk's passes after its matmul run compiled (ce_chunk_forward_cpu / ce_chunk_backward_cpu); the same
+    # loss and gradients as the tensor ops, over several chunks with label smoothing, and a NaN logit still gives NaN
+    import m2rec_lightning.ops.chunked_softmax as cs
+
+    if cs.cpu_kernels_unavailable():
+        pytest.skip("no compiled kernels here")
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(37, 8, generator=g, requires_grad=True)
+    table = torch.randn(300, 8, generator=g, requires_grad=True)
+    targets = torch.randint(1, 300, (37,), generator=g)
+    results = []
+    for compiled in (True, False):
+        cs_compiled, cs._compiled = cs._compiled, (lambda h, flag=compiled: flag)
+        try:
+            loss = chunked_cross_entropy(hidden, table, targets, 0.1, chunk_size=64, first_item=1)
+            results.append((loss, *torch.autograd.grad(loss, [hidden, table])))
+        finally:
+            cs._compiled = cs_compiled
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+    bad = table.detach().clone()
+    bad[150, 0] = float("nan")
+    assert chunked_cross_entropy(hidden.detach(), bad, targets, chunk_size=64, first_item=1).isnan()
+    bad[150, 0] = float("inf")
+    assert not chunked_cross_entropy(hidden.detach(), bad, targets, chunk_size=64, first_item=1).isfinite()

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -68,6 +69,16 @@ inline bool is_nan_bits(double x) {
     int64_t bits;
     std::memcpy(&bits, &x, sizeof bits);
     return (bits & 0x7fffffffffffffffLL) > 0x7ff0000000000000LL;
+}
+inline bool is_finite_bits(float x) {
+    int32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7f800000) != 0x7f800000;
+}
+inline bool is_finite_bits(double x) {
+    int64_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return (bits & 0x7ff0000000000000LL) != 0x7ff0000000000000LL;
 }
 // x unchanged when it is NaN, else y
 inline float keep_nan(float x, float y) { return is_nan_bits(x) ? x : y; }
@@ -972,6 +983,83 @@ void gate_backward(int64_t P, int64_t n, int64_t d, const T* const* s, const T* 
     }
 }
 
+// Cross-entropy over one chunk of C logits per row, the passes of chunked_softmax.py after each chunk's matmul, one row
+// at a time in one pass where the tensor ops made four or five over the (M, C) chunk, with the inlined exp:
+//   forward:  the chunk's max c and sum exp(z - c) merged into the running (max, sum) of logsumexp; the target's
+//             logit picked up where it lies in the chunk (local index t >= 0); the sum of the logits (label smoothing)
+//   backward: z <- scale (exp(z - lse) - eps / N - (1 - eps) [j = t]), the logits' gradient, in place
+template <typename T>
+inline T exp_neg(T x) { return fast_exp2(x * T(1.4426950408889634)); }  // x <= 0: 2^(x log2 e) within the clamps
+
+// sum of x[0:n] in W lanes, then reduced (a reduction clause's loop ran scalar here)
+template <typename T>
+inline T lane_sum(const T* x, int64_t n) {
+    constexpr int W = 16;
+    T acc[W] = {};
+    const int64_t body = n / W * W;
+    for (int64_t j = 0; j < body; j += W)
+#pragma omp simd
+        for (int q = 0; q < W; ++q) acc[q] += x[j + q];
+    T total = 0;
+    for (int q = 0; q < W; ++q) total += acc[q];
+    for (int64_t j = body; j < n; ++j) total += x[j];
+    return total;
+}
+
+template <typename T>
+inline T lane_max(const T* x, int64_t n) {
+    constexpr int W = 16;
+    T acc[W];
+    std::fill(acc, acc + W, x[0]);
+    const int64_t body = n / W * W;
+    for (int64_t j = 0; j < body; j += W)
+#pragma omp simd
+        for (int q = 0; q < W; ++q) acc[q] = std::max(acc[q], x[j + q]);
+    T top = *std::max_element(acc, acc + W);
+    for (int64_t j = body; j < n; ++j) top = std::max(top, x[j]);
+    return top;
+}
+
+// (z is scratch: the forward overwrites it with exp(z - max))
+template <typename T>
+void ce_chunk_forward(int64_t M, int64_t C, T* z, const int64_t* target, T* run_max, T* run_sum, T* target_logit,
+                      T* logit_sum, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < M; ++r) {
+        T* zr = z + r * C;
+        const T all = lane_sum(zr, C);
+        // a NaN or infinite logit in this chunk or an earlier one: the loss is NaN, as the tensor ops make it (the max
+        // and the clamped exp below would hide it); the check is on the bits (-ffast-math assumes finite values)
+        if (!is_finite_bits(all) || !is_finite_bits(run_sum[r])) {
+            run_max[r] = run_sum[r] = std::numeric_limits<T>::quiet_NaN();
+            continue;
+        }
+        if (target[r] >= 0) target_logit[r] = zr[target[r]];
+        if (logit_sum) logit_sum[r] += all;
+        const T top = lane_max(zr, C);
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) zr[j] = exp_neg(zr[j] - top);
+        const T total = lane_sum(zr, C);
+        const T m = std::max(run_max[r], top);
+        // (the first chunk's running max is -inf; its running sum 0 then adds nothing, and exp_neg is never given it)
+        run_sum[r] = (run_sum[r] > 0 ? run_sum[r] * exp_neg(run_max[r] - m) : T(0)) + total * exp_neg(top - m);
+        run_max[r] = m;
+    }
+}
+
+template <typename T>
+void ce_chunk_backward(int64_t M, int64_t C, T* z, const int64_t* target, const T* lse, T eps_over_n, T target_term,
+                       T scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < M; ++r) {
+        T* zr = z + r * C;
+        const T l = lse[r];
+#pragma omp simd
+        for (int64_t j = 0; j < C; ++j) zr[j] = scale * (exp_neg(zr[j] - l) - eps_over_n);
+        if (target[r] >= 0) zr[target[r]] += scale * target_term;
+    }
+}
+
 }  // namespace
 
 // The C entry points: `is_double` picks float64, else float32; pointers may be null where the argument is optional;
@@ -1472,5 +1560,24 @@ void m2rec_block_step(int is_double, const BlockStep* w, int64_t batch, const vo
                         row_state<float>(window_sum, window_count, conv, ssm, output, fourier),
                         row_state<float>(window_sum_out, window_count_out, conv_out, ssm_out, output_out, fourier_out),
                         (float*)y, threads);
+}
+
+void ce_chunk_forward(int is_double, int64_t M, int64_t C, void* z, const int64_t* target, void* run_max,
+                      void* run_sum, void* target_logit, void* logit_sum, int threads) {
+    if (is_double)
+        ce_chunk_forward(M, C, (double*)z, target, (double*)run_max, (double*)run_sum, (double*)target_logit,
+                         (double*)logit_sum, threads);
+    else
+        ce_chunk_forward(M, C, (float*)z, target, (float*)run_max, (float*)run_sum, (float*)target_logit,
+                         (float*)logit_sum, threads);
+}
+
+void ce_chunk_backward(int is_double, int64_t M, int64_t C, void* z, const int64_t* target, const void* lse,
+                       double eps_over_n, double target_term, double scale, int threads) {
+    if (is_double)
+        ce_chunk_backward(M, C, (double*)z, target, (const double*)lse, eps_over_n, target_term, scale, threads);
+    else
+        ce_chunk_backward(M, C, (float*)z, target, (const float*)lse, (float)eps_over_n, (float)target_term,
+                          (float)scale, threads);
 }
 }

@@ -107,7 +107,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
                                     c_int]
     for fn in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward, lib.dropout_forward,
                lib.causal_filter_last, lib.long_conv_forward, lib.long_conv_backward, lib.gate_forward,
-               lib.gate_backward):
+               lib.gate_backward, lib.ce_chunk_forward, lib.ce_chunk_backward):
         fn.restype = None
     lib.mamba_last.argtypes = [c_int, *[i64] * 7, ptr, i64, i64, *[ptr] * 11, ptr, c_int]
     lib.causal_filter_last.argtypes = [c_int, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, c_int]
@@ -115,6 +115,9 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.long_conv_backward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.gate_forward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int]
     lib.gate_backward.argtypes = [c_int, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+    lib.ce_chunk_forward.argtypes = [c_int, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+    f64 = ctypes.c_double
+    lib.ce_chunk_backward.argtypes = [c_int, i64, i64, ptr, ptr, ptr, f64, f64, f64, c_int]
     for fn in (lib.scan_state, lib.mamba_last):
         fn.restype = c_int  # 0, or why nothing was written (see cpu_kernels.cpp)
     return lib, None
@@ -422,6 +425,27 @@ def stream_gate_cpu(streams: list[Tensor], weight: Tensor, bias: Tensor) -> Tens
     flat = [t.reshape(-1, d).contiguous() for t in streams]
     out = _StreamGateCpu.apply(weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), *flat)
     return out.view(shape)
+
+
+def ce_chunk_forward_cpu(z: Tensor, target: Tensor, run_max: Tensor, run_sum: Tensor, target_logit: Tensor,
+                         logit_sum: Tensor | None) -> None:
+    """One chunk of chunked_cross_entropy's forward, in place: z (M, C) the chunk's logits (overwritten: scratch),
+    target (M,) each row's target index in the chunk or -1; run_max, run_sum (M,) logsumexp's running max and sum of exp(z - max), updated with the
+    chunk; target_logit (M,) set where the target lies in it; logit_sum (M,) or None, the logits' sum added. All
+    contiguous, float32 or float64 (one dtype)."""
+    with _traced("ce_chunk_forward_cpu"):
+        _library()[0].ce_chunk_forward(z.dtype == torch.float64, z.size(0), z.size(1), _ptr(z), _ptr(target),
+                                       _ptr(run_max), _ptr(run_sum), _ptr(target_logit), _ptr(logit_sum),
+                                       _threads(z.size(0)))
+
+
+def ce_chunk_backward_cpu(z: Tensor, target: Tensor, lse: Tensor, eps_over_n: float, target_term: float,
+                          scale: float) -> None:
+    """One chunk of chunked_cross_entropy's backward, in place: z (M, C) <- scale · (exp(z - lse) - eps_over_n), plus
+    scale · target_term at each row's target index in the chunk (target (M,), -1 where it is not)."""
+    with _traced("ce_chunk_backward_cpu"):
+        _library()[0].ce_chunk_backward(z.dtype == torch.float64, z.size(0), z.size(1), _ptr(z), _ptr(target),
+                                        _ptr(lse), eps_over_n, target_term, scale, _threads(z.size(0)))
 
 
 class _CausalConvSiluCpu(torch.autograd.Function):
