@@ -430,9 +430,9 @@ def stream_gate_cpu(streams: list[Tensor], weight: Tensor, bias: Tensor) -> Tens
 def ce_chunk_forward_cpu(z: Tensor, target: Tensor, run_max: Tensor, run_sum: Tensor, target_logit: Tensor,
                          logit_sum: Tensor | None) -> None:
     """One chunk of chunked_cross_entropy's forward, in place: z (M, C) the chunk's logits (overwritten: scratch),
-    target (M,) each row's target index in the chunk or -1; run_max, run_sum (M,) logsumexp's running max and sum of exp(z - max), updated with the
-    chunk; target_logit (M,) set where the target lies in it; logit_sum (M,) or None, the logits' sum added. All
-    contiguous, float32 or float64 (one dtype)."""
+    target (M,) each row's target index in the chunk or -1; run_max, run_sum (M,) logsumexp's running max and sum of
+    exp(z - max), updated with the chunk; target_logit (M,) set where the target lies in it; logit_sum (M,) or None,
+    the logits' sum added. All contiguous, float32 or float64 (one dtype)."""
     with _traced("ce_chunk_forward_cpu"):
         _library()[0].ce_chunk_forward(z.dtype == torch.float64, z.size(0), z.size(1), _ptr(z), _ptr(target),
                                        _ptr(run_max), _ptr(run_sum), _ptr(target_logit), _ptr(logit_sum),
