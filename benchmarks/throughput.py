@@ -29,7 +29,7 @@ OS (so it is the step's working set: activations, gradients, temporaries; an est
 between samples).
 
     python benchmarks/throughput.py --quick                       # B=32, L in {50, 200}: ~1 min on 2 CPUs
-    python benchmarks/throughput.py --lengths 50 200 800 3200 --batch-for 50=32 200=32 800=8 3200=2 --reps 11 \
+    python benchmarks/throughput.py --lengths 50 200 800 3200 --batch-for 50=32 200=32 800=8 3200=2 --reps 21 \
         --threads 1 --num-items 3706 --clock cpu --out benchmarks/results/throughput   # the recorded CPU run
     python benchmarks/throughput.py --device cuda --lengths 50 200 800 3200 --batch 256
 
