@@ -1,4 +1,6 @@
-// CPU kernels, the fast paths beside their PyTorch references (cpu_kernels.py): Mamba-1's two sequence kernels
+// CPU kernels, the fast paths beside their PyTorch references (cpu_kernels.py): Mamba-1's two sequence kernels below,
+// then (further down, each with its own comment) Mamba's fused forward_last, the serving steps, the Fourier filter's
+// convolution, the stream gate and the cross-entropy's chunk passes
 //
 // the selective scan (S6 recurrence)
 //     dt  = softplus(delta + delta_bias)        (each part optional)
@@ -31,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -802,10 +805,6 @@ inline void corr_generic(int64_t L, int64_t d, const T* a, const T* b, T* out) {
     }
 }
 
-template <typename T, Pairs kind>
-inline void corr(int64_t L, int64_t d, const T* a, const T* b, T* out) {
-    corr_generic<T, kind>(L, d, a, b, out);
-}
 
 #ifdef __AVX512F__
 template <Pairs kind, int R>
@@ -844,19 +843,15 @@ inline void corr_avx512(int64_t L, int64_t d, const float* a, const float* b, fl
     }
 }
 
-template <>
-inline void corr<float, Pairs::causal>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
-    corr_avx512<Pairs::causal>(L, d, a, b, out);
-}
-template <>
-inline void corr<float, Pairs::anti>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
-    corr_avx512<Pairs::anti>(L, d, a, b, out);
-}
-template <>
-inline void corr<float, Pairs::lag>(int64_t L, int64_t d, const float* a, const float* b, float* out) {
-    corr_avx512<Pairs::lag>(L, d, a, b, out);
-}
 #endif
+
+template <typename T, Pairs kind>
+inline void corr(int64_t L, int64_t d, const T* a, const T* b, T* out) {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<T, float>) return corr_avx512<kind>(L, d, a, b, out);
+#endif
+    corr_generic<T, kind>(L, d, a, b, out);
+}
 
 template <typename T>
 void long_conv_forward(int64_t batch, int64_t L, int64_t d, const T* x, const T* k, T* y, int threads) {

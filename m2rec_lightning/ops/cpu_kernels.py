@@ -1,8 +1,12 @@
-"""CPU kernels in compiled C++: Mamba's selective scan and causal depthwise conv + SiLU, and dropout.
+"""CPU kernels in compiled C++: Mamba's selective scan and causal depthwise conv + SiLU, Mamba's forward_last before
+out_proj fused into one call, the serving steps (a Mamba step, a whole M2Rec block step), the Fourier filter's
+convolution and its value at one step, the stream gate, the cross-entropy's passes over a chunk of logits, and
+dropout.
 
-Same signatures and results as the PyTorch paths they replace (:func:`.selective_scan.selective_scan`,
-:func:`.selective_scan.selective_scan_state`, and the conv + SiLU of the Mamba block; Mamba's forward_last before
-out_proj, fused), checked against them and against the float64 one-step reference.
+Each has the PyTorch path it replaces as its reference (:func:`.selective_scan.selective_scan`,
+:func:`.selective_scan.selective_scan_state`, :func:`.selective_scan.selective_scan_last`, the conv + SiLU of the
+Mamba block, the PyTorch steps, the FFT convolution, the gate's ops, the chunked cross-entropy's tensor ops) and is
+checked against it and, for the scans, against the float64 one-step reference.
 
 Why: the PyTorch scan is bound by memory traffic (about four passes over the (batch, dim, dstate) state per step)
 and by per-op dispatch; the conv pays a padded copy, a layout change and a separate activation pass. cpu_kernels.cpp
@@ -284,8 +288,8 @@ def mamba_last_cpu(hidden: Tensor, index: Tensor, w_x: Tensor, b_x: Tensor | Non
         z: (batch, E·D) the gate's input (in_proj's z half) at each row's index, or None.
 
     Returns:
-        (batch, E·D) float32 (float64 for a float64 `hidden`). Weights are converted to that dtype and layout if they
-        are not already (Mamba passes them so: see Mamba._cpu_last_weights).
+        (batch, E·D) float32 (float64 for a float64 `hidden`). Weights in another dtype or not contiguous are
+        converted (Mamba keeps them converted: see Mamba._cpu_last_weights); their layouts are the caller's to give.
     """
     _require("mamba_last_cpu")
     batch, seqlen, d_model = hidden.shape
